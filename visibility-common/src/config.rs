@@ -1,0 +1,167 @@
+//! Configuration maps that userspace writes while the programs run.
+
+/// kube-proxy's masquerade mark: packets carrying it are Service hairpins that
+/// kube-proxy SNATs, and must stay on the node (netd's ip rule 74 does the same).
+pub const KUBE_PROXY_MASQUERADE_MARK: u32 = 0x4000;
+
+/// Where redirected packets of one address family leave the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gateway {
+    /// The uplink's ifindex; 0 when the family has no gateway.
+    pub ifindex: u32,
+    /// The gateway's address, IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+impl Gateway {
+    /// Whether this family has somewhere to send packets.
+    pub const fn is_configured(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
+/// The single entry of the settings map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// 1 when visibility is on. Checked on every packet, so a change takes effect
+    /// on the next one.
+    pub enabled: u8,
+    pub _pad: [u8; 3],
+    /// Packets whose mark has any of these bits set stay on the node.
+    pub masquerade_mark: u32,
+    pub gateway_v4: Gateway,
+    pub gateway_v6: Gateway,
+}
+
+impl Settings {
+    /// The gateway for one family.
+    pub const fn gateway(&self, family: crate::packet::Family) -> &Gateway {
+        match family {
+            crate::packet::Family::V4 => &self.gateway_v4,
+            crate::packet::Family::V6 => &self.gateway_v6,
+        }
+    }
+}
+
+/// Matches any protocol or any port.
+pub const ANY: u16 = 0;
+
+/// One exemption of a prefix: a protocol and a port, each possibly [`ANY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExemptRule {
+    /// IANA protocol number, or 0 for any.
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Port in host byte order, or 0 for any.
+    pub port: u16,
+}
+
+impl ExemptRule {
+    /// Whether a packet with this protocol and port is covered.
+    pub const fn matches(&self, protocol: u8, port: u16) -> bool {
+        (self.protocol as u16 == ANY || self.protocol == protocol)
+            && (self.port == ANY || self.port == port)
+    }
+}
+
+/// How many rules one exempt prefix may carry.
+pub const MAX_EXEMPT_RULES: usize = 8;
+
+/// Value of the exempt LPM tries.
+///
+/// An LPM trie returns only the longest matching prefix, so userspace stores in each
+/// prefix the rules of every shorter prefix that covers it too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExemptRules {
+    /// How many entries of `rules` are in use.
+    pub len: u32,
+    pub rules: [ExemptRule; MAX_EXEMPT_RULES],
+}
+
+impl ExemptRules {
+    /// Whether any rule covers this protocol and port.
+    pub fn matches(&self, protocol: u8, port: u16) -> bool {
+        let len = if (self.len as usize) < MAX_EXEMPT_RULES {
+            self.len as usize
+        } else {
+            MAX_EXEMPT_RULES
+        };
+        let mut i = 0;
+        while i < len {
+            if self.rules[i].matches(protocol, port) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Key of the node-address map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeAddr {
+    /// IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the Pod-interface map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodIface {
+    /// 1 when the interface is one end of a veth pair, so that returning packets
+    /// can be handed straight to the Pod's side with `bpf_redirect_peer`.
+    pub is_veth: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, and have explicit padding.
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::ExemptRules {}
+    unsafe impl aya::Pod for super::NodeAddr {}
+    unsafe impl aya::Pod for super::PodIface {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exempt_rules_match_protocol_and_port() {
+        let mut rules = ExemptRules::default();
+        rules.rules[0] = ExemptRule { protocol: 17, _pad: 0, port: 53 };
+        rules.len = 1;
+        assert!(rules.matches(17, 53));
+        assert!(!rules.matches(6, 53));
+        assert!(!rules.matches(17, 54));
+        rules.rules[1] = ExemptRule { protocol: 6, _pad: 0, port: ANY };
+        rules.len = 2;
+        assert!(rules.matches(6, 80));
+        assert!(!rules.matches(1, 0));
+    }
+
+    #[test]
+    fn an_out_of_range_length_is_clamped() {
+        let rules = ExemptRules { len: 1000, ..Default::default() };
+        // Eight zeroed rules match anything; the point is that nothing reads past them.
+        assert!(rules.matches(6, 80));
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Gateway>(), 20);
+        assert_eq!(core::mem::size_of::<Settings>(), 8 + 2 * 20);
+        assert_eq!(core::mem::size_of::<ExemptRule>(), 4);
+        assert_eq!(core::mem::size_of::<ExemptRules>(), 4 + 8 * 4);
+        assert_eq!(core::mem::size_of::<NodeAddr>(), 20);
+    }
+}

@@ -1,0 +1,67 @@
+//! What the eBPF datapath and userspace must agree on: map layouts, pin names,
+//! counters, and the pure decision logic that both sides can test.
+//!
+//! Everything here is `#![no_std]` so the eBPF crate can use it. With the `user`
+//! feature the map types implement `aya::Pod`, so userspace can read and write them.
+#![no_std]
+
+#[cfg(any(test, feature = "builder"))]
+extern crate alloc;
+
+pub mod config;
+pub mod counters;
+pub mod flow;
+pub mod packet;
+#[cfg(any(test, feature = "builder"))]
+pub mod testing;
+pub mod verdict;
+
+/// Names of the maps, as declared in the eBPF object and pinned under the pin directory.
+pub mod map_names {
+    /// `Array<Settings>` with one entry: the enable flag, gateways and marks.
+    pub const SETTINGS: &str = "VIS_SETTINGS";
+    /// `LpmTrie<[u8; 4], u8>`: the node's IPv4 Pod CIDRs.
+    pub const POD_CIDRS_V4: &str = "VIS_POD_CIDRS_V4";
+    /// `LpmTrie<[u8; 16], u8>`: the node's IPv6 Pod CIDRs.
+    pub const POD_CIDRS_V6: &str = "VIS_POD_CIDRS_V6";
+    /// `LpmTrie<[u8; 4], ExemptRules>`: IPv4 ranges that stay on the node.
+    pub const EXEMPT_V4: &str = "VIS_EXEMPT_V4";
+    /// `LpmTrie<[u8; 16], ExemptRules>`: IPv6 ranges that stay on the node.
+    pub const EXEMPT_V6: &str = "VIS_EXEMPT_V6";
+    /// `HashMap<NodeAddr, u8>`: addresses the node itself owns.
+    pub const NODE_ADDRS: &str = "VIS_NODE_ADDRS";
+    /// `HashMap<u32, PodIface>`: the Pod interfaces, by ifindex.
+    pub const POD_IFACES: &str = "VIS_POD_IFACES";
+    /// `LruHashMap<FlowKey, FlowStats>`: per-flow counters.
+    pub const FLOWS: &str = "VIS_FLOWS";
+    /// `LruHashMap<FlowKey, u8>`: Pod-to-Pod legs of connections the node NATs.
+    pub const NAT_LEGS: &str = "VIS_NAT_LEGS";
+    /// `PerCpuArray<CounterValue>`: one slot per [`crate::counters::Counter`].
+    pub const COUNTERS: &str = "VIS_COUNTERS";
+}
+
+/// Names of the TC programs in the eBPF object.
+pub mod program_names {
+    /// Host side of a Pod veth, ingress: packets a Pod sends.
+    pub const POD_INGRESS: &str = "pod_ingress";
+    /// Host side of a Pod veth, egress: packets the node forwards to a Pod.
+    pub const POD_EGRESS: &str = "pod_egress";
+    /// The uplink, ingress: packets that come back from the gateway.
+    pub const UPLINK_INGRESS: &str = "uplink_ingress";
+}
+
+/// Default number of entries of the flow map; userspace may change it at load time.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
+/// Number of entries of the NAT-leg map.
+pub const NAT_LEG_CAPACITY: u32 = 16_384;
+/// Largest number of Pod CIDRs per family.
+pub const MAX_POD_CIDRS: u32 = 64;
+/// Largest number of exempt prefixes per family.
+pub const MAX_EXEMPT_PREFIXES: u32 = 256;
+/// Largest number of node addresses.
+pub const MAX_NODE_ADDRS: u32 = 1024;
+/// Largest number of Pod interfaces on one node.
+pub const MAX_POD_IFACES: u32 = 4096;
+
+#[cfg(test)]
+mod tests;

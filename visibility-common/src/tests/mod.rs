@@ -1,0 +1,3 @@
+//! Host unit tests of the parser and the verdict logic.
+mod parse;
+mod verdict;

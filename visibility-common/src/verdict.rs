@@ -1,0 +1,127 @@
+//! The pure decision: given what a hook saw and what the maps say, where does the
+//! packet go? The datapath gathers facts lazily through [`Lookups`]; host tests
+//! answer them from plain sets and cover every branch.
+
+use crate::{
+    counters::Counter,
+    packet::{Family, Packet},
+};
+
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Host side of a Pod veth, ingress: what the Pod sends, before the node's stack.
+    PodIngress,
+    /// Host side of a Pod veth, egress: what the node forwards to the Pod, after the
+    /// node's NAT. This is where Service traffic (Pod → ClusterIP → Pod) shows its
+    /// Pod-to-Pod leg.
+    PodEgress,
+    /// The uplink, ingress: what the network sends the node.
+    Uplink,
+}
+
+/// What happens to a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewrite for the wire and send out of the uplink toward the gateway.
+    ToGateway,
+    /// Hand to the destination Pod's interface.
+    ToPod,
+    /// Leave to the kernel, unchanged. The counter says why.
+    Pass(Counter),
+}
+
+impl Verdict {
+    /// The counter slot this verdict is accounted in.
+    pub const fn counter(self, hook: Hook) -> Counter {
+        match self {
+            Verdict::ToGateway if matches!(hook, Hook::PodEgress) => Counter::RedirectedAfterNat,
+            Verdict::ToGateway => Counter::RedirectedToGateway,
+            Verdict::ToPod => Counter::DeliveredFromGateway,
+            Verdict::Pass(counter) => counter,
+        }
+    }
+}
+
+/// The map lookups a decision may need. Each is asked at most once, and only when
+/// the answer matters, so common traffic costs few lookups.
+pub trait Lookups {
+    /// Visibility is on.
+    fn enabled(&self) -> bool;
+    /// The address is in one of the node's Pod CIDRs.
+    fn in_pod_cidrs(&self, family: Family, addr: &[u8; 16]) -> bool;
+    /// The node itself owns the address (for example the Pod gateway on host veths).
+    fn is_node_addr(&self, family: Family, addr: &[u8; 16]) -> bool;
+    /// An exempt range covers this destination and port (or source and port, for the
+    /// other direction of an exempt conversation).
+    fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool;
+    /// A gateway is configured for the family.
+    fn has_gateway(&self, family: Family) -> bool;
+}
+
+/// Per-packet facts that do not come from maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The packet carries kube-proxy's masquerade mark.
+    pub masquerade_marked: bool,
+    /// The packet entered the node on the uplink (at egress: `skb->ingress_ifindex`).
+    pub from_uplink: bool,
+    /// The packet is a reply of a connection whose Pod-to-Pod leg the node NATs.
+    pub nat_reply: bool,
+}
+
+/// Decides what `hook` does with `packet`.
+pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) -> Verdict {
+    if packet.is_link_scope() {
+        return Verdict::Pass(Counter::PassLinkScope);
+    }
+    let family = packet.family;
+    if !maps.in_pod_cidrs(family, &packet.dst) || !maps.in_pod_cidrs(family, &packet.src) {
+        return Verdict::Pass(Counter::PassNotSameNode);
+    }
+    if maps.is_node_addr(family, &packet.dst) || maps.is_node_addr(family, &packet.src) {
+        return Verdict::Pass(Counter::PassNodeAddress);
+    }
+    match hook {
+        Hook::Uplink => {
+            if packet.ttl <= 1 {
+                return Verdict::Pass(Counter::PassTtlExpired);
+            }
+            Verdict::ToPod
+        }
+        Hook::PodIngress | Hook::PodEgress => {
+            if ctx.masquerade_marked {
+                return Verdict::Pass(Counter::PassMasqueradeMark);
+            }
+            if hook == Hook::PodEgress && ctx.from_uplink {
+                return Verdict::Pass(Counter::PassReturned);
+            }
+            if !maps.enabled() {
+                return Verdict::Pass(Counter::PassDisabled);
+            }
+            if is_exempt(packet, maps) {
+                return Verdict::Pass(Counter::PassExempt);
+            }
+            if hook == Hook::PodIngress {
+                if ctx.nat_reply {
+                    return Verdict::Pass(Counter::PassNatReply);
+                }
+                // At egress the kernel has forwarded the packet and spent the hop already.
+                if packet.ttl <= 1 {
+                    return Verdict::Pass(Counter::PassTtlExpired);
+                }
+            }
+            if !maps.has_gateway(family) {
+                return Verdict::Pass(Counter::PassNoGateway);
+            }
+            Verdict::ToGateway
+        }
+    }
+}
+
+/// Both directions of an exempt conversation stay local: the request matches on its
+/// destination, the reply on its source.
+fn is_exempt<L: Lookups>(packet: &Packet, maps: &L) -> bool {
+    maps.is_exempt(packet.family, &packet.dst, packet.protocol, packet.dst_port)
+        || maps.is_exempt(packet.family, &packet.src, packet.protocol, packet.src_port)
+}
