@@ -54,7 +54,9 @@ pub const ANY: u16 = 0;
 pub struct ExemptRule {
     /// IANA protocol number, or 0 for any.
     pub protocol: u8,
-    pub _pad: u8,
+    /// 1 when copied from a shorter prefix that covers this one (see [`ExemptRules`]);
+    /// the datapath ignores it, userspace lists only rules that are not inherited.
+    pub inherited: u8,
     /// Port in host byte order, or 0 for any.
     pub port: u16,
 }
@@ -138,12 +140,12 @@ mod tests {
     #[test]
     fn exempt_rules_match_protocol_and_port() {
         let mut rules = ExemptRules::default();
-        rules.rules[0] = ExemptRule { protocol: 17, _pad: 0, port: 53 };
+        rules.rules[0] = ExemptRule { protocol: 17, inherited: 0, port: 53 };
         rules.len = 1;
         assert!(rules.matches(17, 53));
         assert!(!rules.matches(6, 53));
         assert!(!rules.matches(17, 54));
-        rules.rules[1] = ExemptRule { protocol: 6, _pad: 0, port: ANY };
+        rules.rules[1] = ExemptRule { protocol: 6, inherited: 0, port: ANY };
         rules.len = 2;
         assert!(rules.matches(6, 80));
         assert!(!rules.matches(1, 0));

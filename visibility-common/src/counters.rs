@@ -1,5 +1,7 @@
 //! Global per-CPU counters: one slot for every verdict and every reason a packet
-//! was passed to the kernel unchanged.
+//! was passed to the kernel unchanged, kept separately for each hook.
+
+use crate::verdict::Hook;
 
 /// Packets and bytes counted in one slot.
 #[repr(C)]
@@ -80,12 +82,32 @@ counters! {
     RedirectedAfterNat = 18, "redirected_after_nat";
 }
 
-/// Number of slots in the counters map.
-pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+/// Counters per hook.
+pub const COUNTERS_PER_HOOK: u32 = Counter::ALL.len() as u32;
+/// Number of slots in the counters map: every counter, once per hook.
+pub const COUNTER_SLOTS: u32 = COUNTERS_PER_HOOK * Hook::ALL.len() as u32;
+
+/// The slot that counts `counter` at `hook`.
+pub const fn slot(hook: Hook, counter: Counter) -> u32 {
+    hook as u32 * COUNTERS_PER_HOOK + counter as u32
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_distinct_and_in_range() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for hook in Hook::ALL {
+            for counter in Counter::ALL {
+                let slot = slot(*hook, *counter) as usize;
+                assert!(!seen[slot], "slot {slot} used twice");
+                seen[slot] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
 
     #[test]
     fn indexes_are_dense_and_names_unique() {

@@ -1,8 +1,8 @@
 //! Per-flow counters kept by the datapath.
 
 use crate::{
+    counters::Counter,
     packet::{Family, Packet},
-    verdict::Verdict,
 };
 
 /// One direction of a conversation.
@@ -100,24 +100,22 @@ impl Path {
         }
     }
 
-    /// The path a packet that a Pod sent takes, from the verdict at the Pod's veth.
-    pub fn of_sent(verdict: Verdict) -> Option<Self> {
-        use crate::counters::Counter;
-        match verdict {
-            Verdict::ToGateway => Some(Path::ViaGateway),
-            Verdict::ToPod => Some(Path::ReturnedFromGateway),
-            Verdict::Pass(Counter::PassExempt) => Some(Path::Exempt),
-            Verdict::Pass(Counter::PassNotSameNode) => Some(Path::NotSameNode),
-            Verdict::Pass(
-                Counter::PassDisabled
-                | Counter::PassTtlExpired
-                | Counter::PassNatReply
-                | Counter::PassMasqueradeMark
-                | Counter::PassNoGateway
-                | Counter::PassRouteLookupFailed,
-            ) => Some(Path::Local),
-            // Link-scope, node-address and unparsable traffic is not a Pod flow.
-            Verdict::Pass(_) => None,
+    /// The path a packet that a Pod sent took, from the counter its outcome was
+    /// accounted in. `None` for traffic that is not a Pod flow (link-scope,
+    /// node-address, unparsable) and for packets coming back from the gateway.
+    pub const fn of_sent(counter: Counter) -> Option<Self> {
+        match counter {
+            Counter::RedirectedToGateway => Some(Path::ViaGateway),
+            Counter::RedirectedAfterNat => Some(Path::ViaGatewayAfterNat),
+            Counter::PassExempt => Some(Path::Exempt),
+            Counter::PassNotSameNode => Some(Path::NotSameNode),
+            Counter::PassDisabled
+            | Counter::PassTtlExpired
+            | Counter::PassNatReply
+            | Counter::PassMasqueradeMark
+            | Counter::PassNoGateway
+            | Counter::PassRouteLookupFailed => Some(Path::Local),
+            _ => None,
         }
     }
 }

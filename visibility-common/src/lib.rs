@@ -17,13 +17,14 @@ pub mod testing;
 pub mod verdict;
 
 /// Names of the maps, as declared in the eBPF object and pinned under the pin directory.
+/// The kernel keeps 15 bytes of a map name, so every name fits in that.
 pub mod map_names {
     /// `Array<Settings>` with one entry: the enable flag, gateways and marks.
     pub const SETTINGS: &str = "VIS_SETTINGS";
     /// `LpmTrie<[u8; 4], u8>`: the node's IPv4 Pod CIDRs.
-    pub const POD_CIDRS_V4: &str = "VIS_POD_CIDRS_V4";
+    pub const POD_CIDRS_V4: &str = "VIS_PODS_V4";
     /// `LpmTrie<[u8; 16], u8>`: the node's IPv6 Pod CIDRs.
-    pub const POD_CIDRS_V6: &str = "VIS_POD_CIDRS_V6";
+    pub const POD_CIDRS_V6: &str = "VIS_PODS_V6";
     /// `LpmTrie<[u8; 4], ExemptRules>`: IPv4 ranges that stay on the node.
     pub const EXEMPT_V4: &str = "VIS_EXEMPT_V4";
     /// `LpmTrie<[u8; 16], ExemptRules>`: IPv6 ranges that stay on the node.

@@ -74,7 +74,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// IPv4 TTL or IPv6 hop limit.
     pub ttl: u8,
-    /// Length of the IP packet: IPv4 total length, IPv6 payload length plus 40.
+    /// Length of the IP packet: IPv4 total length, IPv6 payload length plus 40
+    /// (at most `u16::MAX`).
     pub ip_len: u16,
 }
 
@@ -91,7 +92,8 @@ pub fn is_link_scope(family: Family, addr: &[u8; 16]) -> bool {
     match family {
         Family::V4 => {
             addr[0] == 169 && addr[1] == 254
-                || addr[0] >= 224
+                || addr[0] & 0xf0 == 224
+                || (addr[0] == 255 && addr[1] == 255 && addr[2] == 255 && addr[3] == 255)
                 || (addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 0)
         }
         Family::V6 => {
@@ -170,8 +172,8 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
         dst_port: 0,
         tcp_flags: 0,
         ttl: ip[7],
-        // payload_len fits in u16 and the check above bounds it.
-        ip_len: (40 + payload_len) as u16,
+        // 40 + a 16-bit payload length may not fit: saturate rather than wrap.
+        ip_len: u16::try_from(40 + payload_len).unwrap_or(u16::MAX),
     };
     packet.src.copy_from_slice(&ip[8..24]);
     packet.dst.copy_from_slice(&ip[24..40]);
@@ -189,10 +191,7 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
                 (usize::from(ext[1]) + 2) * 4
             }
             IPPROTO_FRAGMENT => return Err(ParseError::Fragment),
-            _ => {
-                parse_transport(pkt, &mut packet, offset, remaining)?;
-                return Ok(packet);
-            }
+            _ => break,
         };
         if ext_len > remaining {
             return Err(ParseError::Malformed);
@@ -202,8 +201,15 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
         offset += ext_len;
         remaining -= ext_len;
     }
-    // More extension headers than we walk: classify nothing rather than guess.
-    Err(ParseError::Malformed)
+    match packet.protocol {
+        // More extension headers than we walk: classify nothing rather than guess.
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => Err(ParseError::Malformed),
+        IPPROTO_FRAGMENT => Err(ParseError::Fragment),
+        _ => {
+            parse_transport(pkt, &mut packet, offset, remaining)?;
+            Ok(packet)
+        }
+    }
 }
 
 /// Reads ports, ICMP identifiers and TCP flags. Other protocols carry none.

@@ -8,7 +8,8 @@ use crate::{
 };
 
 /// Where a program runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     /// Host side of a Pod veth, ingress: what the Pod sends, before the node's stack.
     PodIngress,
@@ -18,6 +19,19 @@ pub enum Hook {
     PodEgress,
     /// The uplink, ingress: what the network sends the node.
     Uplink,
+}
+
+impl Hook {
+    pub const ALL: &'static [Hook] = &[Hook::PodIngress, Hook::PodEgress, Hook::Uplink];
+
+    /// A stable snake_case name, used in the CLI and in metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::PodIngress => "pod_ingress",
+            Hook::PodEgress => "pod_egress",
+            Hook::Uplink => "uplink_ingress",
+        }
+    }
 }
 
 /// What happens to a packet.

@@ -1,1 +1,165 @@
+//! TC programs that send same-node Pod-to-Pod traffic out through the gateway.
+//!
+//! - `pod_ingress` (host side of each Pod veth, ingress) sees what a Pod sends, before
+//!   the node's stack, and sends Pod-to-Pod packets straight to the uplink.
+//! - `pod_egress` (host side of each Pod veth, egress) sees what the node forwards to a
+//!   Pod, after the node's NAT. Service traffic (Pod → ClusterIP → Pod) only becomes
+//!   Pod-to-Pod here, so this is where its Pod-to-Pod leg is sent to the gateway.
+//! - `uplink_ingress` hands packets that come back from the gateway to the Pod.
+//!
+//! The decisions live in `visibility_common::verdict`; these programs gather facts,
+//! apply the verdict and count.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic add on map values; see account::add")]
 
+mod account;
+mod lookups;
+mod maps;
+mod reader;
+mod redirect;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use visibility_common::{
+    config::Settings,
+    counters::Counter,
+    flow::{FlowKey, Path},
+    packet::{IPPROTO_TCP, IPPROTO_UDP, Packet, ParseError, parse},
+    verdict::{Context, Hook, Verdict, decide},
+};
+
+use crate::{
+    account::{Size, count, flow_returned, flow_sent},
+    lookups::MapLookups,
+    maps::{NAT_LEGS, SETTINGS},
+    reader::SkbReader,
+    redirect::Outcome,
+};
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    run(&ctx, Hook::PodIngress)
+}
+
+#[classifier]
+pub fn pod_egress(ctx: TcContext) -> i32 {
+    run(&ctx, Hook::PodEgress)
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    run(&ctx, Hook::Uplink)
+}
+
+#[inline(always)]
+fn run(ctx: &TcContext, hook: Hook) -> i32 {
+    let packet = match parse(&SkbReader(ctx), ctx.len() as usize) {
+        Ok(packet) => packet,
+        Err(error) => {
+            let counter = match error {
+                ParseError::NotIp => Counter::PassNotIp,
+                ParseError::Malformed => Counter::PassMalformed,
+                ParseError::Fragment => Counter::PassFragment,
+            };
+            count(hook, counter, Size::of(ctx, None));
+            return Outcome::pass(counter).action;
+        }
+    };
+    let size = Size::of(ctx, Some(&packet));
+    let Some(settings) = SETTINGS.get(0) else {
+        // Unreachable for an array map; passing is the safe answer anyway.
+        return Outcome::pass(Counter::PassDisabled).action;
+    };
+    let facts = facts(ctx, hook, &packet, settings);
+    let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
+    let outcome = apply(ctx, hook, &packet, verdict, settings);
+    count(hook, outcome.counter, size);
+    if outcome.via_neighbour {
+        count(hook, Counter::NeighbourResolution, size);
+    }
+    account_flow(ctx, hook, &packet, &outcome, size);
+    outcome.action
+}
+
+/// What the verdict needs that is not in a map.
+#[inline(always)]
+fn facts(ctx: &TcContext, hook: Hook, packet: &Packet, settings: &Settings) -> Context {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
+    let nat_reply = hook == Hook::PodIngress
+        && matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
+        && NAT_LEGS.get_ptr(&FlowKey::from_packet(packet).reversed()).is_some();
+    Context {
+        masquerade_marked: mark & settings.masquerade_mark != 0,
+        from_uplink: ingress_ifindex != 0 && ingress_ifindex == settings.gateway(packet.family).ifindex,
+        nat_reply,
+    }
+}
+
+/// Carries out the verdict. A redirect that cannot be done becomes a pass, counted
+/// with the reason it could not.
+#[inline(always)]
+fn apply(ctx: &TcContext, hook: Hook, packet: &Packet, verdict: Verdict, settings: &Settings) -> Outcome {
+    let counter = verdict.counter(hook);
+    match verdict {
+        Verdict::Pass(_) => Outcome::pass(counter),
+        Verdict::ToGateway => {
+            let gateway = settings.gateway(packet.family);
+            let outcome = redirect::to_gateway(ctx, packet, gateway, hook == Hook::PodIngress, counter);
+            if hook == Hook::PodEgress && outcome.counter == counter {
+                remember_nat_leg(packet);
+            }
+            outcome
+        }
+        Verdict::ToPod => {
+            // SAFETY: the context pointer is valid for the whole program run.
+            let uplink = unsafe { (*ctx.skb.skb).ifindex };
+            redirect::to_pod(ctx, packet, uplink)
+        }
+    }
+}
+
+/// Pod-to-Pod legs that the node's NAT produced: their replies must go back through
+/// the node's stack, so the NAT can be undone, before they may take the gateway.
+#[inline(always)]
+fn remember_nat_leg(packet: &Packet) {
+    if matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP) {
+        // Best effort: without the entry the reply takes the gateway twice, still correct.
+        let _ = NAT_LEGS.insert(&FlowKey::from_packet(packet), &1, 0);
+    }
+}
+
+#[inline(always)]
+fn account_flow(ctx: &TcContext, hook: Hook, packet: &Packet, outcome: &Outcome, size: Size) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ifindex, ingress_ifindex) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    match hook {
+        Hook::PodIngress => {
+            if let Some(path) = Path::of_sent(outcome.counter) {
+                flow_sent(hook, packet, path, size, ifindex);
+            }
+        }
+        // Only the NAT-ed legs: everything else at egress was counted where it was sent.
+        Hook::PodEgress => {
+            if outcome.counter == Counter::RedirectedAfterNat {
+                flow_sent(hook, packet, Path::ViaGatewayAfterNat, size, ingress_ifindex);
+            }
+        }
+        Hook::Uplink => {
+            if outcome.counter == Counter::DeliveredFromGateway {
+                flow_returned(hook, packet, size, outcome.ifindex);
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,46 @@
+//! Every map of the datapath, in one place. All are pinned by name, so a restarted
+//! daemon adopts the running state instead of starting from empty maps.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use visibility_common::{
+    DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_CIDRS, MAX_POD_IFACES,
+    NAT_LEG_CAPACITY,
+    config::{ExemptRules, NodeAddr, PodIface, Settings},
+    counters::{COUNTER_SLOTS, CounterValue},
+    flow::{FlowKey, FlowStats},
+};
+
+#[map(name = "VIS_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+#[map(name = "VIS_PODS_V4")]
+pub static POD_CIDRS_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_POD_CIDRS, 0);
+
+#[map(name = "VIS_PODS_V6")]
+pub static POD_CIDRS_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_POD_CIDRS, 0);
+
+#[map(name = "VIS_EXEMPT_V4")]
+pub static EXEMPT_V4: LpmTrie<[u8; 4], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT_PREFIXES, 0);
+
+#[map(name = "VIS_EXEMPT_V6")]
+pub static EXEMPT_V6: LpmTrie<[u8; 16], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT_PREFIXES, 0);
+
+#[map(name = "VIS_NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<NodeAddr, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+
+#[map(name = "VIS_POD_IFACES")]
+pub static POD_IFACES: HashMap<u32, PodIface> = HashMap::pinned(MAX_POD_IFACES, 0);
+
+/// LRU, so a full table evicts the oldest flow instead of failing or slowing traffic.
+/// Userspace sets the size at load time.
+#[map(name = "VIS_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
+
+#[map(name = "VIS_NAT_LEGS")]
+pub static NAT_LEGS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(NAT_LEG_CAPACITY, 0);
+
+#[map(name = "VIS_COUNTERS")]
+pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

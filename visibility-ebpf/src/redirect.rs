@@ -1,0 +1,220 @@
+//! L2/L3 rewrite and redirect: toward the gateway, and from the uplink to a Pod.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use visibility_common::{
+    config::Gateway,
+    counters::Counter,
+    packet::{Family, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet},
+};
+
+use crate::maps::POD_IFACES;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// `BPF_F_PSEUDO_HDR` is not needed: the TTL is not part of any pseudo-header.
+const CSUM_SIZE_16: u64 = 2;
+
+const PASS: i32 = TC_ACT_OK as i32;
+
+/// What happened to a packet. Every field is set on every path: the verifier rejects
+/// programs that spill registers LLVM left undefined, which enum payloads invite.
+#[derive(Clone, Copy)]
+pub struct Outcome {
+    /// The slot the packet is counted in: the verdict, or why it was passed.
+    pub counter: Counter,
+    /// The program's return value.
+    pub action: i32,
+    /// The neighbour was unresolved; the kernel resolves it, then sends.
+    pub via_neighbour: bool,
+    /// The interface the packet leaves on, 0 when passed.
+    pub ifindex: u32,
+}
+
+impl Outcome {
+    pub const fn pass(counter: Counter) -> Self {
+        Self { counter, action: PASS, via_neighbour: false, ifindex: 0 }
+    }
+
+    /// A redirect helper's result: `TC_ACT_SHOT` means it refused.
+    fn redirected(counter: Counter, action: i64, via_neighbour: bool, ifindex: u32) -> Self {
+        if action == i64::from(TC_ACT_SHOT) {
+            return Self::pass(Counter::PassRouteLookupFailed);
+        }
+        Self { counter, action: action as i32, via_neighbour, ifindex }
+    }
+}
+
+fn fib_params(family: Family, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibParams {
+    // SAFETY: a plain C struct for which all-zero is a valid value.
+    let mut params: FibParams = unsafe { zeroed() };
+    params.ifindex = ifindex;
+    match family {
+        Family::V4 => {
+            params.family = AF_INET;
+            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+        }
+        Family::V6 => {
+            params.family = AF_INET6;
+            params.__bindgen_anon_3.ipv6_src = words(src);
+            params.__bindgen_anon_4.ipv6_dst = words(dst);
+        }
+    }
+    params
+}
+
+/// An address as the kernel's `__be32[4]`: the bytes in order, whatever the host's order.
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] = u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
+        i += 1;
+    }
+    out
+}
+
+fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
+    // SAFETY: `params` is a valid, initialised bpf_fib_lookup of the size passed.
+    unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            params,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    }
+}
+
+/// Spends one hop: IPv4 TTL (with an incremental checksum update) or IPv6 hop limit.
+fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
+    let Some(ttl) = packet.ttl.checked_sub(1) else { return Err(Counter::PassTtlExpired) };
+    match packet.family {
+        Family::V4 => {
+            // The TTL shares a 16-bit checksum word with the protocol byte.
+            let old = u16::from_be_bytes([packet.ttl, packet.protocol]);
+            let new = u16::from_be_bytes([ttl, packet.protocol]);
+            ctx.store(IPV4_TTL_OFFSET, &ttl, 0).map_err(|_| Counter::PassMalformed)?;
+            ctx.l3_csum_replace(
+                IPV4_CHECKSUM_OFFSET,
+                u64::from(old.to_be()),
+                u64::from(new.to_be()),
+                CSUM_SIZE_16,
+            )
+            .map_err(|_| Counter::PassMalformed)?;
+        }
+        Family::V6 => {
+            ctx.store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0).map_err(|_| Counter::PassMalformed)?;
+        }
+    }
+    Ok(())
+}
+
+fn rewrite_macs(ctx: &TcContext, params: &FibParams) -> Result<(), Counter> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    ctx.store(0, &macs, 0).map_err(|_| Counter::PassMalformed)
+}
+
+fn redirect_via_neighbour(ifindex: u32, neighbour: Option<(Family, &[u8; 16])>) -> i64 {
+    // SAFETY: a plain C struct for which all-zero is a valid value.
+    let mut nh: bpf_redir_neigh = unsafe { zeroed() };
+    let (ptr, len) = match neighbour {
+        Some((Family::V4, addr)) => {
+            nh.nh_family = u32::from(AF_INET);
+            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+            (&mut nh as *mut bpf_redir_neigh, size_of::<bpf_redir_neigh>() as i32)
+        }
+        Some((Family::V6, addr)) => {
+            nh.nh_family = u32::from(AF_INET6);
+            nh.__bindgen_anon_1.ipv6_nh = words(addr);
+            (&mut nh as *mut bpf_redir_neigh, size_of::<bpf_redir_neigh>() as i32)
+        }
+        // No explicit next hop: the kernel uses the packet's destination.
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: `ptr` is null with length 0, or points at an initialised bpf_redir_neigh.
+    unsafe { bpf_redirect_neigh(ifindex, ptr, len, 0) }
+}
+
+/// Sends the packet out of the family's uplink toward its gateway, as a router would:
+/// the gateway's MAC as destination, the uplink's as source, and with `spend_hop` one
+/// hop less. The kernel has already spent the hop of packets it forwarded itself.
+/// `counter` is the slot a successful redirect is counted in.
+#[inline(always)]
+pub fn to_gateway(
+    ctx: &TcContext,
+    packet: &Packet,
+    gateway: &Gateway,
+    spend_hop: bool,
+    counter: Counter,
+) -> Outcome {
+    // The gateway is on the uplink's link, so an output lookup on the uplink finds
+    // its neighbour entry, link-local IPv6 gateways included.
+    let mut params = fib_params(packet.family, gateway.ifindex, &packet.src, &gateway.addr);
+    let rc = lookup(ctx, &mut params, BPF_FIB_LOOKUP_OUTPUT);
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Outcome::pass(Counter::PassRouteLookupFailed);
+    }
+    if spend_hop && let Err(reason) = decrement_ttl(ctx, packet) {
+        return Outcome::pass(reason);
+    }
+    let ifindex = gateway.ifindex;
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        let action = redirect_via_neighbour(ifindex, Some((packet.family, &gateway.addr)));
+        return Outcome::redirected(counter, action, true, ifindex);
+    }
+    if let Err(reason) = rewrite_macs(ctx, &params) {
+        return Outcome::pass(reason);
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    Outcome::redirected(counter, action, false, ifindex)
+}
+
+/// Hands a packet that came back from the gateway to the destination Pod, as the
+/// node's routing table says, without going through the node's stack again: strict
+/// reverse-path filtering and a second conntrack entry would otherwise get in the way.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
+    let mut params = fib_params(packet.family, uplink, &packet.src, &packet.dst);
+    let rc = lookup(ctx, &mut params, 0);
+    let target = params.ifindex;
+    let found = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
+    // A route back out of the uplink would loop; leave such packets to the kernel.
+    if !found || target == uplink {
+        return Outcome::pass(Counter::PassRouteLookupFailed);
+    }
+    if let Err(reason) = decrement_ttl(ctx, packet) {
+        return Outcome::pass(reason);
+    }
+    let counter = Counter::DeliveredFromGateway;
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Outcome::redirected(counter, redirect_via_neighbour(target, None), true, target);
+    }
+    if let Err(reason) = rewrite_macs(ctx, &params) {
+        return Outcome::pass(reason);
+    }
+    // SAFETY: map lookup by value.
+    let is_veth = unsafe { POD_IFACES.get(&target) }.is_some_and(|iface| iface.is_veth != 0);
+    // SAFETY: plain helper calls.
+    let action = unsafe {
+        if is_veth {
+            // Straight into the Pod's namespace, skipping the host veth's queue.
+            bpf_redirect_peer(target, 0)
+        } else {
+            bpf_redirect(target, 0)
+        }
+    };
+    Outcome::redirected(counter, action, false, target)
+}

@@ -1,0 +1,392 @@
+//! Loads, pins, adopts, attaches and detaches the eBPF programs. The only module
+//! that touches aya programs and links.
+//!
+//! Layout under the pin directory (root-only):
+//! - `maps/VIS_*`: every map, pinned by name by the loader;
+//! - `programs/{pod_ingress,pod_egress,uplink_ingress}`;
+//! - `links/if<ifindex>_<program>`: TCX links, so attachments outlive the daemon.
+//!
+//! Kernels before 6.6 have no TCX; there programs attach as clsact filters, which
+//! outlive the daemon by themselves and are found again by program name.
+
+use std::{
+    fs,
+    io,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use visibility_common::{map_names, program_names};
+
+use crate::error::DatapathError;
+
+/// The eBPF object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
+
+/// The default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/visibility";
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// One of the three programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgramKind {
+    PodIngress,
+    PodEgress,
+    UplinkIngress,
+}
+
+impl ProgramKind {
+    pub const ALL: [ProgramKind; 3] = [ProgramKind::PodIngress, ProgramKind::PodEgress, ProgramKind::UplinkIngress];
+    /// Programs attached to each Pod interface.
+    pub const POD: [ProgramKind; 2] = [ProgramKind::PodIngress, ProgramKind::PodEgress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ProgramKind::PodIngress => program_names::POD_INGRESS,
+            ProgramKind::PodEgress => program_names::POD_EGRESS,
+            ProgramKind::UplinkIngress => program_names::UPLINK_INGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            ProgramKind::PodEgress => TcAttachType::Egress,
+            ProgramKind::PodIngress | ProgramKind::UplinkIngress => TcAttachType::Ingress,
+        }
+    }
+}
+
+/// How programs attach on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// TCX links (Linux 6.6 and later), pinned.
+    Tcx,
+    /// clsact qdisc filters through netlink.
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn current() -> Self {
+        match KernelVersion::current() {
+            Ok(version) if version >= KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
+            _ => AttachMode::Clsact,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
+        }
+    }
+}
+
+/// Whether [`Datapath::open`] loaded new programs or adopted pinned ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Loaded,
+    Adopted,
+}
+
+/// Paths under a pin directory.
+#[derive(Clone, Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.0.join("maps")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+    pub fn programs(&self) -> PathBuf {
+        self.0.join("programs")
+    }
+    pub fn program(&self, kind: ProgramKind) -> PathBuf {
+        self.programs().join(kind.name())
+    }
+    pub fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+    pub fn link(&self, ifindex: u32, kind: ProgramKind) -> PathBuf {
+        self.links().join(format!("if{ifindex}_{}", kind.name()))
+    }
+    /// Whether the datapath's state is pinned here.
+    pub fn is_pinned(&self) -> bool {
+        ProgramKind::ALL.iter().all(|kind| self.program(*kind).exists())
+            && self.map(map_names::SETTINGS).exists()
+    }
+}
+
+/// Options for a fresh load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries of the flow map.
+    pub flow_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { flow_capacity: visibility_common::DEFAULT_FLOW_CAPACITY }
+    }
+}
+
+/// The loaded (or adopted) programs.
+pub struct Datapath {
+    pins: PinDir,
+    programs: Vec<(ProgramKind, SchedClassifier)>,
+    mode: AttachMode,
+    /// Forwards the programs' aya-log records. Kept alive for as long as the programs:
+    /// dropping it closes the log map.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::Io { action, path, source }
+}
+
+/// Creates a directory readable by root only.
+fn create_private_dir(path: &Path) -> Result<(), DatapathError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_error("creating", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_error("restricting", path))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Makes sure the pin directory is on bpffs, mounting bpffs at /sys/fs/bpf if nothing
+/// is mounted there, as Cilium's agent does.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new(BPFFS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(DatapathError::MountBpffs)?;
+    }
+    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(root);
+    if !is_bpffs(existing) {
+        return Err(DatapathError::NotBpffs(pin_dir.to_owned()));
+    }
+    Ok(())
+}
+
+fn program_error(kind: ProgramKind) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { program: kind.name(), source: Box::new(source) }
+}
+
+impl Datapath {
+    /// Adopts the datapath pinned under `pin_dir`, or loads and pins a new one.
+    pub fn open(pin_dir: &Path, options: &LoadOptions) -> Result<(Self, Origin), DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        ensure_bpffs(pin_dir)?;
+        let pins = PinDir::new(pin_dir);
+        let origin = if pins.is_pinned() {
+            Origin::Adopted
+        } else {
+            Self::load_and_pin(&pins, options)?;
+            Origin::Loaded
+        };
+        let mut programs = Vec::new();
+        for kind in ProgramKind::ALL {
+            let program = SchedClassifier::from_pin(pins.program(kind)).map_err(program_error(kind))?;
+            programs.push((kind, program));
+        }
+        // Adopted programs still write to the log map they were loaded with.
+        let logger = programs
+            .first()
+            .and_then(|(_, program)| program.info().ok())
+            .and_then(|info| aya_log::EbpfLogger::init_from_id(info.id()).ok());
+        Ok((Self { pins, programs, mode: AttachMode::current(), logger }, origin))
+    }
+
+    fn load_and_pin(pins: &PinDir, options: &LoadOptions) -> Result<(), DatapathError> {
+        for dir in [pins.path().to_owned(), pins.maps(), pins.programs(), pins.links()] {
+            create_private_dir(&dir)?;
+        }
+        let mut ebpf: Ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .map_max_entries(map_names::FLOWS, options.flow_capacity)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for kind in ProgramKind::ALL {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(kind.name())
+                .ok_or_else(|| program_error(kind)(aya::programs::ProgramError::NotLoaded))?
+                .try_into()
+                .map_err(program_error(kind))?;
+            program.load().map_err(program_error(kind))?;
+            let path = pins.program(kind);
+            program.pin(&path).map_err(|source| DatapathError::Link { path, source: Box::new(source) })?;
+        }
+        Ok(())
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// The program, for attaching or for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self, kind: ProgramKind) -> &SchedClassifier {
+        &self.programs.iter().find(|(k, _)| *k == kind).expect("all programs are opened").1
+    }
+
+    fn program_mut(&mut self, kind: ProgramKind) -> &mut SchedClassifier {
+        &mut self.programs.iter_mut().find(|(k, _)| *k == kind).expect("all programs are opened").1
+    }
+
+    /// Forwards pending aya-log records to the `log` facade.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    /// The logger's file descriptor, readable when records are pending.
+    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        self.logger.as_ref().map(|logger| logger.as_fd())
+    }
+
+    /// Whether `kind` is attached to the interface, as far as the pins say.
+    pub fn is_attached(&self, ifindex: u32, kind: ProgramKind) -> bool {
+        self.pins.link(ifindex, kind).exists()
+    }
+
+    /// Attaches `kind` to the interface, unless it already is. Idempotent.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32, kind: ProgramKind) -> Result<(), DatapathError> {
+        let link_pin = self.pins.link(ifindex, kind);
+        if link_pin.exists() {
+            return Ok(());
+        }
+        let mode = self.mode;
+        let program = self.program_mut(kind);
+        match mode {
+            AttachMode::Tcx => {
+                let id = program
+                    .attach_with_options(ifname, kind.attach_type(), TcAttachOptions::TcxOrder(Default::default()))
+                    .map_err(program_error(kind))?;
+                let link = program.take_link(id).map_err(program_error(kind))?;
+                let link: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link { path: link_pin.clone(), source: Box::new(e) })?;
+                link.pin(&link_pin).map_err(|e| DatapathError::Link { path: link_pin.clone(), source: Box::new(e) })?;
+            }
+            AttachMode::Clsact => {
+                if let Err(error) = tc::qdisc_add_clsact(ifname) {
+                    // Already there is fine; anything else shows up in the attach below.
+                    tracing::debug!(%ifname, %error, "adding clsact");
+                }
+                let id = program.attach(ifname, kind.attach_type()).map_err(program_error(kind))?;
+                let link = program.take_link(id).map_err(program_error(kind))?;
+                // A clsact filter outlives the daemon by itself; dropping the link would
+                // detach it, so it is let go on purpose.
+                std::mem::forget(link);
+                // An empty bpffs directory marks the attachment, so restarts and `status`
+                // know about it as they do for TCX links.
+                create_private_dir(&link_pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches `kind` from the interface. Idempotent; a vanished interface is fine.
+    pub fn detach(&mut self, ifname: Option<&str>, ifindex: u32, kind: ProgramKind) -> Result<(), DatapathError> {
+        let link_pin = self.pins.link(ifindex, kind);
+        match self.mode {
+            AttachMode::Tcx => {
+                if link_pin.exists() {
+                    // Unpinning drops the last reference, which detaches the program.
+                    match PinnedLink::from_pin(&link_pin) {
+                        Ok(link) => drop(link.unpin().map_err(io_error("unpinning", &link_pin))?),
+                        Err(_) => fs::remove_file(&link_pin).map_err(io_error("removing", &link_pin))?,
+                    }
+                }
+            }
+            AttachMode::Clsact => {
+                if let Some(ifname) = ifname {
+                    // Gone already when the interface went away with its qdisc.
+                    let _ = tc::qdisc_detach_program(ifname, kind.attach_type(), kind.name());
+                }
+                if link_pin.exists() {
+                    fs::remove_dir(&link_pin).map_err(io_error("removing", &link_pin))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces that have a pinned attachment, by ifindex.
+    pub fn attachments(&self) -> Vec<(u32, ProgramKind)> {
+        attachments(&self.pins)
+    }
+}
+
+/// The attachments recorded under a pin directory.
+pub fn attachments(pins: &PinDir) -> Vec<(u32, ProgramKind)> {
+    let Ok(entries) = fs::read_dir(pins.links()) else { return Vec::new() };
+    let mut found: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let (ifindex, program) = name.strip_prefix("if")?.split_once('_')?;
+            let kind = ProgramKind::ALL.into_iter().find(|k| k.name() == program)?;
+            Some((ifindex.parse().ok()?, kind))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Removes everything under the pin directory: links first (detaching the programs),
+/// then programs and maps. The programs stop as soon as their last link is gone.
+pub fn remove_pins(pins: &PinDir, ifname_of: impl Fn(u32) -> Option<String>) -> Result<(), DatapathError> {
+    let mode = AttachMode::current();
+    for (ifindex, kind) in attachments(pins) {
+        let path = pins.link(ifindex, kind);
+        match mode {
+            AttachMode::Tcx => {
+                if let Ok(link) = PinnedLink::from_pin(&path) {
+                    drop(link.unpin().map_err(io_error("unpinning", &path))?);
+                }
+            }
+            AttachMode::Clsact => {
+                if let Some(ifname) = ifname_of(ifindex) {
+                    let _ = tc::qdisc_detach_program(&ifname, kind.attach_type(), kind.name());
+                }
+            }
+        }
+    }
+    if pins.path().exists() {
+        fs::remove_dir_all(pins.path()).map_err(io_error("removing", pins.path()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Typed access to the pinned maps, for the daemon and the CLI alike. Changes take
+//! effect on the next packet.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key,
+};
+use ipnet::IpNet;
+use visibility_common::{
+    config::{ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NodeAddr, PodIface, Settings},
+    counters::{COUNTERS_PER_HOOK, Counter, CounterValue},
+    flow::{FlowKey, FlowStats},
+    map_names,
+    packet::Family,
+    verdict::Hook,
+};
+
+use crate::{datapath::PinDir, error::MapsError, net::{addr_bytes, family_of}};
+
+/// A prefix exempted for a protocol and port (each possibly any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Exemption {
+    pub cidr: IpNet,
+    /// IANA protocol number; 0 for any.
+    pub protocol: u8,
+    /// Port; 0 for any.
+    pub port: u16,
+}
+
+/// The pinned maps.
+pub struct Maps {
+    settings: Array<MapData, Settings>,
+    pods_v4: LpmTrie<MapData, [u8; 4], u8>,
+    pods_v6: LpmTrie<MapData, [u8; 16], u8>,
+    exempt_v4: LpmTrie<MapData, [u8; 4], ExemptRules>,
+    exempt_v6: LpmTrie<MapData, [u8; 16], ExemptRules>,
+    node_addrs: HashMap<MapData, NodeAddr, u8>,
+    pod_ifaces: HashMap<MapData, u32, PodIface>,
+    // Opened as a HashMap: aya reads LRU hash maps through the same type.
+    flows: HashMap<MapData, FlowKey, FlowStats>,
+    counters: PerCpuArray<MapData, CounterValue>,
+}
+
+fn open<T>(pins: &PinDir, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(pins.map(name)).map_err(MapsError::map(name))?;
+    let map = Map::from_map_data(data).map_err(MapsError::map(name))?;
+    T::try_from(map).map_err(MapsError::map(name))
+}
+
+fn v4_key(net: &IpNet) -> Key<[u8; 4]> {
+    let bytes = addr_bytes(&net.network());
+    Key::new(u32::from(net.prefix_len()), [bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+fn v6_key(net: &IpNet) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), addr_bytes(&net.network()))
+}
+
+fn net_from_key(family: Family, prefix_len: u32, data: &[u8]) -> Option<IpNet> {
+    let addr = match family {
+        Family::V4 => IpAddr::from(<[u8; 4]>::try_from(data).ok()?),
+        Family::V6 => IpAddr::from(<[u8; 16]>::try_from(data).ok()?),
+    };
+    IpNet::new(addr, u8::try_from(prefix_len).ok()?).ok()
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pins`.
+    pub fn open(pins: &PinDir) -> Result<Self, MapsError> {
+        if !pins.map(map_names::SETTINGS).exists() {
+            return Err(MapsError::NotPinned(pins.path().to_owned()));
+        }
+        Ok(Self {
+            settings: open(pins, map_names::SETTINGS)?,
+            pods_v4: open(pins, map_names::POD_CIDRS_V4)?,
+            pods_v6: open(pins, map_names::POD_CIDRS_V6)?,
+            exempt_v4: open(pins, map_names::EXEMPT_V4)?,
+            exempt_v6: open(pins, map_names::EXEMPT_V6)?,
+            node_addrs: open(pins, map_names::NODE_ADDRS)?,
+            pod_ifaces: open(pins, map_names::POD_IFACES)?,
+            flows: open(pins, map_names::FLOWS)?,
+            counters: open(pins, map_names::COUNTERS)?,
+        })
+    }
+
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        self.settings.get(&0, 0).map_err(MapsError::map(map_names::SETTINGS))
+    }
+
+    /// Reads, changes and writes back the settings.
+    pub fn update_settings(&mut self, change: impl FnOnce(&mut Settings)) -> Result<Settings, MapsError> {
+        let mut settings = self.settings()?;
+        change(&mut settings);
+        self.settings.set(0, settings, 0).map_err(MapsError::map(map_names::SETTINGS))?;
+        Ok(settings)
+    }
+
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<Settings, MapsError> {
+        self.update_settings(|s| s.enabled = u8::from(enabled))
+    }
+
+    pub fn set_gateway(&mut self, family: Family, gateway: Gateway) -> Result<Settings, MapsError> {
+        self.update_settings(|s| match family {
+            Family::V4 => s.gateway_v4 = gateway,
+            Family::V6 => s.gateway_v6 = gateway,
+        })
+    }
+
+    pub fn add_pod_cidr(&mut self, net: &IpNet) -> Result<(), MapsError> {
+        let net = net.trunc();
+        match family_of(&net) {
+            Family::V4 => self.pods_v4.insert(&v4_key(&net), 1, 0),
+            Family::V6 => self.pods_v6.insert(&v6_key(&net), 1, 0),
+        }
+        .map_err(|e| full_or(e, map_names::POD_CIDRS_V4, visibility_common::MAX_POD_CIDRS))
+    }
+
+    /// Removes a Pod CIDR; false when it was not there.
+    pub fn remove_pod_cidr(&mut self, net: &IpNet) -> Result<bool, MapsError> {
+        let net = net.trunc();
+        let result = match family_of(&net) {
+            Family::V4 => self.pods_v4.remove(&v4_key(&net)),
+            Family::V6 => self.pods_v6.remove(&v6_key(&net)),
+        };
+        absent_is_false(result, map_names::POD_CIDRS_V4)
+    }
+
+    pub fn pod_cidrs(&self) -> Vec<IpNet> {
+        let mut nets: Vec<IpNet> = self
+            .pods_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| net_from_key(Family::V4, k.prefix_len(), &k.data()))
+            .chain(
+                self.pods_v6
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter_map(|k| net_from_key(Family::V6, k.prefix_len(), &k.data())),
+            )
+            .collect();
+        nets.sort();
+        nets
+    }
+
+    /// The exemptions as the operator gave them (inherited copies left out).
+    pub fn exemptions(&self) -> Vec<Exemption> {
+        let mut found = Vec::new();
+        let v4 = self.exempt_v4.iter().filter_map(Result::ok).map(|(k, v)| (Family::V4, k.prefix_len(), k.data().to_vec(), v));
+        let v6 = self.exempt_v6.iter().filter_map(Result::ok).map(|(k, v)| (Family::V6, k.prefix_len(), k.data().to_vec(), v));
+        for (family, prefix_len, data, rules) in v4.chain(v6) {
+            let Some(cidr) = net_from_key(family, prefix_len, &data) else { continue };
+            let len = (rules.len as usize).min(MAX_EXEMPT_RULES);
+            for rule in rules.rules[..len].iter().filter(|r| r.inherited == 0) {
+                found.push(Exemption { cidr, protocol: rule.protocol, port: rule.port });
+            }
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Replaces every exemption with `wanted`. The LPM trie returns only the longest
+    /// matching prefix, so each prefix also carries the rules of the prefixes that
+    /// cover it, marked as inherited.
+    pub fn set_exemptions(&mut self, wanted: &[Exemption]) -> Result<(), MapsError> {
+        let mut by_prefix: BTreeMap<IpNet, Vec<ExemptRule>> = BTreeMap::new();
+        for exemption in wanted {
+            by_prefix.entry(exemption.cidr.trunc()).or_default();
+        }
+        let prefixes: Vec<IpNet> = by_prefix.keys().copied().collect();
+        for exemption in wanted {
+            let cidr = exemption.cidr.trunc();
+            for prefix in &prefixes {
+                if cidr.contains(prefix) {
+                    let rules = by_prefix.get_mut(prefix).expect("prefix listed");
+                    let rule = ExemptRule {
+                        protocol: exemption.protocol,
+                        inherited: u8::from(cidr != *prefix),
+                        port: exemption.port,
+                    };
+                    if !rules.contains(&rule) {
+                        rules.push(rule);
+                    }
+                }
+            }
+        }
+        let mut values = Vec::new();
+        for (prefix, mut rules) in by_prefix {
+            if rules.len() > MAX_EXEMPT_RULES {
+                return Err(MapsError::TooManyExemptRules { prefix: prefix.to_string(), max: MAX_EXEMPT_RULES });
+            }
+            rules.sort();
+            let mut value = ExemptRules { len: u32::try_from(rules.len()).expect("at most 8"), ..Default::default() };
+            value.rules[..rules.len()].copy_from_slice(&rules);
+            values.push((prefix, value));
+        }
+        // Write the new entries first, then remove stale ones, so no packet sees an
+        // exemption missing that stays.
+        for (prefix, value) in &values {
+            match family_of(prefix) {
+                Family::V4 => self.exempt_v4.insert(&v4_key(prefix), value, 0),
+                Family::V6 => self.exempt_v6.insert(&v6_key(prefix), value, 0),
+            }
+            .map_err(|e| full_or(e, map_names::EXEMPT_V4, visibility_common::MAX_EXEMPT_PREFIXES))?;
+        }
+        let keep: Vec<IpNet> = values.iter().map(|(p, _)| *p).collect();
+        let stale_v4: Vec<_> = self.exempt_v4.keys().filter_map(Result::ok).filter(|k| {
+            net_from_key(Family::V4, k.prefix_len(), &k.data()).is_none_or(|n| !keep.contains(&n))
+        }).collect();
+        for key in stale_v4 {
+            let _ = self.exempt_v4.remove(&key);
+        }
+        let stale_v6: Vec<_> = self.exempt_v6.keys().filter_map(Result::ok).filter(|k| {
+            net_from_key(Family::V6, k.prefix_len(), &k.data()).is_none_or(|n| !keep.contains(&n))
+        }).collect();
+        for key in stale_v6 {
+            let _ = self.exempt_v6.remove(&key);
+        }
+        Ok(())
+    }
+
+    pub fn add_node_addr(&mut self, addr: &IpAddr) -> Result<(), MapsError> {
+        self.node_addrs
+            .insert(node_addr(addr), 1, 0)
+            .map_err(|e| full_or(e, map_names::NODE_ADDRS, visibility_common::MAX_NODE_ADDRS))
+    }
+
+    pub fn remove_node_addr(&mut self, addr: &IpAddr) -> Result<bool, MapsError> {
+        absent_is_false(self.node_addrs.remove(&node_addr(addr)), map_names::NODE_ADDRS)
+    }
+
+    pub fn node_addrs(&self) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = self
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| match k.family {
+                4 => Some(IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])),
+                6 => Some(IpAddr::from(k.addr)),
+                _ => None,
+            })
+            .collect();
+        addrs.sort();
+        addrs
+    }
+
+    pub fn add_pod_iface(&mut self, ifindex: u32, is_veth: bool) -> Result<(), MapsError> {
+        let value = PodIface { is_veth: u8::from(is_veth), _pad: [0; 3] };
+        self.pod_ifaces
+            .insert(ifindex, value, 0)
+            .map_err(|e| full_or(e, map_names::POD_IFACES, visibility_common::MAX_POD_IFACES))
+    }
+
+    pub fn remove_pod_iface(&mut self, ifindex: u32) -> Result<bool, MapsError> {
+        absent_is_false(self.pod_ifaces.remove(&ifindex), map_names::POD_IFACES)
+    }
+
+    pub fn pod_ifaces(&self) -> Vec<u32> {
+        let mut found: Vec<u32> = self.pod_ifaces.keys().filter_map(Result::ok).collect();
+        found.sort_unstable();
+        found
+    }
+
+    /// Every counter of every hook, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Hook, Counter, CounterValue)>, MapsError> {
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for counter in Counter::ALL {
+                let index = *hook as u32 * COUNTERS_PER_HOOK + *counter as u32;
+                let per_cpu = self.counters.get(&index, 0).map_err(MapsError::map(map_names::COUNTERS))?;
+                let sum = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                });
+                out.push((*hook, *counter, sum));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The flow map, for reading.
+    pub fn flows(&self) -> &HashMap<MapData, FlowKey, FlowStats> {
+        &self.flows
+    }
+
+    /// Capacity of the flow map.
+    pub fn flow_capacity(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        self.flows.map().info().map_or(0, |info| info.max_entries())
+    }
+}
+
+fn node_addr(addr: &IpAddr) -> NodeAddr {
+    let family = match addr {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    };
+    NodeAddr { addr: addr_bytes(addr), family: family as u8, _pad: [0; 3] }
+}
+
+fn full_or(error: aya::maps::MapError, map: &'static str, max: u32) -> MapsError {
+    match &error {
+        aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) || e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+            MapsError::Full { map, max }
+        }
+        _ => MapsError::map(map)(error),
+    }
+}
+
+fn absent_is_false(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<bool, MapsError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(MapsError::map(map)(e)),
+    }
+}
