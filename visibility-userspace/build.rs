@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
         .join(EBPF_PACKAGE);
     let root_dir = root_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: EBPF_PACKAGE, root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: EBPF_PACKAGE,
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )?;
     let object = PathBuf::from(env::var("OUT_DIR")?).join(EBPF_BINARY);

@@ -140,12 +140,20 @@ mod tests {
     #[test]
     fn exempt_rules_match_protocol_and_port() {
         let mut rules = ExemptRules::default();
-        rules.rules[0] = ExemptRule { protocol: 17, inherited: 0, port: 53 };
+        rules.rules[0] = ExemptRule {
+            protocol: 17,
+            inherited: 0,
+            port: 53,
+        };
         rules.len = 1;
         assert!(rules.matches(17, 53));
         assert!(!rules.matches(6, 53));
         assert!(!rules.matches(17, 54));
-        rules.rules[1] = ExemptRule { protocol: 6, inherited: 0, port: ANY };
+        rules.rules[1] = ExemptRule {
+            protocol: 6,
+            inherited: 0,
+            port: ANY,
+        };
         rules.len = 2;
         assert!(rules.matches(6, 80));
         assert!(!rules.matches(1, 0));
@@ -153,7 +161,10 @@ mod tests {
 
     #[test]
     fn an_out_of_range_length_is_clamped() {
-        let rules = ExemptRules { len: 1000, ..Default::default() };
+        let rules = ExemptRules {
+            len: 1000,
+            ..Default::default()
+        };
         // Eight zeroed rules match anything; the point is that nothing reads past them.
         assert!(rules.matches(6, 80));
     }

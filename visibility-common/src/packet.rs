@@ -203,7 +203,9 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
     }
     match packet.protocol {
         // More extension headers than we walk: classify nothing rather than guess.
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => Err(ParseError::Malformed),
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
+            Err(ParseError::Malformed)
+        }
         IPPROTO_FRAGMENT => Err(ParseError::Fragment),
         _ => {
             parse_transport(pkt, &mut packet, offset, remaining)?;

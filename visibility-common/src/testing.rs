@@ -7,12 +7,26 @@ use crate::packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO
 /// What follows the IP header.
 #[derive(Clone, Debug)]
 pub enum Transport {
-    Tcp { src_port: u16, dst_port: u16, flags: u8 },
-    Udp { src_port: u16, dst_port: u16 },
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+    },
     /// ICMP or ICMPv6 (chosen by the IP version) with an identifier and sequence.
-    Icmp { kind: u8, code: u8, id: u16, seq: u16 },
+    Icmp {
+        kind: u8,
+        code: u8,
+        id: u16,
+        seq: u16,
+    },
     /// Any other protocol number, with the payload as its body.
-    Raw { protocol: u8 },
+    Raw {
+        protocol: u8,
+    },
 }
 
 impl Transport {
@@ -85,7 +99,11 @@ impl FrameBuilder {
     fn transport_bytes(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
         match self.transport {
-            Transport::Tcp { src_port, dst_port, flags } => {
+            Transport::Tcp {
+                src_port,
+                dst_port,
+                flags,
+            } => {
                 l4.extend_from_slice(&src_port.to_be_bytes());
                 l4.extend_from_slice(&dst_port.to_be_bytes());
                 l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
@@ -102,7 +120,12 @@ impl FrameBuilder {
                 l4.extend_from_slice(&len.to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
             }
-            Transport::Icmp { kind, code, id, seq } => {
+            Transport::Icmp {
+                kind,
+                code,
+                id,
+                seq,
+            } => {
                 l4.extend_from_slice(&[kind, code, 0, 0]);
                 l4.extend_from_slice(&id.to_be_bytes());
                 l4.extend_from_slice(&seq.to_be_bytes());
@@ -135,9 +158,7 @@ impl FrameBuilder {
         if self.v6 {
             frame.extend_from_slice(&0x86DDu16.to_be_bytes());
             let mut extensions = Vec::new();
-            let mut next_of = |i: usize| {
-                self.ipv6_extensions.get(i).map_or(protocol, |(p, _)| *p)
-            };
+            let next_of = |i: usize| self.ipv6_extensions.get(i).map_or(protocol, |(p, _)| *p);
             for (i, (_, body)) in self.ipv6_extensions.iter().enumerate() {
                 let total = 2 + body.len();
                 assert!(total % 8 == 0, "extension headers are multiples of 8 bytes");
@@ -156,7 +177,10 @@ impl FrameBuilder {
         } else {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             let header_len = 20 + self.ipv4_options.len();
-            assert!(header_len % 4 == 0, "IPv4 options are multiples of 4 bytes");
+            assert!(
+                header_len.is_multiple_of(4),
+                "IPv4 options are multiples of 4 bytes"
+            );
             let total = u16::try_from(header_len + l4.len()).expect("fits");
             let mut ip = Vec::new();
             ip.push(0x40 | u8::try_from(header_len / 4).expect("fits"));
@@ -199,7 +223,14 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
     !(u16::try_from(sum).expect("folded"))
 }
 
-fn l4_checksum(v6: bool, src: &[u8; 16], dst: &[u8; 16], protocol: u8, l4: &[u8], pseudo: bool) -> u16 {
+fn l4_checksum(
+    v6: bool,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    protocol: u8,
+    l4: &[u8],
+    pseudo: bool,
+) -> u16 {
     let len = u32::try_from(l4.len()).expect("fits");
     let sum = if !pseudo {
         checksum(&[l4])
@@ -219,7 +250,11 @@ fn l4_checksum(v6: bool, src: &[u8; 16], dst: &[u8; 16], protocol: u8, l4: &[u8]
         head.extend_from_slice(&u16::try_from(len).expect("fits").to_be_bytes());
         checksum(&[&head, l4])
     };
-    if sum == 0 && protocol == IPPROTO_UDP { 0xffff } else { sum }
+    if sum == 0 && protocol == IPPROTO_UDP {
+        0xffff
+    } else {
+        sum
+    }
 }
 
 /// Whether the IPv4 header checksum of a frame verifies.

@@ -29,7 +29,10 @@ impl Size {
             Some(packet) if segments <= 1 => u64::from(packet.ip_len),
             _ => u64::from(ctx.len()).saturating_sub(ETH_HLEN as u64),
         };
-        Self { packets: u64::from(segments.max(1)), bytes }
+        Self {
+            packets: u64::from(segments.max(1)),
+            bytes,
+        }
     }
 }
 
@@ -104,15 +107,21 @@ pub fn flow_returned(hook: Hook, packet: &Packet, size: Size, ifindex: u32) {
 /// Updates the packet's flow, or adds it. When two CPUs race to add the same flow the
 /// loser finds the winner's entry and updates it.
 #[inline(always)]
-fn upsert(hook: Hook, packet: &Packet, size: Size, fresh: &FlowStats, update: impl Fn(&mut FlowStats)) {
+fn upsert(
+    hook: Hook,
+    packet: &Packet,
+    size: Size,
+    fresh: &FlowStats,
+    update: impl Fn(&mut FlowStats),
+) {
     let key = FlowKey::from_packet(packet);
     for _ in 0..2 {
-        if let Some(stats) = FLOWS.get_ptr_mut(&key) {
+        if let Some(stats) = FLOWS.get_ptr_mut(key) {
             // SAFETY: map value pointer from a successful lookup.
             update(unsafe { &mut *stats });
             return;
         }
-        if FLOWS.insert(&key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
+        if FLOWS.insert(key, fresh, u64::from(BPF_NOEXIST)).is_ok() {
             return;
         }
     }

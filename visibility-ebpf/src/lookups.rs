@@ -33,8 +33,12 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn is_node_addr(&self, family: Family, addr: &[u8; 16]) -> bool {
-        let key = NodeAddr { addr: *addr, family: family as u8, _pad: [0; 3] };
-        NODE_ADDRS.get_ptr(&key).is_some()
+        let key = NodeAddr {
+            addr: *addr,
+            family: family as u8,
+            _pad: [0; 3],
+        };
+        NODE_ADDRS.get_ptr(key).is_some()
     }
 
     #[inline(always)]

@@ -12,7 +12,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic add on map values; see account::add")]
+#![expect(
+    internal_features,
+    reason = "atomic add on map values; see account::add"
+)]
 
 mod account;
 mod lookups;
@@ -89,10 +92,13 @@ fn facts(ctx: &TcContext, hook: Hook, packet: &Packet, settings: &Settings) -> C
     let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
     let nat_reply = hook == Hook::PodIngress
         && matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
-        && NAT_LEGS.get_ptr(&FlowKey::from_packet(packet).reversed()).is_some();
+        && NAT_LEGS
+            .get_ptr(FlowKey::from_packet(packet).reversed())
+            .is_some();
     Context {
         masquerade_marked: mark & settings.masquerade_mark != 0,
-        from_uplink: ingress_ifindex != 0 && ingress_ifindex == settings.gateway(packet.family).ifindex,
+        from_uplink: ingress_ifindex != 0
+            && ingress_ifindex == settings.gateway(packet.family).ifindex,
         nat_reply,
     }
 }
@@ -100,13 +106,20 @@ fn facts(ctx: &TcContext, hook: Hook, packet: &Packet, settings: &Settings) -> C
 /// Carries out the verdict. A redirect that cannot be done becomes a pass, counted
 /// with the reason it could not.
 #[inline(always)]
-fn apply(ctx: &TcContext, hook: Hook, packet: &Packet, verdict: Verdict, settings: &Settings) -> Outcome {
+fn apply(
+    ctx: &TcContext,
+    hook: Hook,
+    packet: &Packet,
+    verdict: Verdict,
+    settings: &Settings,
+) -> Outcome {
     let counter = verdict.counter(hook);
     match verdict {
         Verdict::Pass(_) => Outcome::pass(counter),
         Verdict::ToGateway => {
             let gateway = settings.gateway(packet.family);
-            let outcome = redirect::to_gateway(ctx, packet, gateway, hook == Hook::PodIngress, counter);
+            let outcome =
+                redirect::to_gateway(ctx, packet, gateway, hook == Hook::PodIngress, counter);
             if hook == Hook::PodEgress && outcome.counter == counter {
                 remember_nat_leg(packet);
             }
@@ -126,14 +139,15 @@ fn apply(ctx: &TcContext, hook: Hook, packet: &Packet, verdict: Verdict, setting
 fn remember_nat_leg(packet: &Packet) {
     if matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP) {
         // Best effort: without the entry the reply takes the gateway twice, still correct.
-        let _ = NAT_LEGS.insert(&FlowKey::from_packet(packet), &1, 0);
+        let _ = NAT_LEGS.insert(FlowKey::from_packet(packet), 1, 0);
     }
 }
 
 #[inline(always)]
 fn account_flow(ctx: &TcContext, hook: Hook, packet: &Packet, outcome: &Outcome, size: Size) {
     // SAFETY: the context pointer is valid for the whole program run.
-    let (ifindex, ingress_ifindex) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    let (ifindex, ingress_ifindex) =
+        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     match hook {
         Hook::PodIngress => {
             if let Some(path) = Path::of_sent(outcome.counter) {
@@ -143,7 +157,13 @@ fn account_flow(ctx: &TcContext, hook: Hook, packet: &Packet, outcome: &Outcome,
         // Only the NAT-ed legs: everything else at egress was counted where it was sent.
         Hook::PodEgress => {
             if outcome.counter == Counter::RedirectedAfterNat {
-                flow_sent(hook, packet, Path::ViaGatewayAfterNat, size, ingress_ifindex);
+                flow_sent(
+                    hook,
+                    packet,
+                    Path::ViaGatewayAfterNat,
+                    size,
+                    ingress_ifindex,
+                );
             }
         }
         Hook::Uplink => {

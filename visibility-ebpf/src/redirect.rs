@@ -4,8 +4,8 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
@@ -23,7 +23,7 @@ const AF_INET6: u8 = 10;
 /// `BPF_F_PSEUDO_HDR` is not needed: the TTL is not part of any pseudo-header.
 const CSUM_SIZE_16: u64 = 2;
 
-const PASS: i32 = TC_ACT_OK as i32;
+const PASS: i32 = TC_ACT_OK;
 
 /// What happened to a packet. Every field is set on every path: the verifier rejects
 /// programs that spill registers LLVM left undefined, which enum payloads invite.
@@ -41,7 +41,12 @@ pub struct Outcome {
 
 impl Outcome {
     pub const fn pass(counter: Counter) -> Self {
-        Self { counter, action: PASS, via_neighbour: false, ifindex: 0 }
+        Self {
+            counter,
+            action: PASS,
+            via_neighbour: false,
+            ifindex: 0,
+        }
     }
 
     /// A redirect helper's result: `TC_ACT_SHOT` means it refused.
@@ -49,7 +54,12 @@ impl Outcome {
         if action == i64::from(TC_ACT_SHOT) {
             return Self::pass(Counter::PassRouteLookupFailed);
         }
-        Self { counter, action: action as i32, via_neighbour, ifindex }
+        Self {
+            counter,
+            action: action as i32,
+            via_neighbour,
+            ifindex,
+        }
     }
 }
 
@@ -77,7 +87,12 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     let mut out = [0u32; 4];
     let mut i = 0;
     while i < 4 {
-        out[i] = u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
+        out[i] = u32::from_ne_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ]);
         i += 1;
     }
     out
@@ -97,13 +112,16 @@ fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
 
 /// Spends one hop: IPv4 TTL (with an incremental checksum update) or IPv6 hop limit.
 fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
-    let Some(ttl) = packet.ttl.checked_sub(1) else { return Err(Counter::PassTtlExpired) };
+    let Some(ttl) = packet.ttl.checked_sub(1) else {
+        return Err(Counter::PassTtlExpired);
+    };
     match packet.family {
         Family::V4 => {
             // The TTL shares a 16-bit checksum word with the protocol byte.
             let old = u16::from_be_bytes([packet.ttl, packet.protocol]);
             let new = u16::from_be_bytes([ttl, packet.protocol]);
-            ctx.store(IPV4_TTL_OFFSET, &ttl, 0).map_err(|_| Counter::PassMalformed)?;
+            ctx.store(IPV4_TTL_OFFSET, &ttl, 0)
+                .map_err(|_| Counter::PassMalformed)?;
             ctx.l3_csum_replace(
                 IPV4_CHECKSUM_OFFSET,
                 u64::from(old.to_be()),
@@ -113,7 +131,8 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
             .map_err(|_| Counter::PassMalformed)?;
         }
         Family::V6 => {
-            ctx.store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0).map_err(|_| Counter::PassMalformed)?;
+            ctx.store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0)
+                .map_err(|_| Counter::PassMalformed)?;
         }
     }
     Ok(())
@@ -133,12 +152,18 @@ fn redirect_via_neighbour(ifindex: u32, neighbour: Option<(Family, &[u8; 16])>) 
         Some((Family::V4, addr)) => {
             nh.nh_family = u32::from(AF_INET);
             nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-            (&mut nh as *mut bpf_redir_neigh, size_of::<bpf_redir_neigh>() as i32)
+            (
+                &mut nh as *mut bpf_redir_neigh,
+                size_of::<bpf_redir_neigh>() as i32,
+            )
         }
         Some((Family::V6, addr)) => {
             nh.nh_family = u32::from(AF_INET6);
             nh.__bindgen_anon_1.ipv6_nh = words(addr);
-            (&mut nh as *mut bpf_redir_neigh, size_of::<bpf_redir_neigh>() as i32)
+            (
+                &mut nh as *mut bpf_redir_neigh,
+                size_of::<bpf_redir_neigh>() as i32,
+            )
         }
         // No explicit next hop: the kernel uses the packet's destination.
         None => (core::ptr::null_mut(), 0),
@@ -190,7 +215,8 @@ pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
     let mut params = fib_params(packet.family, uplink, &packet.src, &packet.dst);
     let rc = lookup(ctx, &mut params, 0);
     let target = params.ifindex;
-    let found = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
+    let found =
+        rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
     // A route back out of the uplink would loop; leave such packets to the kernel.
     if !found || target == uplink {
         return Outcome::pass(Counter::PassRouteLookupFailed);
@@ -206,7 +232,7 @@ pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
         return Outcome::pass(reason);
     }
     // SAFETY: map lookup by value.
-    let is_veth = unsafe { POD_IFACES.get(&target) }.is_some_and(|iface| iface.is_veth != 0);
+    let is_veth = unsafe { POD_IFACES.get(target) }.is_some_and(|iface| iface.is_veth != 0);
     // SAFETY: plain helper calls.
     let action = unsafe {
         if is_veth {

@@ -10,8 +10,7 @@
 //! outlive the daemon by themselves and are found again by program name.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
@@ -30,7 +29,8 @@ use visibility_common::{map_names, program_names};
 use crate::error::DatapathError;
 
 /// The eBPF object, built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/visibility";
@@ -47,7 +47,11 @@ pub enum ProgramKind {
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 3] = [ProgramKind::PodIngress, ProgramKind::PodEgress, ProgramKind::UplinkIngress];
+    pub const ALL: [ProgramKind; 3] = [
+        ProgramKind::PodIngress,
+        ProgramKind::PodEgress,
+        ProgramKind::UplinkIngress,
+    ];
     /// Programs attached to each Pod interface.
     pub const POD: [ProgramKind; 2] = [ProgramKind::PodIngress, ProgramKind::PodEgress];
 
@@ -131,7 +135,9 @@ impl PinDir {
     }
     /// Whether the datapath's state is pinned here.
     pub fn is_pinned(&self) -> bool {
-        ProgramKind::ALL.iter().all(|kind| self.program(*kind).exists())
+        ProgramKind::ALL
+            .iter()
+            .all(|kind| self.program(*kind).exists())
             && self.map(map_names::SETTINGS).exists()
     }
 }
@@ -145,7 +151,9 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_capacity: visibility_common::DEFAULT_FLOW_CAPACITY }
+        Self {
+            flow_capacity: visibility_common::DEFAULT_FLOW_CAPACITY,
+        }
     }
 }
 
@@ -161,7 +169,11 @@ pub struct Datapath {
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
     let path = path.to_owned();
-    move |source| DatapathError::Io { action, path, source }
+    move |source| DatapathError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// Creates a directory readable by root only.
@@ -171,7 +183,8 @@ fn create_private_dir(path: &Path) -> Result<(), DatapathError> {
         .mode(0o700)
         .create(path)
         .map_err(io_error("creating", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_error("restricting", path))
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+        .map_err(io_error("restricting", path))
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -183,8 +196,14 @@ fn is_bpffs(path: &Path) -> bool {
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     let root = Path::new(BPFFS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(DatapathError::MountBpffs)?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(DatapathError::MountBpffs)?;
     }
     let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(root);
     if !is_bpffs(existing) {
@@ -194,7 +213,10 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
 }
 
 fn program_error(kind: ProgramKind) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
-    move |source| DatapathError::Program { program: kind.name(), source: Box::new(source) }
+    move |source| DatapathError::Program {
+        program: kind.name(),
+        source: Box::new(source),
+    }
 }
 
 impl Datapath {
@@ -213,7 +235,8 @@ impl Datapath {
         };
         let mut programs = Vec::new();
         for kind in ProgramKind::ALL {
-            let program = SchedClassifier::from_pin(pins.program(kind)).map_err(program_error(kind))?;
+            let program =
+                SchedClassifier::from_pin(pins.program(kind)).map_err(program_error(kind))?;
             programs.push((kind, program));
         }
         // Adopted programs still write to the log map they were loaded with.
@@ -221,11 +244,24 @@ impl Datapath {
             .first()
             .and_then(|(_, program)| program.info().ok())
             .and_then(|info| aya_log::EbpfLogger::init_from_id(info.id()).ok());
-        Ok((Self { pins, programs, mode: AttachMode::current(), logger }, origin))
+        Ok((
+            Self {
+                pins,
+                programs,
+                mode: AttachMode::current(),
+                logger,
+            },
+            origin,
+        ))
     }
 
     fn load_and_pin(pins: &PinDir, options: &LoadOptions) -> Result<(), DatapathError> {
-        for dir in [pins.path().to_owned(), pins.maps(), pins.programs(), pins.links()] {
+        for dir in [
+            pins.path().to_owned(),
+            pins.maps(),
+            pins.programs(),
+            pins.links(),
+        ] {
             create_private_dir(&dir)?;
         }
         let mut ebpf: Ebpf = EbpfLoader::new()
@@ -241,7 +277,10 @@ impl Datapath {
                 .map_err(program_error(kind))?;
             program.load().map_err(program_error(kind))?;
             let path = pins.program(kind);
-            program.pin(&path).map_err(|source| DatapathError::Link { path, source: Box::new(source) })?;
+            program.pin(&path).map_err(|source| DatapathError::Link {
+                path,
+                source: Box::new(source),
+            })?;
         }
         Ok(())
     }
@@ -256,11 +295,21 @@ impl Datapath {
 
     /// The program, for attaching or for `BPF_PROG_TEST_RUN`.
     pub fn program(&self, kind: ProgramKind) -> &SchedClassifier {
-        &self.programs.iter().find(|(k, _)| *k == kind).expect("all programs are opened").1
+        &self
+            .programs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("all programs are opened")
+            .1
     }
 
     fn program_mut(&mut self, kind: ProgramKind) -> &mut SchedClassifier {
-        &mut self.programs.iter_mut().find(|(k, _)| *k == kind).expect("all programs are opened").1
+        &mut self
+            .programs
+            .iter_mut()
+            .find(|(k, _)| *k == kind)
+            .expect("all programs are opened")
+            .1
     }
 
     /// Forwards pending aya-log records to the `log` facade.
@@ -282,7 +331,12 @@ impl Datapath {
     }
 
     /// Attaches `kind` to the interface, unless it already is. Idempotent.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32, kind: ProgramKind) -> Result<(), DatapathError> {
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        kind: ProgramKind,
+    ) -> Result<(), DatapathError> {
         let link_pin = self.pins.link(ifindex, kind);
         if link_pin.exists() {
             return Ok(());
@@ -292,20 +346,32 @@ impl Datapath {
         match mode {
             AttachMode::Tcx => {
                 let id = program
-                    .attach_with_options(ifname, kind.attach_type(), TcAttachOptions::TcxOrder(Default::default()))
+                    .attach_with_options(
+                        ifname,
+                        kind.attach_type(),
+                        TcAttachOptions::TcxOrder(Default::default()),
+                    )
                     .map_err(program_error(kind))?;
                 let link = program.take_link(id).map_err(program_error(kind))?;
-                let link: FdLink = link
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link { path: link_pin.clone(), source: Box::new(e) })?;
-                link.pin(&link_pin).map_err(|e| DatapathError::Link { path: link_pin.clone(), source: Box::new(e) })?;
+                let link: FdLink =
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
+                            path: link_pin.clone(),
+                            source: Box::new(e),
+                        })?;
+                link.pin(&link_pin).map_err(|e| DatapathError::Link {
+                    path: link_pin.clone(),
+                    source: Box::new(e),
+                })?;
             }
             AttachMode::Clsact => {
                 if let Err(error) = tc::qdisc_add_clsact(ifname) {
                     // Already there is fine; anything else shows up in the attach below.
                     tracing::debug!(%ifname, %error, "adding clsact");
                 }
-                let id = program.attach(ifname, kind.attach_type()).map_err(program_error(kind))?;
+                let id = program
+                    .attach(ifname, kind.attach_type())
+                    .map_err(program_error(kind))?;
                 let link = program.take_link(id).map_err(program_error(kind))?;
                 // A clsact filter outlives the daemon by itself; dropping the link would
                 // detach it, so it is let go on purpose.
@@ -319,7 +385,12 @@ impl Datapath {
     }
 
     /// Detaches `kind` from the interface. Idempotent; a vanished interface is fine.
-    pub fn detach(&mut self, ifname: Option<&str>, ifindex: u32, kind: ProgramKind) -> Result<(), DatapathError> {
+    pub fn detach(
+        &mut self,
+        ifname: Option<&str>,
+        ifindex: u32,
+        kind: ProgramKind,
+    ) -> Result<(), DatapathError> {
         let link_pin = self.pins.link(ifindex, kind);
         match self.mode {
             AttachMode::Tcx => {
@@ -327,7 +398,9 @@ impl Datapath {
                     // Unpinning drops the last reference, which detaches the program.
                     match PinnedLink::from_pin(&link_pin) {
                         Ok(link) => drop(link.unpin().map_err(io_error("unpinning", &link_pin))?),
-                        Err(_) => fs::remove_file(&link_pin).map_err(io_error("removing", &link_pin))?,
+                        Err(_) => {
+                            fs::remove_file(&link_pin).map_err(io_error("removing", &link_pin))?
+                        }
                     }
                 }
             }
@@ -352,7 +425,9 @@ impl Datapath {
 
 /// The attachments recorded under a pin directory.
 pub fn attachments(pins: &PinDir) -> Vec<(u32, ProgramKind)> {
-    let Ok(entries) = fs::read_dir(pins.links()) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(pins.links()) else {
+        return Vec::new();
+    };
     let mut found: Vec<_> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
@@ -368,7 +443,10 @@ pub fn attachments(pins: &PinDir) -> Vec<(u32, ProgramKind)> {
 
 /// Removes everything under the pin directory: links first (detaching the programs),
 /// then programs and maps. The programs stop as soon as their last link is gone.
-pub fn remove_pins(pins: &PinDir, ifname_of: impl Fn(u32) -> Option<String>) -> Result<(), DatapathError> {
+pub fn remove_pins(
+    pins: &PinDir,
+    ifname_of: impl Fn(u32) -> Option<String>,
+) -> Result<(), DatapathError> {
     let mode = AttachMode::current();
     for (ifindex, kind) in attachments(pins) {
         let path = pins.link(ifindex, kind);

@@ -6,10 +6,14 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// The binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object.
-    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with the nightly toolchain and bpf-linker installed (cargo xtask setup)")]
+    #[error(
+        "this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with the nightly toolchain and bpf-linker installed (cargo xtask setup)"
+    )]
     NoObject,
     /// The pin directory is not on a bpffs mount.
-    #[error("{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir under /sys/fs/bpf")]
+    #[error(
+        "{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir under /sys/fs/bpf"
+    )]
     NotBpffs(PathBuf),
     /// Mounting bpffs at /sys/fs/bpf failed.
     #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
@@ -48,7 +52,9 @@ pub enum DatapathError {
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
     /// The maps are not pinned: the daemon has not run, or ran with another --pin-dir.
-    #[error("no datapath state under {0}: start the daemon (`visibility daemon`) or pass the --pin-dir it uses")]
+    #[error(
+        "no datapath state under {0}: start the daemon (`visibility daemon`) or pass the --pin-dir it uses"
+    )]
     NotPinned(PathBuf),
     /// A pinned map could not be opened, read or written.
     #[error("map {map}: {source}")]
@@ -67,7 +73,10 @@ pub enum MapsError {
 
 impl MapsError {
     pub(crate) fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
-        move |source| MapsError::Map { map, source: Box::new(source) }
+        move |source| MapsError::Map {
+            map,
+            source: Box::new(source),
+        }
     }
 }
 

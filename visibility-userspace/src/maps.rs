@@ -3,9 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{
-    Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key,
-};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::IpNet;
 use visibility_common::{
     config::{ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NodeAddr, PodIface, Settings},
@@ -16,7 +14,11 @@ use visibility_common::{
     verdict::Hook,
 };
 
-use crate::{datapath::PinDir, error::MapsError, net::{addr_bytes, family_of}};
+use crate::{
+    datapath::PinDir,
+    error::MapsError,
+    net::{addr_bytes, family_of},
+};
 
 /// A prefix exempted for a protocol and port (each possibly any).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -53,7 +55,10 @@ where
 
 fn v4_key(net: &IpNet) -> Key<[u8; 4]> {
     let bytes = addr_bytes(&net.network());
-    Key::new(u32::from(net.prefix_len()), [bytes[0], bytes[1], bytes[2], bytes[3]])
+    Key::new(
+        u32::from(net.prefix_len()),
+        [bytes[0], bytes[1], bytes[2], bytes[3]],
+    )
 }
 
 fn v6_key(net: &IpNet) -> Key<[u8; 16]> {
@@ -88,14 +93,21 @@ impl Maps {
     }
 
     pub fn settings(&self) -> Result<Settings, MapsError> {
-        self.settings.get(&0, 0).map_err(MapsError::map(map_names::SETTINGS))
+        self.settings
+            .get(&0, 0)
+            .map_err(MapsError::map(map_names::SETTINGS))
     }
 
     /// Reads, changes and writes back the settings.
-    pub fn update_settings(&mut self, change: impl FnOnce(&mut Settings)) -> Result<Settings, MapsError> {
+    pub fn update_settings(
+        &mut self,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<Settings, MapsError> {
         let mut settings = self.settings()?;
         change(&mut settings);
-        self.settings.set(0, settings, 0).map_err(MapsError::map(map_names::SETTINGS))?;
+        self.settings
+            .set(0, settings, 0)
+            .map_err(MapsError::map(map_names::SETTINGS))?;
         Ok(settings)
     }
 
@@ -149,13 +161,27 @@ impl Maps {
     /// The exemptions as the operator gave them (inherited copies left out).
     pub fn exemptions(&self) -> Vec<Exemption> {
         let mut found = Vec::new();
-        let v4 = self.exempt_v4.iter().filter_map(Result::ok).map(|(k, v)| (Family::V4, k.prefix_len(), k.data().to_vec(), v));
-        let v6 = self.exempt_v6.iter().filter_map(Result::ok).map(|(k, v)| (Family::V6, k.prefix_len(), k.data().to_vec(), v));
+        let v4 = self
+            .exempt_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Family::V4, k.prefix_len(), k.data().to_vec(), v));
+        let v6 = self
+            .exempt_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Family::V6, k.prefix_len(), k.data().to_vec(), v));
         for (family, prefix_len, data, rules) in v4.chain(v6) {
-            let Some(cidr) = net_from_key(family, prefix_len, &data) else { continue };
+            let Some(cidr) = net_from_key(family, prefix_len, &data) else {
+                continue;
+            };
             let len = (rules.len as usize).min(MAX_EXEMPT_RULES);
             for rule in rules.rules[..len].iter().filter(|r| r.inherited == 0) {
-                found.push(Exemption { cidr, protocol: rule.protocol, port: rule.port });
+                found.push(Exemption {
+                    cidr,
+                    protocol: rule.protocol,
+                    port: rule.port,
+                });
             }
         }
         found.sort();
@@ -191,10 +217,16 @@ impl Maps {
         let mut values = Vec::new();
         for (prefix, mut rules) in by_prefix {
             if rules.len() > MAX_EXEMPT_RULES {
-                return Err(MapsError::TooManyExemptRules { prefix: prefix.to_string(), max: MAX_EXEMPT_RULES });
+                return Err(MapsError::TooManyExemptRules {
+                    prefix: prefix.to_string(),
+                    max: MAX_EXEMPT_RULES,
+                });
             }
             rules.sort();
-            let mut value = ExemptRules { len: u32::try_from(rules.len()).expect("at most 8"), ..Default::default() };
+            let mut value = ExemptRules {
+                len: u32::try_from(rules.len()).expect("at most 8"),
+                ..Default::default()
+            };
             value.rules[..rules.len()].copy_from_slice(&rules);
             values.push((prefix, value));
         }
@@ -205,18 +237,36 @@ impl Maps {
                 Family::V4 => self.exempt_v4.insert(&v4_key(prefix), value, 0),
                 Family::V6 => self.exempt_v6.insert(&v6_key(prefix), value, 0),
             }
-            .map_err(|e| full_or(e, map_names::EXEMPT_V4, visibility_common::MAX_EXEMPT_PREFIXES))?;
+            .map_err(|e| {
+                full_or(
+                    e,
+                    map_names::EXEMPT_V4,
+                    visibility_common::MAX_EXEMPT_PREFIXES,
+                )
+            })?;
         }
         let keep: Vec<IpNet> = values.iter().map(|(p, _)| *p).collect();
-        let stale_v4: Vec<_> = self.exempt_v4.keys().filter_map(Result::ok).filter(|k| {
-            net_from_key(Family::V4, k.prefix_len(), &k.data()).is_none_or(|n| !keep.contains(&n))
-        }).collect();
+        let stale_v4: Vec<_> = self
+            .exempt_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                net_from_key(Family::V4, k.prefix_len(), &k.data())
+                    .is_none_or(|n| !keep.contains(&n))
+            })
+            .collect();
         for key in stale_v4 {
             let _ = self.exempt_v4.remove(&key);
         }
-        let stale_v6: Vec<_> = self.exempt_v6.keys().filter_map(Result::ok).filter(|k| {
-            net_from_key(Family::V6, k.prefix_len(), &k.data()).is_none_or(|n| !keep.contains(&n))
-        }).collect();
+        let stale_v6: Vec<_> = self
+            .exempt_v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                net_from_key(Family::V6, k.prefix_len(), &k.data())
+                    .is_none_or(|n| !keep.contains(&n))
+            })
+            .collect();
         for key in stale_v6 {
             let _ = self.exempt_v6.remove(&key);
         }
@@ -230,7 +280,10 @@ impl Maps {
     }
 
     pub fn remove_node_addr(&mut self, addr: &IpAddr) -> Result<bool, MapsError> {
-        absent_is_false(self.node_addrs.remove(&node_addr(addr)), map_names::NODE_ADDRS)
+        absent_is_false(
+            self.node_addrs.remove(&node_addr(addr)),
+            map_names::NODE_ADDRS,
+        )
     }
 
     pub fn node_addrs(&self) -> Vec<IpAddr> {
@@ -249,7 +302,10 @@ impl Maps {
     }
 
     pub fn add_pod_iface(&mut self, ifindex: u32, is_veth: bool) -> Result<(), MapsError> {
-        let value = PodIface { is_veth: u8::from(is_veth), _pad: [0; 3] };
+        let value = PodIface {
+            is_veth: u8::from(is_veth),
+            _pad: [0; 3],
+        };
         self.pod_ifaces
             .insert(ifindex, value, 0)
             .map_err(|e| full_or(e, map_names::POD_IFACES, visibility_common::MAX_POD_IFACES))
@@ -271,11 +327,16 @@ impl Maps {
         for hook in Hook::ALL {
             for counter in Counter::ALL {
                 let index = *hook as u32 * COUNTERS_PER_HOOK + *counter as u32;
-                let per_cpu = self.counters.get(&index, 0).map_err(MapsError::map(map_names::COUNTERS))?;
-                let sum = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
-                });
+                let per_cpu = self
+                    .counters
+                    .get(&index, 0)
+                    .map_err(MapsError::map(map_names::COUNTERS))?;
+                let sum = per_cpu
+                    .iter()
+                    .fold(CounterValue::default(), |acc, v| CounterValue {
+                        packets: acc.packets + v.packets,
+                        bytes: acc.bytes + v.bytes,
+                    });
                 out.push((*hook, *counter, sum));
             }
         }
@@ -299,23 +360,37 @@ fn node_addr(addr: &IpAddr) -> NodeAddr {
         IpAddr::V4(_) => Family::V4,
         IpAddr::V6(_) => Family::V6,
     };
-    NodeAddr { addr: addr_bytes(addr), family: family as u8, _pad: [0; 3] }
+    NodeAddr {
+        addr: addr_bytes(addr),
+        family: family as u8,
+        _pad: [0; 3],
+    }
 }
 
 fn full_or(error: aya::maps::MapError, map: &'static str, max: u32) -> MapsError {
     match &error {
-        aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) || e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+        aya::maps::MapError::SyscallError(e)
+            if e.io_error.raw_os_error() == Some(libc::E2BIG)
+                || e.io_error.raw_os_error() == Some(libc::ENOSPC) =>
+        {
             MapsError::Full { map, max }
         }
         _ => MapsError::map(map)(error),
     }
 }
 
-fn absent_is_false(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<bool, MapsError> {
+fn absent_is_false(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<bool, MapsError> {
     match result {
         Ok(()) => Ok(true),
         Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(MapsError::map(map)(e)),
     }
 }

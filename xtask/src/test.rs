@@ -1,0 +1,53 @@
+//! `cargo xtask test`: every check and test, in the order a failure is cheapest.
+
+use std::{process::Command, time::Instant};
+
+use crate::{run::run, setup};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Skip `cargo xtask setup` (for a machine known to be ready).
+    #[arg(long)]
+    no_setup: bool,
+}
+
+pub fn test(args: &TestArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if !args.no_setup {
+        setup::setup()?;
+    }
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    // Host crates: AYA_BUILD_SKIP keeps clippy from building the eBPF object.
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("AYA_BUILD_SKIP", "1"))?;
+    // The eBPF crate, for its own target.
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "visibility-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
+    run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))?;
+    println!(
+        "xtask test: all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
