@@ -49,6 +49,8 @@ pub mod program_names {
     pub const POD_EGRESS: &str = "pod_egress";
     /// The uplink, ingress: packets that come back from the gateway.
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    /// Benchmark baseline, never attached: parse and Pod CIDR lookup only.
+    pub const BENCH_BASELINE: &str = "bench_baseline";
 }
 
 /// Default number of entries of the flow map; userspace may change it at load time.

@@ -55,6 +55,20 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
     run(&ctx, Hook::Uplink)
 }
 
+/// Benchmark baseline, never attached: parses and looks up the destination's Pod
+/// CIDR, the least any program of this kind must do, so the benchmark can show what
+/// the rest of the datapath costs on top.
+#[classifier]
+pub fn bench_baseline(ctx: TcContext) -> i32 {
+    if let (Ok(packet), Some(settings)) = (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0)) {
+        let lookups = MapLookups { settings };
+        if visibility_common::verdict::Lookups::in_pod_cidrs(&lookups, packet.family, &packet.dst) {
+            return Outcome::pass(Counter::PassNotSameNode).action;
+        }
+    }
+    Outcome::pass(Counter::PassNotIp).action
+}
+
 #[inline(always)]
 fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let packet = match parse(&SkbReader(ctx), ctx.len() as usize) {

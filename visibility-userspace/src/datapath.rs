@@ -28,8 +28,8 @@ use visibility_common::{map_names, program_names};
 
 use crate::error::DatapathError;
 
-/// The eBPF object, built by build.rs.
-static EBPF_OBJECT: &[u8] =
+/// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
+pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
 
 /// The default pin directory.

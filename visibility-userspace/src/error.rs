@@ -92,4 +92,13 @@ pub enum InputError {
     /// A protocol name or number that is not known.
     #[error("{0:?} is not a protocol: use tcp, udp, icmp, icmpv6, sctp or a number 1-255")]
     Protocol(String),
+    /// A flow filter that does not parse.
+    #[error("{0:?} is not a filter: use KEY=VALUE with src, dst, ip, sport, dport, port, proto or path")]
+    Filter(String),
+    /// Removing something that is not there.
+    #[error("{0}")]
+    NotPresent(String),
+    /// An interface that does not exist.
+    #[error("no interface named {0}; `ip link` lists this node's interfaces")]
+    NoInterface(String),
 }

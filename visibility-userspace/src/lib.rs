@@ -1,5 +1,13 @@
 //! The node daemon and operator CLI of intranode visibility.
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod datapath;
+pub mod discovery;
 pub mod error;
+pub mod flows;
+pub mod health;
 pub mod maps;
 pub mod net;
+pub mod node;
+pub mod state;

@@ -1,0 +1,126 @@
+//! `visibility status`: the live maps, plus what the daemon reported.
+
+use std::{path::Path, process::ExitCode};
+
+use serde::Serialize;
+
+use crate::{
+    cli::{CliError, open_maps, output},
+    config::format_exemption,
+    state::{Check, DaemonStatus},
+};
+
+#[derive(Serialize)]
+struct CounterRow {
+    hook: &'static str,
+    counter: &'static str,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    enabled: bool,
+    daemon_running: bool,
+    healthy: bool,
+    daemon: Option<DaemonStatus>,
+    pod_cidrs: Vec<String>,
+    exempt: Vec<String>,
+    counters: Vec<CounterRow>,
+    flow_map_capacity: u32,
+}
+
+/// Prints the status; the exit code is non-zero when the daemon is not running or a
+/// health check fails.
+pub fn status(pin_dir: &Path, json: bool) -> Result<ExitCode, CliError> {
+    let maps = open_maps(pin_dir)?;
+    let settings = maps.settings()?;
+    let daemon = DaemonStatus::read_live(pin_dir);
+    let counters = maps
+        .counters()?
+        .into_iter()
+        .map(|(hook, counter, value)| CounterRow { hook: hook.name(), counter: counter.name(), packets: value.packets, bytes: value.bytes })
+        .collect();
+    let status = Status {
+        enabled: settings.enabled != 0,
+        daemon_running: daemon.is_some(),
+        healthy: daemon.as_ref().is_some_and(DaemonStatus::healthy),
+        pod_cidrs: maps.pod_cidrs().iter().map(ToString::to_string).collect(),
+        exempt: maps.exemptions().iter().map(format_exemption).collect(),
+        counters,
+        flow_map_capacity: maps.flow_capacity(),
+        daemon,
+    };
+    if json {
+        output::json(&status)?;
+    } else {
+        print_text(&status);
+    }
+    Ok(if status.healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_text(status: &Status) {
+    println!("Visibility:     {}", if status.enabled { "on" } else { "off" });
+    match &status.daemon {
+        Some(d) => println!(
+            "Daemon:         running (pid {}, node {}, {} datapath, {} attach, since {})",
+            d.pid, d.node_name, d.origin, d.attach_mode, d.started_at
+        ),
+        None => println!("Daemon:         NOT RUNNING: the datapath keeps its last state; start `visibility daemon`"),
+    }
+    if let Some(d) = &status.daemon {
+        for u in &d.uplinks {
+            println!(
+                "Uplink ({}):    {} (ifindex {}, {}), gateway {} at {}, return program {}",
+                u.family,
+                u.uplink,
+                u.ifindex,
+                if u.up { "up" } else { "DOWN" },
+                u.gateway,
+                u.gateway_mac.as_deref().unwrap_or("(unresolved)"),
+                if u.attached { "attached" } else { "NOT attached" },
+            );
+        }
+    }
+    println!("Pod CIDRs:      {}", list_or_none(&status.pod_cidrs));
+    println!("Exempt:         {}", list_or_none(&status.exempt));
+    println!("Flow map:       {} entries at most", status.flow_map_capacity);
+    if let Some(d) = &status.daemon {
+        println!("\nPod interfaces ({}):", d.pod_interfaces.len());
+        let rows: Vec<Vec<String>> = d
+            .pod_interfaces
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.ifindex.to_string(),
+                    p.reason.clone(),
+                    if p.attached { "yes".into() } else { format!("NO {}", p.error.clone().unwrap_or_default()) },
+                ]
+            })
+            .collect();
+        println!("{}", indent(&output::table(&["INTERFACE", "IFINDEX", "FOUND BY", "ATTACHED"], &rows)));
+    }
+    let rows: Vec<Vec<String>> = status
+        .counters
+        .iter()
+        .filter(|c| c.packets > 0)
+        .map(|c| vec![c.hook.to_owned(), c.counter.to_owned(), c.packets.to_string(), c.bytes.to_string()])
+        .collect();
+    println!("\nCounters (non-zero; --json shows all):");
+    println!("{}", indent(&output::table(&["HOOK", "COUNTER", "PACKETS", "BYTES"], &rows)));
+    if let Some(d) = &status.daemon {
+        println!("\nHealth:");
+        for Check { name, ok, detail } in &d.checks {
+            println!("  {} {name}: {detail}", if *ok { "ok  " } else { "FAIL" });
+        }
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() { "(none)".to_owned() } else { items.join(", ") }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}

@@ -1,0 +1,109 @@
+//! The node daemon: loads or adopts the datapath, keeps every Pod interface attached
+//! as Pods come and go (netlink events, with a slow reconcile as a safety net), keeps
+//! the maps in line with the node, and reports health.
+
+mod reconcile;
+
+use std::{path::PathBuf, time::Duration};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+pub use self::reconcile::Reconciler;
+use crate::{
+    config::NodeConfig,
+    datapath::{Datapath, LoadOptions, Origin},
+    error::{DatapathError, MapsError},
+    maps::Maps,
+    node::NodeError,
+    state::DaemonStatus,
+};
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// How soon after a netlink event the node is re-read: events come in bursts (a new
+/// Pod brings a link, addresses and routes), and one reconcile serves them all.
+const DEBOUNCE: Duration = Duration::from_millis(10);
+/// How often the programs' log records are forwarded.
+const LOG_FLUSH: Duration = Duration::from_millis(250);
+
+/// Runs until SIGTERM or SIGINT. The datapath stays loaded and attached after the
+/// daemon exits; a restarted daemon adopts it.
+pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError> {
+    let (mut datapath, origin) =
+        Datapath::open(&pin_dir, &LoadOptions { flow_capacity: config.flow_capacity })?;
+    let mut maps = Maps::open(datapath.pins())?;
+    seed_maps(&mut maps, &config, origin)?;
+    info!(
+        pin_dir = %pin_dir.display(),
+        origin = ?origin,
+        attach_mode = datapath.mode().name(),
+        "datapath ready"
+    );
+
+    let handle = crate::node::connect()?;
+    let mut events = crate::node::subscribe()?;
+    let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin);
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(config.reconcile_interval_secs));
+    let mut log_flush = tokio::time::interval(LOG_FLUSH);
+
+    loop {
+        tokio::select! {
+            _ = tick.tick() => reconciler.reconcile(&handle, &mut datapath, &mut maps).await,
+            Some(()) = events.recv() => {
+                // Let the rest of the burst arrive, then drain it.
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {}
+                reconciler.reconcile(&handle, &mut datapath, &mut maps).await;
+            }
+            _ = log_flush.tick() => datapath.flush_logs(),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    datapath.flush_logs();
+    DaemonStatus::remove(&pin_dir);
+    info!("stopping; the datapath stays attached and the next daemon adopts it");
+    Ok(())
+}
+
+/// Puts the configuration into the maps. On a fresh load it sets everything; when
+/// adopting, the maps are the truth (CLI changes survive restarts) and the
+/// configuration only adds what they lack.
+fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(), MapsError> {
+    if origin == Origin::Loaded {
+        maps.update_settings(|settings| {
+            settings.enabled = u8::from(config.enabled);
+            settings.masquerade_mark = visibility_common::config::KUBE_PROXY_MASQUERADE_MARK;
+        })?;
+    }
+    for cidr in &config.pod_cidrs {
+        maps.add_pod_cidr(cidr)?;
+    }
+    let mut exemptions = maps.exemptions();
+    let before = exemptions.len();
+    exemptions.extend(config.exemptions.iter().copied());
+    exemptions.sort();
+    exemptions.dedup();
+    if exemptions.len() != before || origin == Origin::Loaded {
+        maps.set_exemptions(&exemptions)?;
+    }
+    if maps.pod_cidrs().is_empty() {
+        warn!("no Pod CIDRs: nothing will be redirected until one is added (--pod-cidr, or `visibility pod-cidr add`)");
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! One pass of "make the node as it should be": attachments, maps, status.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use rtnetlink::Handle;
+use tracing::{info, warn};
+use visibility_common::{config::Gateway, packet::Family};
+
+use crate::{
+    config::NodeConfig,
+    datapath::{Datapath, Origin, ProgramKind},
+    discovery::{self, PodInterface, Uplink},
+    health,
+    maps::Maps,
+    net::addr_bytes,
+    node::NodeView,
+    state::{Check, DaemonStatus, PodInterfaceState, UplinkState},
+};
+
+/// Keeps what one reconcile needs from the last: when the daemon started, the last
+/// attach errors, and the checks (to log only changes).
+pub struct Reconciler {
+    pin_dir: PathBuf,
+    config: NodeConfig,
+    origin: Origin,
+    glob: Option<globset::GlobMatcher>,
+    started_at: String,
+    attach_errors: BTreeMap<u32, String>,
+    last_checks: Vec<Check>,
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl Reconciler {
+    pub fn new(pin_dir: PathBuf, config: NodeConfig, origin: Origin) -> Self {
+        let glob = config
+            .pod_interfaces
+            .as_deref()
+            .and_then(|g| globset::Glob::new(g).ok())
+            .map(|g| g.compile_matcher());
+        Self {
+            pin_dir,
+            config,
+            origin,
+            glob,
+            started_at: now_rfc3339(),
+            attach_errors: BTreeMap::new(),
+            last_checks: Vec::new(),
+        }
+    }
+
+    /// Reads the node and brings attachments, maps and the status file in line.
+    /// Failures are logged and retried on the next pass; they never stop the daemon.
+    pub async fn reconcile(&mut self, handle: &Handle, datapath: &mut Datapath, maps: &mut Maps) {
+        let view = match NodeView::read(handle).await {
+            Ok(view) => view,
+            Err(error) => {
+                warn!(%error, "reading the node");
+                return;
+            }
+        };
+        let uplinks = self.sync_uplinks(&view, maps);
+        self.sync_node_addrs(&view, maps);
+        let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
+        let pods = discovery::pod_interfaces(&view, &maps.pod_cidrs(), self.glob.as_ref(), &uplink_indexes);
+        self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
+        sync_pod_ifaces(maps, &pods);
+        let status = self.status(&view, datapath, maps, &uplinks, &pods);
+        self.log_check_changes(&status.checks);
+        if let Err(error) = status.write(&self.pin_dir) {
+            warn!(%error, "writing the status file");
+        }
+    }
+
+    fn sync_uplinks(&self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
+        let mut found = Vec::new();
+        let Ok(settings) = maps.settings() else { return found };
+        for (family, configured) in [(Family::V4, self.config.gateway_v4), (Family::V6, self.config.gateway_v6)] {
+            let wanted = match discovery::uplink(view, family, self.config.uplink.as_deref(), configured) {
+                Ok(uplink) => {
+                    let gateway = Gateway { ifindex: uplink.ifindex, addr: addr_bytes(&uplink.gateway) };
+                    found.push(uplink);
+                    gateway
+                }
+                Err(_) => Gateway::default(),
+            };
+            if *settings.gateway(family) != wanted {
+                info!(family = family_name(family), ifindex = wanted.ifindex, "gateway changed");
+                if let Err(error) = maps.set_gateway(family, wanted) {
+                    warn!(%error, "setting the gateway");
+                }
+            }
+        }
+        found
+    }
+
+    fn sync_node_addrs(&self, view: &NodeView, maps: &mut Maps) {
+        let wanted = view.node_addresses();
+        let current = maps.node_addrs();
+        for addr in wanted.iter().filter(|a| !current.contains(a)) {
+            if let Err(error) = maps.add_node_addr(addr) {
+                warn!(%addr, %error, "adding a node address");
+            }
+        }
+        for addr in current.iter().filter(|a| !wanted.contains(a)) {
+            let _ = maps.remove_node_addr(addr);
+        }
+    }
+
+    fn sync_attachments(&mut self, view: &NodeView, datapath: &mut Datapath, pods: &[PodInterface], uplinks: &[u32]) {
+        let mut wanted: Vec<(u32, ProgramKind)> = Vec::new();
+        for pod in pods {
+            wanted.extend(ProgramKind::POD.iter().map(|kind| (pod.ifindex, *kind)));
+        }
+        wanted.extend(uplinks.iter().map(|ifindex| (*ifindex, ProgramKind::UplinkIngress)));
+        for (ifindex, kind) in datapath.attachments() {
+            if !wanted.contains(&(ifindex, kind)) {
+                let name = view.interface(ifindex).map(|i| i.name.clone());
+                match datapath.detach(name.as_deref(), ifindex, kind) {
+                    Ok(()) => info!(ifindex, interface = name.as_deref().unwrap_or("(gone)"), program = kind.name(), "detached"),
+                    Err(error) => warn!(ifindex, %error, "detaching"),
+                }
+            }
+        }
+        self.attach_errors.retain(|ifindex, _| wanted.iter().any(|(i, _)| i == ifindex));
+        for (ifindex, kind) in wanted {
+            if datapath.is_attached(ifindex, kind) {
+                continue;
+            }
+            let Some(name) = view.interface(ifindex).map(|i| i.name.clone()) else { continue };
+            match datapath.attach(&name, ifindex, kind) {
+                Ok(()) => {
+                    self.attach_errors.remove(&ifindex);
+                    info!(interface = %name, ifindex, program = kind.name(), mode = datapath.mode().name(), "attached");
+                }
+                Err(error) => {
+                    warn!(interface = %name, ifindex, program = kind.name(), %error, "attach failed");
+                    self.attach_errors.insert(ifindex, error.to_string());
+                }
+            }
+        }
+    }
+
+    fn status(&self, view: &NodeView, datapath: &Datapath, maps: &Maps, uplinks: &[Uplink], pods: &[PodInterface]) -> DaemonStatus {
+        let mut checks = Vec::new();
+        let mut uplink_states = Vec::new();
+        for uplink in uplinks {
+            let family = family_name(uplink.family);
+            let neighbour = view.neighbour(uplink.ifindex, &uplink.gateway);
+            let up = view.interface(uplink.ifindex).is_some_and(|i| i.up);
+            checks.push(health::gateway_neighbour(family, uplink.gateway, neighbour));
+            checks.push(health::uplink_up(family, &uplink.name, up));
+            uplink_states.push(UplinkState {
+                family: family.to_owned(),
+                uplink: uplink.name.clone(),
+                ifindex: uplink.ifindex,
+                up,
+                gateway: uplink.gateway.to_string(),
+                gateway_mac: neighbour.filter(|n| n.is_resolved()).and_then(|n| n.mac.as_ref()).map(format_mac),
+                attached: datapath.is_attached(uplink.ifindex, ProgramKind::UplinkIngress),
+            });
+        }
+        let pod_states: Vec<PodInterfaceState> = pods
+            .iter()
+            .map(|pod| PodInterfaceState {
+                name: pod.name.clone(),
+                ifindex: pod.ifindex,
+                reason: pod.reason.name().to_owned(),
+                attached: ProgramKind::POD.iter().all(|kind| datapath.is_attached(pod.ifindex, *kind)),
+                error: self.attach_errors.get(&pod.ifindex).cloned(),
+            })
+            .collect();
+        let unattached: Vec<String> = pod_states.iter().filter(|p| !p.attached).map(|p| p.name.clone()).collect();
+        checks.push(health::pod_interfaces_attached(&unattached));
+        if let Some(v4) = uplink_states.iter().find(|u| u.family == "v4") {
+            checks.push(health::rp_filter(&v4.uplink, v4.attached));
+        }
+        checks.push(health::masquerade(&maps.pod_cidrs()));
+        DaemonStatus {
+            pid: std::process::id(),
+            node_name: self.config.node_name.clone(),
+            started_at: self.started_at.clone(),
+            updated_at: now_rfc3339(),
+            origin: match self.origin {
+                Origin::Loaded => "loaded",
+                Origin::Adopted => "adopted",
+            }
+            .to_owned(),
+            attach_mode: datapath.mode().name().to_owned(),
+            uplinks: uplink_states,
+            pod_interfaces: pod_states,
+            checks,
+        }
+    }
+
+    /// Logs each check once when it changes, not on every pass.
+    fn log_check_changes(&mut self, checks: &[Check]) {
+        for check in checks {
+            if self.last_checks.iter().any(|c| c == check) {
+                continue;
+            }
+            if check.ok {
+                info!(check = %check.name, detail = %check.detail, "health check ok");
+            } else {
+                warn!(check = %check.name, detail = %check.detail, "health check failing");
+            }
+        }
+        self.last_checks = checks.to_vec();
+    }
+}
+
+fn sync_pod_ifaces(maps: &mut Maps, pods: &[PodInterface]) {
+    let current = maps.pod_ifaces();
+    for pod in pods.iter().filter(|p| !current.contains(&p.ifindex)) {
+        if let Err(error) = maps.add_pod_iface(pod.ifindex, pod.is_veth) {
+            warn!(ifindex = pod.ifindex, %error, "registering a Pod interface");
+        }
+    }
+    for ifindex in current.iter().filter(|i| !pods.iter().any(|p| p.ifindex == **i)) {
+        let _ = maps.remove_pod_iface(*ifindex);
+    }
+}

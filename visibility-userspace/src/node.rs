@@ -1,0 +1,290 @@
+//! What the node looks like, from netlink: interfaces, routes, addresses and
+//! neighbours. The daemon takes a fresh snapshot whenever netlink says something
+//! changed, and compares it with what it wants.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use visibility_common::packet::Family;
+
+/// The kernel's main routing table.
+const RT_TABLE_MAIN: u32 = 254;
+
+/// Netlink failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The netlink socket could not be opened.
+    #[error("opening a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    /// A netlink request failed.
+    #[error("netlink {what}: {source}")]
+    Request {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+fn request(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> NodeError {
+    move |source| NodeError::Request { what, source }
+}
+
+/// One network interface.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+    /// The link kind (`veth`, `bridge`, ...), empty for plain devices.
+    pub kind: String,
+    /// The bridge or bond it is enslaved to.
+    pub master: Option<u32>,
+    /// Administratively up and with carrier.
+    pub up: bool,
+    #[serde(skip)]
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Interface {
+    pub fn is_veth(&self) -> bool {
+        self.kind == "veth"
+    }
+}
+
+/// One route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+/// A neighbour entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighbourState,
+}
+
+impl Neighbour {
+    /// Whether the kernel has a usable MAC for it.
+    pub fn is_resolved(&self) -> bool {
+        self.mac.is_some()
+            && matches!(
+                self.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            )
+    }
+}
+
+/// A snapshot of the node's network configuration.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub interfaces: BTreeMap<u32, Interface>,
+    pub routes: Vec<Route>,
+    /// Every address on every interface, with the interface.
+    pub addresses: Vec<(u32, IpAddr)>,
+    pub neighbours: Vec<Neighbour>,
+}
+
+fn mac(bytes: &[u8]) -> Option<[u8; 6]> {
+    <[u8; 6]>::try_from(bytes).ok()
+}
+
+fn interface(message: &LinkMessage) -> Interface {
+    let mut iface = Interface {
+        index: message.header.index,
+        name: String::new(),
+        kind: String::new(),
+        master: None,
+        up: message.header.flags.contains(LinkFlags::Up) && message.header.flags.contains(LinkFlags::LowerUp),
+        mac: None,
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => iface.name = name.clone(),
+            LinkAttribute::Controller(master) => iface.master = Some(*master),
+            LinkAttribute::Address(bytes) => iface.mac = mac(bytes),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        iface.kind = match kind {
+                            InfoKind::Veth => "veth".to_owned(),
+                            InfoKind::Bridge => "bridge".to_owned(),
+                            other => format!("{other:?}").to_lowercase(),
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    iface
+}
+
+fn route_addr(addr: &RouteAddress) -> Option<IpAddr> {
+    match addr {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn route(message: &RouteMessage, family: Family) -> Option<Route> {
+    let mut table = u32::from(message.header.table);
+    let mut destination = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(addr) => destination = route_addr(addr),
+            RouteAttribute::Gateway(addr) => gateway = route_addr(addr),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    let unspecified = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let destination = IpNet::new(destination.unwrap_or(unspecified), message.header.destination_prefix_length).ok()?;
+    Some(Route { destination, gateway, oif })
+}
+
+impl NodeView {
+    /// Reads the current state through `handle`.
+    pub async fn read(handle: &Handle) -> Result<Self, NodeError> {
+        let mut view = NodeView::default();
+        let mut links = handle.link().get().execute();
+        while let Some(message) = links.try_next().await.map_err(request("listing links"))? {
+            let iface = interface(&message);
+            view.interfaces.insert(iface.index, iface);
+        }
+        for (family, builder) in [
+            (Family::V4, RouteMessageBuilder::<Ipv4Addr>::new().build()),
+            (Family::V6, RouteMessageBuilder::<Ipv6Addr>::new().build()),
+        ] {
+            let mut routes = handle.route().get(builder).execute();
+            while let Some(message) = routes.try_next().await.map_err(request("listing routes"))? {
+                view.routes.extend(route(&message, family));
+            }
+        }
+        let mut addresses = handle.address().get().execute();
+        while let Some(message) = addresses.try_next().await.map_err(request("listing addresses"))? {
+            for attribute in &message.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(addr) = attribute {
+                    view.addresses.push((message.header.index, *addr));
+                }
+            }
+        }
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut neighbours = handle.neighbours().get().set_address_family(family).execute();
+            while let Some(message) = neighbours.try_next().await.map_err(request("listing neighbours"))? {
+                let mut addr = None;
+                let mut lladdr = None;
+                for attribute in &message.attributes {
+                    match attribute {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => addr = Some(IpAddr::V4(*v4)),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => addr = Some(IpAddr::V6(*v6)),
+                        NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = mac(bytes),
+                        _ => {}
+                    }
+                }
+                if let Some(addr) = addr {
+                    view.neighbours.push(Neighbour {
+                        ifindex: message.header.ifindex,
+                        addr,
+                        mac: lladdr,
+                        state: message.header.state,
+                    });
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    pub fn interface(&self, index: u32) -> Option<&Interface> {
+        self.interfaces.get(&index)
+    }
+
+    pub fn interface_by_name(&self, name: &str) -> Option<&Interface> {
+        self.interfaces.values().find(|i| i.name == name)
+    }
+
+    /// The default route of a family: (uplink ifindex, gateway).
+    pub fn default_route(&self, family: Family) -> Option<(u32, IpAddr)> {
+        self.routes
+            .iter()
+            .filter(|r| r.destination.prefix_len() == 0 && crate::net::family_of(&r.destination) == family)
+            .find_map(|r| Some((r.oif?, r.gateway?)))
+    }
+
+    /// The neighbour entry for an address on an interface.
+    pub fn neighbour(&self, ifindex: u32, addr: &IpAddr) -> Option<&Neighbour> {
+        self.neighbours.iter().find(|n| n.ifindex == ifindex && n.addr == *addr)
+    }
+
+    /// Every address the node owns.
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
+        let mut addrs: Vec<IpAddr> = self.addresses.iter().map(|(_, a)| *a).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+}
+
+/// Opens a netlink connection and runs it on the current tokio runtime.
+pub fn connect() -> Result<Handle, NodeError> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+/// A stream of "something changed" notices: links, addresses and routes of both
+/// families. The daemon re-reads the node on each (debounced).
+pub fn subscribe() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError> {
+    use futures::StreamExt as _;
+    use netlink_sys::AsyncSocket as _;
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH,
+    };
+    let (mut connection, _, mut messages) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
+    let groups =
+        RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE | RTMGRP_NEIGH;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(0, groups))
+        .map_err(NodeError::Connect)?;
+    tokio::spawn(connection);
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            if sender.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(receiver)
+}
