@@ -43,6 +43,8 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The daemon and CLI tests run the real binary.
+    run(Command::new("cargo").args(["build", "-p", "visibility-userspace", "--bins"]))?;
     // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
     run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))?;
     println!(

@@ -13,7 +13,7 @@ pub use self::reconcile::Reconciler;
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, LoadOptions, Origin},
-    error::{DatapathError, MapsError},
+    error::{DatapathError, InputError, MapsError},
     maps::Maps,
     node::NodeError,
     state::DaemonStatus,
@@ -28,6 +28,8 @@ pub enum DaemonError {
     Maps(#[from] MapsError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Input(#[from] InputError),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -42,6 +44,12 @@ const LOG_FLUSH: Duration = Duration::from_millis(250);
 /// Runs until SIGTERM or SIGINT. The datapath stays loaded and attached after the
 /// daemon exits; a restarted daemon adopts it.
 pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError> {
+    // Bad input fails before anything on the node changes.
+    if let Some(uplink) = &config.uplink
+        && nix::net::if_::if_nametoindex(uplink.as_str()).is_err()
+    {
+        return Err(DaemonError::Input(InputError::NoInterface(uplink.clone())));
+    }
     let (mut datapath, origin) =
         Datapath::open(&pin_dir, &LoadOptions { flow_capacity: config.flow_capacity })?;
     let mut maps = Maps::open(datapath.pins())?;
