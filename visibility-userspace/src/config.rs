@@ -42,6 +42,11 @@ impl Layer {
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
     }
 
+    /// Reads TOML text (a ConfigMap's value).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: "(text)".into(), source: Box::new(source) })
+    }
+
     /// Reads `VISIBILITY_*` variables. Lists are separated by spaces or semicolons
     /// (commas belong to exempt rules).
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {

@@ -20,7 +20,7 @@ struct Cli {
 enum Task {
     /// Make this machine ready: nightly rust-src, bpf-linker, and the Debian tools the
     /// tests use. Idempotent: a second run only checks.
-    Setup,
+    Setup(setup::SetupArgs),
     /// Run every check and test: setup, rustfmt, clippy (host crates and the eBPF
     /// crate), unit tests, and the kernel tests (needs root).
     Test(test::TestArgs),
@@ -28,7 +28,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::setup(),
+        Task::Setup(args) => setup::setup(&args),
         Task::Test(args) => test::test(&args),
     }
 }

@@ -17,15 +17,25 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool, to check the metrics endpoint"),
     ("qemu-system-x86", "VM kernel tests"),
     ("busybox-static", "the VM tests' initramfs"),
+    ("iptables", "kube-proxy-style Service rules and the masquerade health check"),
 ];
 
 const NIGHTLY: &str = "nightly";
 
-pub fn setup() -> anyhow::Result<()> {
+#[derive(clap::Args, Default)]
+pub struct SetupArgs {
+    /// Only the Rust side (rust-src, bpf-linker): for image builds, which need no test tools.
+    #[arg(long)]
+    no_debian_packages: bool,
+}
+
+pub fn setup(args: &SetupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     rust_src()?;
     bpf_linker()?;
-    debian_packages()?;
+    if !args.no_debian_packages {
+        debian_packages()?;
+    }
     println!("setup: ready in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -14,7 +14,7 @@ pub struct TestArgs {
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     if !args.no_setup {
-        setup::setup()?;
+        setup::setup(&setup::SetupArgs::default())?;
     }
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     // Host crates: AYA_BUILD_SKIP keeps clippy from building the eBPF object.

@@ -1,0 +1,73 @@
+//! The deployment manifests: the fields that matter for running the daemon safely.
+//! Needs no root.
+
+use serde_yaml_ng::Value;
+
+fn documents() -> Vec<Value> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml")).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text).map(|doc| serde::Deserialize::deserialize(doc).unwrap()).collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_sequence().map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+#[test]
+fn the_daemonset_runs_on_the_host_network_with_only_the_capabilities_it_needs() {
+    let docs = documents();
+    let pod = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(strings(&container["args"])[0], "daemon");
+    let security = &container["securityContext"];
+    assert_eq!(security["privileged"], false);
+    assert_eq!(strings(&security["capabilities"]["drop"]), vec!["ALL"]);
+    let mut added = strings(&security["capabilities"]["add"]);
+    added.sort();
+    assert_eq!(added, vec!["BPF", "NET_ADMIN", "PERFMON"]);
+}
+
+#[test]
+fn bpffs_run_and_the_config_are_mounted_and_node_name_comes_from_the_downward_api() {
+    let docs = documents();
+    let pod = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mounts: Vec<(String, String)> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["mountPath"].as_str().unwrap().to_owned()))
+        .collect();
+    for path in ["/sys/fs/bpf", "/run/visibility", "/etc/visibility"] {
+        assert!(mounts.iter().any(|(_, p)| p == path), "{path} not mounted: {mounts:?}");
+    }
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    let host_path = |name: &str| volumes.iter().find(|v| v["name"] == name).map(|v| v["hostPath"]["path"].clone());
+    let bpffs = mounts.iter().find(|(_, p)| p == "/sys/fs/bpf").unwrap();
+    assert_eq!(host_path(&bpffs.0), Some(Value::from("/sys/fs/bpf")));
+    let node_name = container["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap();
+    assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let config_volume = volumes.iter().find(|v| v["name"] == "config").unwrap();
+    assert_eq!(config_volume["configMap"]["name"], kind(&docs, "ConfigMap")["metadata"]["name"]);
+}
+
+#[test]
+fn the_configmap_is_a_valid_daemon_config() {
+    let docs = documents();
+    let text = kind(&docs, "ConfigMap")["data"]["config.toml"].as_str().unwrap();
+    let layer = visibility::config::Layer::from_toml(text).unwrap();
+    let config = visibility::config::NodeConfig::resolve(layer).unwrap();
+    assert!(!config.pod_cidrs.is_empty());
+    assert!(!config.exemptions.is_empty());
+}
+
+#[test]
+fn the_containerfile_builds_the_visibility_binary() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/Containerfile")).unwrap();
+    assert!(text.contains("cargo build --release -p visibility-userspace --bin visibility"));
+    assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/visibility\"]"));
+}
