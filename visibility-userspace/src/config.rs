@@ -2,12 +2,16 @@
 //! command-line flags, then `VISIBILITY_*` environment variables, each overriding
 //! the one before.
 
-use std::{net::IpAddr, path::PathBuf, str::FromStr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{error::InputError, maps::Exemption};
+use crate::{error::InputError, flows::records::{SinkSpec, parse_interval}, maps::Exemption};
 
 /// Everything the daemon can be told. Every field is optional so that layers only
 /// override what they set. The same keys serve the file, the flags and the
@@ -33,6 +37,16 @@ pub struct Layer {
     pub reconcile_interval: Option<u64>,
     /// Node name, shown in records and status (a DaemonSet sets it from the downward API).
     pub node_name: Option<String>,
+    /// Where flow records go: `stdout`, `off`, or a file path (rotated by size).
+    pub records: Option<String>,
+    /// Aggregation interval of flow records: 5s, 30s, 1m, 5m, 10m or 15m.
+    pub records_interval: Option<String>,
+    /// Size at which the record file rotates, in bytes.
+    pub records_max_bytes: Option<u64>,
+    /// Rotated record files kept.
+    pub records_keep: Option<u32>,
+    /// Address of the Prometheus endpoint, or `off`.
+    pub metrics_addr: Option<String>,
 }
 
 impl Layer {
@@ -67,6 +81,11 @@ impl Layer {
                     layer.reconcile_interval = Some(value.parse().map_err(|_| bad("expected seconds"))?)
                 }
                 "NODE_NAME" => layer.node_name = Some(value.clone()),
+                "RECORDS" => layer.records = Some(value.clone()),
+                "RECORDS_INTERVAL" => layer.records_interval = Some(value.clone()),
+                "RECORDS_MAX_BYTES" => layer.records_max_bytes = Some(value.parse().map_err(|_| bad("expected bytes"))?),
+                "RECORDS_KEEP" => layer.records_keep = Some(value.parse().map_err(|_| bad("expected a number"))?),
+                "METRICS_ADDR" => layer.metrics_addr = Some(value.clone()),
                 // Variables read elsewhere (VISIBILITY_LOG, VISIBILITY_PIN_DIR by clap) or by
                 // other tools are not ours to reject.
                 _ => {}
@@ -87,6 +106,11 @@ impl Layer {
             flow_capacity: other.flow_capacity.or(self.flow_capacity),
             reconcile_interval: other.reconcile_interval.or(self.reconcile_interval),
             node_name: other.node_name.or(self.node_name),
+            records: other.records.or(self.records),
+            records_interval: other.records_interval.or(self.records_interval),
+            records_max_bytes: other.records_max_bytes.or(self.records_max_bytes),
+            records_keep: other.records_keep.or(self.records_keep),
+            metrics_addr: other.metrics_addr.or(self.metrics_addr),
         }
     }
 }
@@ -132,7 +156,14 @@ pub struct NodeConfig {
     pub flow_capacity: u32,
     pub reconcile_interval_secs: u64,
     pub node_name: String,
+    #[serde(skip)]
+    pub records: SinkSpec,
+    pub records_interval_secs: u64,
+    pub metrics_addr: Option<SocketAddr>,
 }
+
+/// The default Prometheus endpoint: localhost only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9476";
 
 /// Parses `10.52.0.0/24` or a bare address (as a /32 or /128).
 pub fn parse_cidr(text: &str) -> Result<IpNet, InputError> {
@@ -233,7 +264,29 @@ impl NodeConfig {
         if flow_capacity == 0 {
             return Err(ConfigError::Invalid("flow-capacity must be at least 1".to_owned()));
         }
+        let records = match layer.records.as_deref() {
+            None | Some("stdout") => SinkSpec::Stdout,
+            Some("off") => SinkSpec::Off,
+            Some(path) => SinkSpec::File {
+                path: PathBuf::from(path),
+                max_bytes: layer.records_max_bytes.unwrap_or(100 << 20),
+                keep: layer.records_keep.unwrap_or(5),
+            },
+        };
+        let interval = layer.records_interval.as_deref().unwrap_or("5s");
+        let records_interval_secs = parse_interval(interval)
+            .ok_or_else(|| ConfigError::Invalid(format!("records-interval {interval:?}: use 5s, 30s, 1m, 5m, 10m or 15m")))?
+            .as_secs();
+        let metrics_addr = match layer.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR) {
+            "off" => None,
+            text => Some(SocketAddr::from_str(text).map_err(|_| {
+                ConfigError::Invalid(format!("metrics-addr {text:?} is not an address such as 127.0.0.1:9476 (or off)"))
+            })?),
+        };
         Ok(Self {
+            records,
+            records_interval_secs,
+            metrics_addr,
             pod_cidrs,
             uplink: layer.uplink,
             gateway_v4,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod flows;
 pub mod health;
 pub mod maps;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod state;

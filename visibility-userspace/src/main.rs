@@ -134,6 +134,21 @@ struct DaemonArgs {
     /// This node's name (a DaemonSet passes NODE_NAME from the downward API).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Where flow records go: stdout, off, or a file (JSON lines, rotated by size).
+    #[arg(long, value_name = "stdout|off|PATH")]
+    records: Option<String>,
+    /// Flow record aggregation interval: 5s, 30s, 1m, 5m, 10m or 15m (default 5s).
+    #[arg(long, value_name = "INTERVAL")]
+    records_interval: Option<String>,
+    /// Rotate the record file at this many bytes (default 100 MiB).
+    #[arg(long, value_name = "BYTES")]
+    records_max_bytes: Option<u64>,
+    /// Rotated record files to keep (default 5).
+    #[arg(long, value_name = "N")]
+    records_keep: Option<u32>,
+    /// Prometheus endpoint address, or off (default 127.0.0.1:9476).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 impl DaemonArgs {
@@ -149,6 +164,11 @@ impl DaemonArgs {
             flow_capacity: self.flow_capacity,
             reconcile_interval: self.reconcile_interval,
             node_name: self.node_name.clone(),
+            records: self.records.clone(),
+            records_interval: self.records_interval.clone(),
+            records_max_bytes: self.records_max_bytes,
+            records_keep: self.records_keep,
+            metrics_addr: self.metrics_addr.clone(),
         }
     }
 }

@@ -57,6 +57,17 @@ pub struct UplinkState {
     pub attached: bool,
 }
 
+/// Flow record counts since the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordCounts {
+    pub emitted: u64,
+    /// Dropped because the sink was slow or full.
+    pub dropped: u64,
+    /// Flows the LRU evicted between two reads.
+    pub evictions: u64,
+    pub active_flows: u64,
+}
+
 /// The status file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStatus {
@@ -72,6 +83,7 @@ pub struct DaemonStatus {
     pub uplinks: Vec<UplinkState>,
     pub pod_interfaces: Vec<PodInterfaceState>,
     pub checks: Vec<Check>,
+    pub records: RecordCounts,
 }
 
 impl DaemonStatus {

@@ -86,6 +86,11 @@ fn print_text(status: &Status) {
     println!("Exempt:         {}", list_or_none(&status.exempt));
     println!("Flow map:       {} entries at most", status.flow_map_capacity);
     if let Some(d) = &status.daemon {
+        let r = &d.records;
+        println!(
+            "Flow records:   {} emitted, {} dropped (slow or full sink), {} flows evicted, {} active",
+            r.emitted, r.dropped, r.evictions, r.active_flows
+        );
         println!("\nPod interfaces ({}):", d.pod_interfaces.len());
         let rows: Vec<Vec<String>> = d
             .pod_interfaces

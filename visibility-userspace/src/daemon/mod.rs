@@ -4,7 +4,7 @@
 
 mod reconcile;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -14,7 +14,9 @@ use crate::{
     config::NodeConfig,
     datapath::{Datapath, LoadOptions, Origin},
     error::{DatapathError, InputError, MapsError},
+    flows::records::{Sink, spawn_reader},
     maps::Maps,
+    metrics::Shared,
     node::NodeError,
     state::DaemonStatus,
 };
@@ -30,6 +32,12 @@ pub enum DaemonError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Input(#[from] InputError),
+    /// The metrics endpoint could not start (address in use?).
+    #[error("serving metrics: {0}; pass another --metrics-addr, or off")]
+    Metrics(#[source] std::io::Error),
+    /// The flow record sink could not start.
+    #[error("starting flow records: {0}")]
+    Records(#[source] std::io::Error),
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -61,9 +69,24 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
         "datapath ready"
     );
 
+    let shared = Arc::new(Shared::default());
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::metrics::serve(addr, datapath.pins().clone(), shared.clone()).map_err(DaemonError::Metrics)?;
+        info!(%bound, "serving Prometheus metrics on /metrics");
+    }
+    let sink = Sink::start(config.records.clone(), shared.records.clone()).map_err(DaemonError::Records)?;
+    spawn_reader(
+        datapath.pins().clone(),
+        Duration::from_secs(config.records_interval_secs),
+        sink,
+        shared.records.clone(),
+        config.node_name.clone(),
+    )
+    .map_err(DaemonError::Records)?;
+
     let handle = crate::node::connect()?;
     let mut events = crate::node::subscribe()?;
-    let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin);
+    let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin, shared);
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut tick = tokio::time::interval(Duration::from_secs(config.reconcile_interval_secs));

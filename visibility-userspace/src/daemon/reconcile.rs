@@ -1,6 +1,6 @@
 //! One pass of "make the node as it should be": attachments, maps, status.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use rtnetlink::Handle;
 use tracing::{info, warn};
@@ -12,6 +12,7 @@ use crate::{
     discovery::{self, PodInterface, Uplink},
     health,
     maps::Maps,
+    metrics::Shared,
     net::addr_bytes,
     node::NodeView,
     state::{Check, DaemonStatus, PodInterfaceState, UplinkState},
@@ -27,6 +28,7 @@ pub struct Reconciler {
     started_at: String,
     attach_errors: BTreeMap<u32, String>,
     last_checks: Vec<Check>,
+    shared: Arc<Shared>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -47,7 +49,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 impl Reconciler {
-    pub fn new(pin_dir: PathBuf, config: NodeConfig, origin: Origin) -> Self {
+    pub fn new(pin_dir: PathBuf, config: NodeConfig, origin: Origin, shared: Arc<Shared>) -> Self {
         let glob = config
             .pod_interfaces
             .as_deref()
@@ -61,6 +63,7 @@ impl Reconciler {
             started_at: now_rfc3339(),
             attach_errors: BTreeMap::new(),
             last_checks: Vec::new(),
+            shared,
         }
     }
 
@@ -84,6 +87,9 @@ impl Reconciler {
         self.log_check_changes(&status.checks);
         if let Err(error) = status.write(&self.pin_dir) {
             warn!(%error, "writing the status file");
+        }
+        if let Ok(mut shared) = self.shared.status.lock() {
+            *shared = Some(status);
         }
     }
 
@@ -150,6 +156,7 @@ impl Reconciler {
                 }
                 Err(error) => {
                     warn!(interface = %name, ifindex, program = kind.name(), %error, "attach failed");
+                    self.shared.attach_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.attach_errors.insert(ifindex, error.to_string());
                 }
             }
@@ -205,6 +212,7 @@ impl Reconciler {
             uplinks: uplink_states,
             pod_interfaces: pod_states,
             checks,
+            records: self.shared.records.counts(),
         }
     }
 

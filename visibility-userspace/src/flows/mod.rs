@@ -1,4 +1,6 @@
 //! Reading the flow map and turning entries into records.
 
+pub mod batch;
 pub mod record;
+pub mod records;
 pub mod view;

@@ -23,6 +23,11 @@ impl Clock {
         Self { wall_now_ns: wall, boot_now_ns: boot }
     }
 
+    /// `CLOCK_BOOTTIME` now, in the datapath's unit.
+    pub fn boot_now(&self) -> u64 {
+        u64::try_from(self.boot_now_ns).unwrap_or_default()
+    }
+
     /// RFC 3339 with nanoseconds.
     pub fn format(&self, boot_ns: u64) -> String {
         let wall = self.wall_now_ns - (self.boot_now_ns - i128::from(boot_ns));
@@ -157,10 +162,7 @@ pub fn select(
     kept.into_iter().map(|(_, r)| r).take(limit.unwrap_or(usize::MAX)).collect()
 }
 
-/// Reads every entry of the flow map.
-pub fn read_all(map: &aya::maps::HashMap<aya::maps::MapData, FlowKey, FlowStats>) -> Vec<(FlowKey, FlowStats)> {
-    map.iter().filter_map(Result::ok).collect()
-}
+pub use super::batch::read_flows as read_all;
 
 /// Interface names by ifindex, read once.
 pub fn interface_names() -> BTreeMap<u32, String> {

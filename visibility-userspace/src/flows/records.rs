@@ -1,0 +1,368 @@
+//! Flow records: at each aggregation interval, one record per flow that saw traffic,
+//! with that interval's packets and bytes, written to stdout or to a rotated file.
+//! The sink runs on its own thread behind a bounded queue: a slow or full sink drops
+//! records (and counts them); it never stalls the daemon, let alone the datapath.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::{Duration, Instant},
+};
+
+use visibility_common::flow::{FlowKey, FlowStats};
+
+use super::{
+    record::FlowRecord,
+    view::{Clock, record},
+};
+
+/// Aggregation intervals VPC flow logs offer.
+pub const INTERVALS: [(&str, u64); 6] = [("5s", 5), ("30s", 30), ("1m", 60), ("5m", 300), ("10m", 600), ("15m", 900)];
+
+/// Parses one of [`INTERVALS`].
+pub fn parse_interval(text: &str) -> Option<Duration> {
+    INTERVALS.iter().find(|(name, _)| *name == text).map(|(_, secs)| Duration::from_secs(*secs))
+}
+
+/// Where records go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// JSON lines on standard output.
+    #[default]
+    Stdout,
+    /// JSON lines in a file, rotated at `max_bytes` into `path.1` … `path.<keep>`.
+    File { path: PathBuf, max_bytes: u64, keep: u32 },
+    /// No records.
+    Off,
+}
+
+/// Counters shared with metrics and the status file.
+#[derive(Debug, Default)]
+pub struct RecordStats {
+    pub emitted: AtomicU64,
+    pub dropped: AtomicU64,
+    /// Flows that vanished from the map between two reads: evicted by the LRU.
+    pub evictions: AtomicU64,
+    pub active_flows: AtomicU64,
+    /// How long the last read and emit took, in microseconds.
+    pub last_read_micros: AtomicU64,
+}
+
+impl RecordStats {
+    pub fn counts(&self) -> crate::state::RecordCounts {
+        crate::state::RecordCounts {
+            emitted: self.emitted.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            active_flows: self.active_flows.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a flow had at the previous read.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    packets: u64,
+    bytes: u64,
+    returned_packets: u64,
+    returned_bytes: u64,
+    first_seen_ns: u64,
+}
+
+/// Turns successive reads of the flow map into per-interval records.
+#[derive(Default)]
+pub struct Aggregator {
+    previous: HashMap<FlowKey, Seen>,
+    last_read_boot_ns: u64,
+}
+
+impl Aggregator {
+    /// The records of the interval that ends now, given the map's current entries.
+    /// Returns the records and the number of flows evicted since the last read.
+    pub fn interval(
+        &mut self,
+        entries: &[(FlowKey, FlowStats)],
+        clock: &Clock,
+        now_boot_ns: u64,
+        node_name: &str,
+        interface_name: &impl Fn(u32) -> Option<String>,
+    ) -> (Vec<FlowRecord>, u64) {
+        let mut current = HashMap::with_capacity(entries.len());
+        let mut records = Vec::new();
+        for (key, stats) in entries {
+            // A flow evicted and seen again since the last read starts from zero.
+            let before = self.previous.get(key).filter(|p| p.first_seen_ns == stats.first_seen_ns);
+            let delta = |now: u64, then: Option<u64>| now.saturating_sub(then.unwrap_or(0));
+            let packets = delta(stats.packets, before.map(|b| b.packets));
+            let returned_packets = delta(stats.returned_packets, before.map(|b| b.returned_packets));
+            if packets > 0 || returned_packets > 0 {
+                let interval = FlowStats {
+                    packets,
+                    bytes: delta(stats.bytes, before.map(|b| b.bytes)),
+                    returned_packets,
+                    returned_bytes: delta(stats.returned_bytes, before.map(|b| b.returned_bytes)),
+                    // The first packet of this interval: the flow's first, or else no
+                    // earlier than the previous read.
+                    first_seen_ns: if before.is_some() { self.last_read_boot_ns.max(stats.first_seen_ns) } else { stats.first_seen_ns },
+                    ..*stats
+                };
+                records.extend(record(key, &interval, clock, node_name, interface_name));
+            }
+            current.insert(
+                *key,
+                Seen {
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                    returned_packets: stats.returned_packets,
+                    returned_bytes: stats.returned_bytes,
+                    first_seen_ns: stats.first_seen_ns,
+                },
+            );
+        }
+        let evicted = self.previous.keys().filter(|k| !current.contains_key(*k)).count() as u64;
+        self.previous = current;
+        self.last_read_boot_ns = now_boot_ns;
+        (records, evicted)
+    }
+}
+
+/// The writing end of the sink: a bounded queue to the writer thread.
+pub struct Sink {
+    sender: Option<SyncSender<String>>,
+    stats: Arc<RecordStats>,
+}
+
+/// Lines the queue holds before records are dropped.
+const QUEUE: usize = 65_536;
+
+impl Sink {
+    pub fn start(spec: SinkSpec, stats: Arc<RecordStats>) -> io::Result<Self> {
+        let sender = match spec {
+            SinkSpec::Off => None,
+            SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None)),
+            SinkSpec::File { path, max_bytes, keep } => {
+                let writer = RotatingFile::open(path, max_bytes, keep)?;
+                Some(spawn_writer(Box::new(writer.file_clone()?), Some(writer)))
+            }
+        };
+        Ok(Self { sender, stats })
+    }
+
+    /// Queues records; those that do not fit are dropped and counted.
+    pub fn send(&self, records: &[FlowRecord]) {
+        let Some(sender) = &self.sender else { return };
+        for record in records {
+            let Ok(line) = serde_json::to_string(record) else { continue };
+            match sender.try_send(line) {
+                Ok(()) => self.stats.emitted.fetch_add(1, Ordering::Relaxed),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+}
+
+fn spawn_writer(out: Box<dyn io::Write + Send>, rotating: Option<RotatingFile>) -> SyncSender<String> {
+    let (sender, receiver) = sync_channel::<String>(QUEUE);
+    std::thread::Builder::new()
+        .name("flow-records".into())
+        .spawn(move || write_lines(receiver, out, rotating))
+        .expect("spawning the record writer");
+    sender
+}
+
+fn write_lines(receiver: Receiver<String>, mut out: Box<dyn io::Write + Send>, mut rotating: Option<RotatingFile>) {
+    // Write what is queued, then flush once: one flush per burst, not per line.
+    while let Ok(first) = receiver.recv() {
+        let mut next = Some(first);
+        while let Some(line) = next {
+            if let Some(file) = &mut rotating {
+                match file.before_write(line.len() as u64 + 1) {
+                    Ok(Some(reopened)) => out = Box::new(reopened),
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "rotating the flow record file"),
+                }
+            }
+            // A failed write (closed pipe, full disk) loses the line; draining goes on,
+            // so the queue keeps moving and senders drop rather than block.
+            let _ = writeln!(out, "{line}");
+            next = receiver.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Size-based rotation: `flows.jsonl` → `flows.jsonl.1` → … → `flows.jsonl.<keep>`.
+struct RotatingFile {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    written: u64,
+}
+
+impl RotatingFile {
+    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Ok(Self { path, max_bytes: max_bytes.max(1), keep, written })
+    }
+
+    fn file_clone(&self) -> io::Result<fs::File> {
+        fs::OpenOptions::new().create(true).append(true).open(&self.path)
+    }
+
+    fn rotated(path: &Path, n: u32) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    /// Rotates first when `len` more bytes would exceed the limit; returns the new file.
+    fn before_write(&mut self, len: u64) -> io::Result<Option<fs::File>> {
+        let rotate = self.written > 0 && self.written + len > self.max_bytes;
+        self.written += len;
+        if !rotate {
+            return Ok(None);
+        }
+        if self.keep == 0 {
+            fs::remove_file(&self.path)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                let from = Self::rotated(&self.path, n);
+                if from.exists() {
+                    fs::rename(&from, Self::rotated(&self.path, n + 1))?;
+                }
+            }
+            fs::rename(&self.path, Self::rotated(&self.path, 1))?;
+        }
+        self.written = len;
+        self.file_clone().map(Some)
+    }
+}
+
+/// Reads the map and emits records every `interval`, on its own thread.
+pub fn spawn_reader(
+    pins: crate::datapath::PinDir,
+    interval: Duration,
+    sink: Sink,
+    stats: Arc<RecordStats>,
+    node_name: String,
+) -> io::Result<()> {
+    std::thread::Builder::new().name("flow-reader".into()).spawn(move || {
+        let maps = match crate::maps::Maps::open(&pins) {
+            Ok(maps) => maps,
+            Err(error) => {
+                tracing::error!(%error, "flow records disabled: opening the maps");
+                return;
+            }
+        };
+        let mut aggregator = Aggregator::default();
+        let mut next = Instant::now() + interval;
+        loop {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next += interval;
+            let started = Instant::now();
+            let entries = super::batch::read_flows(maps.flows());
+            let clock = Clock::now();
+            let names = super::view::interface_names();
+            let name_of = |ifindex: u32| names.get(&ifindex).cloned();
+            let (records, evicted) = aggregator.interval(&entries, &clock, clock.boot_now(), &node_name, &name_of);
+            sink.send(&records);
+            stats.evictions.fetch_add(evicted, Ordering::Relaxed);
+            stats.active_flows.store(entries.len() as u64, Ordering::Relaxed);
+            stats.last_read_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey { family: 4, protocol: 17, src_port: port, dst_port: 53, ..Default::default() }
+    }
+
+    fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
+        FlowStats { packets, bytes: packets * 100, first_seen_ns, last_seen_ns: first_seen_ns + 10, path: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn records_carry_interval_deltas_that_add_up_to_the_total() {
+        let clock = Clock::now();
+        let mut aggregator = Aggregator::default();
+        let names = |_: u32| None;
+        let mut total = 0;
+        for (i, packets) in [3u64, 3, 10, 25].iter().enumerate() {
+            let (records, evicted) = aggregator.interval(&[(key(1), stats(*packets, 5))], &clock, i as u64 * 1000, "n", &names);
+            assert_eq!(evicted, 0);
+            total += records.iter().map(|r| r.packets_sent).sum::<u64>();
+            // An interval without traffic emits nothing.
+            assert_eq!(records.is_empty(), i == 1);
+        }
+        assert_eq!(total, 25);
+    }
+
+    #[test]
+    fn evictions_are_counted_and_a_recreated_flow_starts_from_zero() {
+        let clock = Clock::now();
+        let mut aggregator = Aggregator::default();
+        let names = |_: u32| None;
+        aggregator.interval(&[(key(1), stats(5, 1)), (key(2), stats(5, 1))], &clock, 0, "n", &names);
+        let (records, evicted) = aggregator.interval(&[(key(1), stats(2, 99))], &clock, 1, "n", &names);
+        assert_eq!(evicted, 1);
+        assert_eq!(records[0].packets_sent, 2);
+    }
+
+    #[test]
+    fn intervals_are_the_vpc_flow_log_ones() {
+        assert_eq!(parse_interval("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_interval("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_interval("7s"), None);
+    }
+
+    #[test]
+    fn files_rotate_by_size() {
+        let dir = std::env::temp_dir().join(format!("vis-rotate-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("flows.jsonl");
+        let mut file = RotatingFile::open(path.clone(), 10, 2).unwrap();
+        for _ in 0..5 {
+            if let Some(mut f) = file.before_write(6).unwrap() {
+                f.write_all(b"12345\n").unwrap();
+            } else {
+                file.file_clone().unwrap().write_all(b"12345\n").unwrap();
+            }
+        }
+        assert!(RotatingFile::rotated(&path, 1).exists());
+        assert!(RotatingFile::rotated(&path, 2).exists());
+        assert!(!RotatingFile::rotated(&path, 3).exists());
+        assert!(fs::metadata(&path).unwrap().len() <= 10);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let stats = Arc::new(RecordStats::default());
+        let (sender, _receiver) = sync_channel::<String>(1);
+        let sink = Sink { sender: Some(sender), stats: stats.clone() };
+        let clock = Clock::now();
+        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
+        sink.send(&[r.clone(), r.clone(), r]);
+        assert_eq!(stats.emitted.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    fn stats_for_record() -> FlowStats {
+        stats(1, 1)
+    }
+}
