@@ -80,6 +80,10 @@ counters! {
     FlowUpdateFailed = 17, "flow_update_failed";
     /// Sent to the gateway after the node's NAT rewrote it (Service traffic).
     RedirectedAfterNat = 18, "redirected_after_nat";
+    /// Passed at egress: the gateway's neighbour was unresolved. The kernel cannot
+    /// queue a forwarded packet for another device's neighbour (the packet keeps its
+    /// route to the Pod), so the daemon keeps the gateway's entry resolved instead.
+    PassGatewayUnresolved = 19, "pass_gateway_unresolved";
 }
 
 /// Counters per hook.

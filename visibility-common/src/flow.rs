@@ -114,6 +114,7 @@ impl Path {
             | Counter::PassNatReply
             | Counter::PassMasqueradeMark
             | Counter::PassNoGateway
+            | Counter::PassGatewayUnresolved
             | Counter::PassRouteLookupFailed => Some(Path::Local),
             _ => None,
         }

@@ -195,6 +195,11 @@ pub fn to_gateway(
         return Outcome::pass(reason);
     }
     let ifindex = gateway.ifindex;
+    // A packet the kernel forwarded (egress) keeps its route to the Pod: queued for
+    // the gateway's neighbour, it would go out with the Pod's MAC once resolved.
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) && !spend_hop {
+        return Outcome::pass(Counter::PassGatewayUnresolved);
+    }
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         let action = redirect_via_neighbour(ifindex, Some((packet.family, &gateway.addr)));
         return Outcome::redirected(counter, action, true, ifindex);

@@ -22,7 +22,7 @@ pub fn gateway_neighbour(family: &str, gateway: IpAddr, neighbour: Option<&crate
             false,
             format!("{gateway} is unresolved ({:?}): the gateway does not answer ARP/NDP on the uplink; check the uplink and the gateway address", n.state),
         ),
-        None => check(name, true, format!("{gateway} not yet resolved; the first redirected packet resolves it")),
+        None => check(name, true, format!("{gateway} not resolved yet; the kernel is resolving it")),
     }
 }
 
@@ -84,6 +84,9 @@ struct MasqueradeRule {
 fn masquerade_rules(iptables_save: &str) -> Vec<MasqueradeRule> {
     let mut rules = Vec::new();
     let mut returns: std::collections::HashMap<String, Vec<IpNet>> = std::collections::HashMap::new();
+    // Chains where a mark decides what is masqueraded (kube-proxy's KUBE-POSTROUTING
+    // returns unmarked packets first): ordinary Pod traffic carries no such mark.
+    let mut mark_guarded: std::collections::HashSet<String> = std::collections::HashSet::new();
     for line in iptables_save.lines() {
         let Some(rest) = line.strip_prefix("-A ") else { continue };
         let words: Vec<&str> = rest.split_whitespace().collect();
@@ -108,7 +111,12 @@ fn masquerade_rules(iptables_save: &str) -> Vec<MasqueradeRule> {
             }
             i += 1;
         }
+        let uses_mark = words.contains(&"mark") || words.contains(&"--mark");
         match target {
+            Some("RETURN") if uses_mark => {
+                mark_guarded.insert((*chain).to_owned());
+            }
+            Some("MASQUERADE" | "SNAT") if uses_mark || mark_guarded.contains(*chain) => {}
             Some("RETURN") => {
                 if let Some(d) = destination {
                     returns.entry((*chain).to_owned()).or_default().push(d);
@@ -192,6 +200,12 @@ COMMIT
         let result = masquerade_from(IP_MASQ_AGENT, &pods);
         assert!(!result.ok);
         assert!(result.detail.contains("nonMasqueradeCIDRs"), "{}", result.detail);
+    }
+
+    #[test]
+    fn kube_proxys_mark_guarded_masquerade_is_ignored() {
+        let rules = "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n-A KUBE-POSTROUTING -j MASQUERADE --random-fully\n";
+        assert!(masquerade_from(rules, &["10.52.0.0/24".parse().unwrap()]).ok);
     }
 
     #[test]

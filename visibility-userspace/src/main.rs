@@ -207,11 +207,16 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    init_logging(log_format);
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match log_format {
+                LogFormat::Text => eprintln!("error: {error:#}"),
+                // One JSON line like every other, so log pipelines keep the fatal one.
+                LogFormat::Json => tracing::error!("{error:#}"),
+            }
             ExitCode::FAILURE
         }
     }

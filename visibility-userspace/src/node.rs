@@ -11,7 +11,7 @@ use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use netlink_packet_route::AddressFamily;
@@ -76,6 +76,8 @@ pub struct Neighbour {
     pub addr: IpAddr,
     pub mac: Option<[u8; 6]>,
     pub state: NeighbourState,
+    /// The kernel keeps it resolved by itself (`NTF_EXT_MANAGED`).
+    pub managed: bool,
 }
 
 impl Neighbour {
@@ -203,8 +205,10 @@ impl NodeView {
             while let Some(message) = neighbours.try_next().await.map_err(request("listing neighbours"))? {
                 let mut addr = None;
                 let mut lladdr = None;
+                let mut managed = false;
                 for attribute in &message.attributes {
                     match attribute {
+                        NeighbourAttribute::ExtFlags(flags) => managed = flags.contains(NeighbourExtFlags::Managed),
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => addr = Some(IpAddr::V4(*v4)),
                         NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => addr = Some(IpAddr::V6(*v6)),
                         NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = mac(bytes),
@@ -217,6 +221,7 @@ impl NodeView {
                         addr,
                         mac: lladdr,
                         state: message.header.state,
+                        managed,
                     });
                 }
             }
@@ -252,6 +257,40 @@ impl NodeView {
         addrs.dedup();
         addrs
     }
+}
+
+/// Makes the kernel keep a neighbour entry resolved by itself (a "managed" entry,
+/// Linux 5.16+), so that redirected packets never wait for ARP/NDP. On older kernels
+/// it asks for one resolution now (`NTF_USE`); the daemon repeats that each reconcile.
+pub async fn keep_resolved(handle: &Handle, ifindex: u32, addr: IpAddr) -> Result<(), NodeError> {
+    let mut managed = handle.neighbours().add(ifindex, addr).state(NeighbourState::None).replace();
+    managed.message_mut().attributes.push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    if managed.execute().await.is_ok() {
+        return Ok(());
+    }
+    handle
+        .neighbours()
+        .add(ifindex, addr)
+        .state(NeighbourState::None)
+        .flags(NeighbourFlags::Use)
+        .replace()
+        .execute()
+        .await
+        .map_err(request("resolving the gateway's neighbour"))
+}
+
+/// Removes a managed neighbour entry, leaving the kernel to learn it as usual.
+pub async fn forget_managed(handle: &Handle, ifindex: u32, addr: IpAddr) -> Result<(), NodeError> {
+    let view = NodeView::read(handle).await?;
+    let Some(_) = view.neighbour(ifindex, &addr).filter(|n| n.managed) else { return Ok(()) };
+    let mut request_message = netlink_packet_route::neighbour::NeighbourMessage::default();
+    request_message.header.family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    request_message.header.ifindex = ifindex;
+    request_message.attributes.push(NeighbourAttribute::Destination(match addr {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }));
+    handle.neighbours().del(request_message).execute().await.map_err(request("removing the managed neighbour"))
 }
 
 /// Opens a netlink connection and runs it on the current tokio runtime.

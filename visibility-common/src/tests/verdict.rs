@@ -1214,6 +1214,7 @@ fn expected_path(c: Counter) -> Option<Path> {
         | Counter::PassNatReply
         | Counter::PassMasqueradeMark
         | Counter::PassNoGateway
+        | Counter::PassGatewayUnresolved
         | Counter::PassRouteLookupFailed => Some(Path::Local),
         // Not a Pod flow, or not a packet a Pod sent.
         Counter::PassLinkScope

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use visibility_common::{config::Settings, packet::Family};
+
 use crate::{
     cli::CliError,
     datapath::{PinDir, remove_pins},
@@ -20,8 +22,28 @@ pub fn teardown(pin_dir: &Path) -> Result<(), CliError> {
     }
     let names = interface_names();
     let links = crate::datapath::attachments(&pins).len();
+    // The gateways' neighbour entries were made managed by the daemon: undo that.
+    let gateways = crate::maps::Maps::open(&pins).ok().and_then(|maps| maps.settings().ok());
     remove_pins(&pins, |ifindex| names.get(&ifindex).cloned())?;
     DaemonStatus::remove(pin_dir);
+    if let Some(settings) = gateways {
+        forget_managed_gateways(&settings)?;
+    }
     println!("removed {links} attachments, the programs and the maps under {}; the node routes Pod-to-Pod traffic locally again", pin_dir.display());
     Ok(())
+}
+
+fn forget_managed_gateways(settings: &Settings) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let handle = crate::node::connect()?;
+        for family in [Family::V4, Family::V6] {
+            let gateway = settings.gateway(family);
+            if gateway.is_configured() {
+                let addr = crate::net::addr_from_bytes(family, &gateway.addr);
+                crate::node::forget_managed(&handle, gateway.ifindex, addr).await?;
+            }
+        }
+        Ok(())
+    })
 }

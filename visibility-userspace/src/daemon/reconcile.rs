@@ -78,6 +78,7 @@ impl Reconciler {
             }
         };
         let uplinks = self.sync_uplinks(&view, maps);
+        keep_gateways_resolved(handle, &view, &uplinks).await;
         self.sync_node_addrs(&view, maps);
         let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
         let pods = discovery::pod_interfaces(&view, &maps.pod_cidrs(), self.glob.as_ref(), &uplink_indexes);
@@ -229,6 +230,21 @@ impl Reconciler {
             }
         }
         self.last_checks = checks.to_vec();
+    }
+}
+
+/// Redirects at Pod egress cannot wait for the gateway's neighbour (see
+/// `PassGatewayUnresolved`), so the kernel is asked to keep it resolved.
+async fn keep_gateways_resolved(handle: &Handle, view: &NodeView, uplinks: &[Uplink]) {
+    for uplink in uplinks {
+        let neighbour = view.neighbour(uplink.ifindex, &uplink.gateway);
+        if neighbour.is_some_and(|n| n.managed) {
+            continue;
+        }
+        match crate::node::keep_resolved(handle, uplink.ifindex, uplink.gateway).await {
+            Ok(()) => info!(gateway = %uplink.gateway, uplink = %uplink.name, "keeping the gateway's neighbour entry resolved"),
+            Err(error) => warn!(gateway = %uplink.gateway, %error, "resolving the gateway's neighbour"),
+        }
     }
 }
 
