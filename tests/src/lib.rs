@@ -3,7 +3,12 @@
 //! * [`lab`]: a GKE node, its Pods and its VPC gateway emulated in network namespaces
 //!   (ptp CNI style, dual-stack), with traffic helpers that run inside Pods and a flow log,
 //!   counters and block rules at the gateway.
+//! * [`datapath_harness`]: the datapath loaded and pinned on a lab node, configured as the
+//!   daemon does, and driven with `BPF_PROG_TEST_RUN`.
+//! * [`node`]: a lab node running the real `visibility` daemon, and its CLI.
 //!
 //! Most tests in `tests/` need root (network namespaces, nftables, BPF).
 
+pub mod datapath_harness;
 pub mod lab;
+pub mod node;

@@ -109,6 +109,7 @@ fn be16(b: [u8; 2]) -> u16 {
 }
 
 /// Parses the Ethernet, IP and transport headers of a frame of `frame_len` bytes.
+#[inline(always)]
 pub fn parse<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Packet, ParseError> {
     let eth: [u8; ETH_HLEN] = pkt.read(0).ok_or(ParseError::Malformed)?;
     match be16([eth[12], eth[13]]) {
@@ -118,6 +119,7 @@ pub fn parse<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pack
     }
 }
 
+#[inline(always)]
 fn parse_ipv4<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Packet, ParseError> {
     let ip: [u8; 20] = pkt.read(ETH_HLEN).ok_or(ParseError::Malformed)?;
     if ip[0] >> 4 != 4 {
@@ -154,6 +156,7 @@ fn parse_ipv4<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
     Ok(packet)
 }
 
+#[inline(always)]
 fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Packet, ParseError> {
     let ip: [u8; 40] = pkt.read(ETH_HLEN).ok_or(ParseError::Malformed)?;
     if ip[0] >> 4 != 6 {
@@ -215,6 +218,7 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
 }
 
 /// Reads ports, ICMP identifiers and TCP flags. Other protocols carry none.
+#[inline(always)]
 fn parse_transport<R: PacketReader + ?Sized>(
     pkt: &R,
     packet: &mut Packet,
