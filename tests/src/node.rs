@@ -26,19 +26,19 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VISIBILITY_BIN") {
         return PathBuf::from(path);
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>/visibility
+    // Test binaries live in target/<profile>/deps, others (the demo) in target/<profile>.
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let binary = profile_dir.join("visibility");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build -p visibility-userspace` (cargo xtask test does) or set VISIBILITY_BIN",
-        binary.display()
-    );
-    binary
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("visibility"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no visibility binary next to {}: run `cargo build -p visibility-userspace` (cargo xtask test does) or set VISIBILITY_BIN",
+                exe.display()
+            )
+        })
 }
 
 /// A unique bpffs pin directory per node, removed on drop.
@@ -259,8 +259,9 @@ impl Node {
     pub fn kill_daemon(&mut self) -> Result<()> {
         if let Some(daemon) = self.daemon.take() {
             let mut child = daemon.into_child();
-            child.kill().context("killing the daemon")?;
+            let killed = child.kill().context("killing the daemon");
             child.wait().context("reaping the daemon")?;
+            killed?;
         }
         Ok(())
     }
@@ -292,10 +293,11 @@ impl Node {
     }
 
     /// Waits until the daemon (the one this fixture runs now) reports `count` attached Pod
-    /// interfaces.
+    /// interfaces. Generous: verifying the programs on a busy machine, with many tests
+    /// loading theirs at once, can take seconds.
     pub fn wait_until_attached(&self, count: usize) -> Result<()> {
         let pid = self.daemon_pid();
-        self.wait_for(Duration::from_secs(10), |status| {
+        self.wait_for(Duration::from_secs(30), |status| {
             if pid.is_some() && status["daemon"]["pid"].as_u64() != pid.map(u64::from) {
                 return None;
             }
