@@ -11,4 +11,5 @@
 
 pub mod datapath_harness;
 pub mod lab;
+pub mod netd;
 pub mod node;

@@ -60,7 +60,9 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
 /// the rest of the datapath costs on top.
 #[classifier]
 pub fn bench_baseline(ctx: TcContext) -> i32 {
-    if let (Ok(packet), Some(settings)) = (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0)) {
+    if let (Ok(packet), Some(settings)) =
+        (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0))
+    {
         let lookups = MapLookups { settings };
         if visibility_common::verdict::Lookups::in_pod_cidrs(&lookups, packet.family, &packet.dst) {
             return Outcome::pass(Counter::PassNotSameNode).action;

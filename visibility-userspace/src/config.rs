@@ -11,7 +11,11 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{error::InputError, flows::records::{SinkSpec, parse_interval}, maps::Exemption};
+use crate::{
+    error::InputError,
+    flows::records::{SinkSpec, parse_interval},
+    maps::Exemption,
+};
 
 /// Everything the daemon can be told. Every field is optional so that layers only
 /// override what they set. The same keys serve the file, the flags and the
@@ -52,13 +56,22 @@ pub struct Layer {
 impl Layer {
     /// Reads a TOML file, such as one a ConfigMap mounts.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// Reads TOML text (a ConfigMap's value).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path: "(text)".into(), source: Box::new(source) })
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "(text)".into(),
+            source: Box::new(source),
+        })
     }
 
     /// Reads `VISIBILITY_*` variables. Lists are separated by spaces or semicolons
@@ -66,25 +79,46 @@ impl Layer {
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut layer = Layer::default();
         for (name, value) in vars {
-            let Some(key) = name.strip_prefix("VISIBILITY_") else { continue };
-            let list = || value.split([' ', ';']).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-            let bad = |what: &str| ConfigError::Env { name: name.clone(), reason: what.to_owned() };
+            let Some(key) = name.strip_prefix("VISIBILITY_") else {
+                continue;
+            };
+            let list = || {
+                value
+                    .split([' ', ';'])
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let bad = |what: &str| ConfigError::Env {
+                name: name.clone(),
+                reason: what.to_owned(),
+            };
             match key {
                 "POD_CIDR" => layer.pod_cidr = Some(list()),
                 "UPLINK" => layer.uplink = Some(value.clone()),
                 "GATEWAY" => layer.gateway = Some(list()),
                 "EXEMPT" => layer.exempt = Some(list()),
                 "POD_INTERFACES" => layer.pod_interfaces = Some(value.clone()),
-                "ENABLED" => layer.enabled = Some(value.parse().map_err(|_| bad("expected true or false"))?),
-                "FLOW_CAPACITY" => layer.flow_capacity = Some(value.parse().map_err(|_| bad("expected a number"))?),
+                "ENABLED" => {
+                    layer.enabled = Some(value.parse().map_err(|_| bad("expected true or false"))?)
+                }
+                "FLOW_CAPACITY" => {
+                    layer.flow_capacity = Some(value.parse().map_err(|_| bad("expected a number"))?)
+                }
                 "RECONCILE_INTERVAL" => {
-                    layer.reconcile_interval = Some(value.parse().map_err(|_| bad("expected seconds"))?)
+                    layer.reconcile_interval =
+                        Some(value.parse().map_err(|_| bad("expected seconds"))?)
                 }
                 "NODE_NAME" => layer.node_name = Some(value.clone()),
                 "RECORDS" => layer.records = Some(value.clone()),
                 "RECORDS_INTERVAL" => layer.records_interval = Some(value.clone()),
-                "RECORDS_MAX_BYTES" => layer.records_max_bytes = Some(value.parse().map_err(|_| bad("expected bytes"))?),
-                "RECORDS_KEEP" => layer.records_keep = Some(value.parse().map_err(|_| bad("expected a number"))?),
+                "RECORDS_MAX_BYTES" => {
+                    layer.records_max_bytes =
+                        Some(value.parse().map_err(|_| bad("expected bytes"))?)
+                }
+                "RECORDS_KEEP" => {
+                    layer.records_keep = Some(value.parse().map_err(|_| bad("expected a number"))?)
+                }
                 "METRICS_ADDR" => layer.metrics_addr = Some(value.clone()),
                 // Variables read elsewhere (VISIBILITY_LOG, VISIBILITY_PIN_DIR by clap) or by
                 // other tools are not ours to reject.
@@ -181,7 +215,11 @@ pub fn parse_protocol(text: &str) -> Result<u8, InputError> {
         "icmp" => Ok(1),
         "icmpv6" => Ok(58),
         "sctp" => Ok(132),
-        number => number.parse::<u8>().ok().filter(|n| *n != 0).ok_or_else(|| InputError::Protocol(text.to_owned())),
+        number => number
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| InputError::Protocol(text.to_owned())),
     }
 }
 
@@ -215,7 +253,11 @@ pub fn parse_exemption(text: &str) -> Result<Exemption, InputError> {
             };
             let protocol = parse_protocol(protocol)?;
             let port = match port {
-                Some(port) => port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+                Some(port) => port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(bad)?,
                 None => 0,
             };
             if port != 0 && !matches!(protocol, 6 | 17 | 132) {
@@ -224,7 +266,11 @@ pub fn parse_exemption(text: &str) -> Result<Exemption, InputError> {
             (protocol, port)
         }
     };
-    Ok(Exemption { cidr, protocol, port })
+    Ok(Exemption {
+        cidr,
+        protocol,
+        port,
+    })
 }
 
 /// Formats an exemption the way [`parse_exemption`] reads it.
@@ -245,24 +291,39 @@ impl NodeConfig {
             .iter()
             .map(|c| parse_cidr(c).map(|n| n.trunc()))
             .collect::<Result<Vec<_>, _>>()?;
-        let exemptions =
-            layer.exempt.unwrap_or_default().iter().map(|e| parse_exemption(e)).collect::<Result<Vec<_>, _>>()?;
+        let exemptions = layer
+            .exempt
+            .unwrap_or_default()
+            .iter()
+            .map(|e| parse_exemption(e))
+            .collect::<Result<Vec<_>, _>>()?;
         let (mut gateway_v4, mut gateway_v6) = (None, None);
         for text in layer.gateway.unwrap_or_default() {
-            let addr = IpAddr::from_str(text.trim())
-                .map_err(|_| ConfigError::Invalid(format!("gateway {text:?} is not an IP address")))?;
-            let slot = if addr.is_ipv4() { &mut gateway_v4 } else { &mut gateway_v6 };
+            let addr = IpAddr::from_str(text.trim()).map_err(|_| {
+                ConfigError::Invalid(format!("gateway {text:?} is not an IP address"))
+            })?;
+            let slot = if addr.is_ipv4() {
+                &mut gateway_v4
+            } else {
+                &mut gateway_v6
+            };
             if slot.replace(addr).is_some() {
-                return Err(ConfigError::Invalid(format!("more than one gateway of the family of {addr}")));
+                return Err(ConfigError::Invalid(format!(
+                    "more than one gateway of the family of {addr}"
+                )));
             }
         }
         if let Some(glob) = &layer.pod_interfaces {
             globset::Glob::new(glob)
                 .map_err(|e| ConfigError::Invalid(format!("--pod-interfaces {glob:?}: {e}")))?;
         }
-        let flow_capacity = layer.flow_capacity.unwrap_or(visibility_common::DEFAULT_FLOW_CAPACITY);
+        let flow_capacity = layer
+            .flow_capacity
+            .unwrap_or(visibility_common::DEFAULT_FLOW_CAPACITY);
         if flow_capacity == 0 {
-            return Err(ConfigError::Invalid("flow-capacity must be at least 1".to_owned()));
+            return Err(ConfigError::Invalid(
+                "flow-capacity must be at least 1".to_owned(),
+            ));
         }
         let records = match layer.records.as_deref() {
             None | Some("stdout") => SinkSpec::Stdout,
@@ -275,12 +336,22 @@ impl NodeConfig {
         };
         let interval = layer.records_interval.as_deref().unwrap_or("5s");
         let records_interval_secs = parse_interval(interval)
-            .ok_or_else(|| ConfigError::Invalid(format!("records-interval {interval:?}: use 5s, 30s, 1m, 5m, 10m or 15m")))?
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "records-interval {interval:?}: use 5s, 30s, 1m, 5m, 10m or 15m"
+                ))
+            })?
             .as_secs();
-        let metrics_addr = match layer.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR) {
+        let metrics_addr = match layer
+            .metrics_addr
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_ADDR)
+        {
             "off" => None,
             text => Some(SocketAddr::from_str(text).map_err(|_| {
-                ConfigError::Invalid(format!("metrics-addr {text:?} is not an address such as 127.0.0.1:9476 (or off)"))
+                ConfigError::Invalid(format!(
+                    "metrics-addr {text:?} is not an address such as 127.0.0.1:9476 (or off)"
+                ))
             })?),
         };
         Ok(Self {
@@ -298,7 +369,11 @@ impl NodeConfig {
             reconcile_interval_secs: layer.reconcile_interval.unwrap_or(10).max(1),
             node_name: layer
                 .node_name
-                .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+                .or_else(|| {
+                    nix::unistd::gethostname()
+                        .ok()
+                        .and_then(|h| h.into_string().ok())
+                })
                 .unwrap_or_default(),
         })
     }
@@ -309,14 +384,23 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn env_overrides_flags_which_override_the_file() {
-        let file: Layer = toml::from_str("pod-cidr = [\"10.0.0.0/24\"]\nuplink = \"eth1\"\nenabled = false\n").unwrap();
-        let flags = Layer { uplink: Some("eth2".into()), ..Default::default() };
-        let env = Layer::from_env(env(&[("VISIBILITY_ENABLED", "true"), ("HOME", "/root")])).unwrap();
+        let file: Layer =
+            toml::from_str("pod-cidr = [\"10.0.0.0/24\"]\nuplink = \"eth1\"\nenabled = false\n")
+                .unwrap();
+        let flags = Layer {
+            uplink: Some("eth2".into()),
+            ..Default::default()
+        };
+        let env =
+            Layer::from_env(env(&[("VISIBILITY_ENABLED", "true"), ("HOME", "/root")])).unwrap();
         let merged = NodeConfig::resolve(file.overridden_by(flags).overridden_by(env)).unwrap();
         assert_eq!(merged.pod_cidrs, vec![parse_cidr("10.0.0.0/24").unwrap()]);
         assert_eq!(merged.uplink.as_deref(), Some("eth2"));
@@ -325,10 +409,15 @@ mod tests {
 
     #[test]
     fn env_lists_split_on_spaces_and_semicolons() {
-        let layer =
-            Layer::from_env(env(&[("VISIBILITY_EXEMPT", "10.0.0.1/32,udp/53; fd00::/64"), ("VISIBILITY_POD_CIDR", "a b")]))
-                .unwrap();
-        assert_eq!(layer.exempt.unwrap(), vec!["10.0.0.1/32,udp/53", "fd00::/64"]);
+        let layer = Layer::from_env(env(&[
+            ("VISIBILITY_EXEMPT", "10.0.0.1/32,udp/53; fd00::/64"),
+            ("VISIBILITY_POD_CIDR", "a b"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            layer.exempt.unwrap(),
+            vec!["10.0.0.1/32,udp/53", "fd00::/64"]
+        );
         assert_eq!(layer.pod_cidr.unwrap(), vec!["a", "b"]);
         assert!(Layer::from_env(env(&[("VISIBILITY_ENABLED", "maybe")])).is_err());
     }
@@ -340,22 +429,47 @@ mod tests {
 
     #[test]
     fn exemptions_parse_and_format_round_trip() {
-        for text in ["10.0.0.0/8", "10.0.0.10/32,udp/53", "fd00::/64,tcp", "10.1.0.0/16,132/9"] {
+        for text in [
+            "10.0.0.0/8",
+            "10.0.0.10/32,udp/53",
+            "fd00::/64,tcp",
+            "10.1.0.0/16,132/9",
+        ] {
             let exemption = parse_exemption(text).unwrap();
-            assert_eq!(parse_exemption(&format_exemption(&exemption)).unwrap(), exemption, "{text}");
+            assert_eq!(
+                parse_exemption(&format_exemption(&exemption)).unwrap(),
+                exemption,
+                "{text}"
+            );
         }
         let dns = parse_exemption("10.0.0.10,udp/53").unwrap();
-        assert_eq!((dns.cidr.prefix_len(), dns.protocol, dns.port), (32, 17, 53));
-        for bad in ["", "10.0.0.0/33", "10.0.0.0/8,bogus", "10.0.0.0/8,udp/0", "10.0.0.0/8,udp/70000", "10.0.0.0/8,icmp/5"] {
+        assert_eq!(
+            (dns.cidr.prefix_len(), dns.protocol, dns.port),
+            (32, 17, 53)
+        );
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/8,bogus",
+            "10.0.0.0/8,udp/0",
+            "10.0.0.0/8,udp/70000",
+            "10.0.0.0/8,icmp/5",
+        ] {
             assert!(parse_exemption(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn gateways_are_one_per_family() {
-        let two_v4 = Layer { gateway: Some(vec!["10.0.0.1".into(), "10.0.0.2".into()]), ..Default::default() };
+        let two_v4 = Layer {
+            gateway: Some(vec!["10.0.0.1".into(), "10.0.0.2".into()]),
+            ..Default::default()
+        };
         assert!(NodeConfig::resolve(two_v4).is_err());
-        let both = Layer { gateway: Some(vec!["10.0.0.1".into(), "fe80::1".into()]), ..Default::default() };
+        let both = Layer {
+            gateway: Some(vec!["10.0.0.1".into(), "fe80::1".into()]),
+            ..Default::default()
+        };
         let resolved = NodeConfig::resolve(both).unwrap();
         assert!(resolved.gateway_v4.is_some() && resolved.gateway_v6.is_some());
     }

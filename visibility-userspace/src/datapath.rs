@@ -275,7 +275,7 @@ impl Datapath {
                 .ok_or_else(|| program_error(kind)(aya::programs::ProgramError::NotLoaded))?
                 .try_into()
                 .map_err(program_error(kind))?;
-            program.load().map_err(program_error(kind))?;
+            load_retrying(program).map_err(program_error(kind))?;
             let path = pins.program(kind);
             program.pin(&path).map_err(|source| DatapathError::Link {
                 path,
@@ -420,6 +420,22 @@ impl Datapath {
     /// The interfaces that have a pinned attachment, by ifindex.
     pub fn attachments(&self) -> Vec<(u32, ProgramKind)> {
         attachments(&self.pins)
+    }
+}
+
+/// Loads a program, retrying when the verifier gave up with `EAGAIN` because a signal
+/// was pending for the loading thread (as libbpf does, up to five times).
+fn load_retrying(program: &mut SchedClassifier) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 0;
+    loop {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+            {
+                attempts += 1;
+            }
+            result => return result,
+        }
     }
 }
 

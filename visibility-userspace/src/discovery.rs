@@ -39,12 +39,19 @@ pub struct PodInterface {
 }
 
 /// Finds the Pod interfaces. Uplinks never count, whatever their name.
-pub fn pod_interfaces(view: &NodeView, pod_cidrs: &[IpNet], glob: Option<&GlobMatcher>, uplinks: &[u32]) -> Vec<PodInterface> {
+pub fn pod_interfaces(
+    view: &NodeView,
+    pod_cidrs: &[IpNet],
+    glob: Option<&GlobMatcher>,
+    uplinks: &[u32],
+) -> Vec<PodInterface> {
     let routes_into_pods = |ifindex: u32| {
         view.routes.iter().any(|route| {
             route.oif == Some(ifindex)
                 && route.gateway.is_none()
-                && pod_cidrs.iter().any(|cidr| cidr.contains(&route.destination) || route.destination.contains(cidr))
+                && pod_cidrs.iter().any(|cidr| {
+                    cidr.contains(&route.destination) || route.destination.contains(cidr)
+                })
         })
     };
     let mut found: Vec<PodInterface> = view
@@ -54,14 +61,23 @@ pub fn pod_interfaces(view: &NodeView, pod_cidrs: &[IpNet], glob: Option<&GlobMa
         .filter_map(|iface| {
             let reason = if iface.is_veth() && routes_into_pods(iface.index) {
                 Reason::Route
-            } else if iface.is_veth() && iface.master.is_some_and(|m| view.interface(m).is_some_and(|b| b.kind == "bridge") && routes_into_pods(m)) {
+            } else if iface.is_veth()
+                && iface.master.is_some_and(|m| {
+                    view.interface(m).is_some_and(|b| b.kind == "bridge") && routes_into_pods(m)
+                })
+            {
                 Reason::Bridge
             } else if glob.is_some_and(|g| g.is_match(&iface.name)) {
                 Reason::Glob
             } else {
                 return None;
             };
-            Some(PodInterface { ifindex: iface.index, name: iface.name.clone(), is_veth: iface.is_veth(), reason })
+            Some(PodInterface {
+                ifindex: iface.index,
+                name: iface.name.clone(),
+                is_veth: iface.is_veth(),
+                reason,
+            })
         })
         .collect();
     found.sort_by_key(|p| p.ifindex);
@@ -90,17 +106,34 @@ pub enum UplinkError {
 
 /// The uplink of a family: the configured interface and gateway, or else the
 /// default route's.
-pub fn uplink(view: &NodeView, family: Family, configured_uplink: Option<&str>, configured_gateway: Option<IpAddr>) -> Result<Uplink, UplinkError> {
+pub fn uplink(
+    view: &NodeView,
+    family: Family,
+    configured_uplink: Option<&str>,
+    configured_gateway: Option<IpAddr>,
+) -> Result<Uplink, UplinkError> {
     let default = view.default_route(family);
     let ifindex = match configured_uplink {
-        Some(name) => view.interface_by_name(name).ok_or_else(|| UplinkError::NoSuchInterface(name.to_owned()))?.index,
+        Some(name) => {
+            view.interface_by_name(name)
+                .ok_or_else(|| UplinkError::NoSuchInterface(name.to_owned()))?
+                .index
+        }
         None => default.map(|(oif, _)| oif).ok_or(UplinkError::NoGateway)?,
     };
     let gateway = configured_gateway
         .or_else(|| default.filter(|(oif, _)| *oif == ifindex).map(|(_, gw)| gw))
         .ok_or(UplinkError::NoGateway)?;
-    let name = view.interface(ifindex).map(|i| i.name.clone()).unwrap_or_default();
-    Ok(Uplink { family, ifindex, name, gateway })
+    let name = view
+        .interface(ifindex)
+        .map(|i| i.name.clone())
+        .unwrap_or_default();
+    Ok(Uplink {
+        family,
+        ifindex,
+        name,
+        gateway,
+    })
 }
 
 #[cfg(test)]
@@ -109,11 +142,22 @@ mod tests {
     use crate::node::{Interface, Route};
 
     fn iface(index: u32, name: &str, kind: &str, master: Option<u32>) -> Interface {
-        Interface { index, name: name.into(), kind: kind.into(), master, up: true, mac: None }
+        Interface {
+            index,
+            name: name.into(),
+            kind: kind.into(),
+            master,
+            up: true,
+            mac: None,
+        }
     }
 
     fn route(dst: &str, oif: u32, gateway: Option<&str>) -> Route {
-        Route { destination: dst.parse().unwrap(), oif: Some(oif), gateway: gateway.map(|g| g.parse().unwrap()) }
+        Route {
+            destination: dst.parse().unwrap(),
+            oif: Some(oif),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+        }
     }
 
     fn view() -> NodeView {
@@ -143,20 +187,46 @@ mod tests {
 
     #[test]
     fn finds_ptp_bridge_and_glob_interfaces_only() {
-        let cidrs = ["10.52.0.0/24".parse().unwrap(), "10.52.1.0/24".parse().unwrap()];
+        let cidrs = [
+            "10.52.0.0/24".parse().unwrap(),
+            "10.52.1.0/24".parse().unwrap(),
+        ];
         let glob = globset::Glob::new("cali*").unwrap().compile_matcher();
         let found = pod_interfaces(&view(), &cidrs, Some(&glob), &[2]);
-        let names: Vec<(&str, Reason)> = found.iter().map(|p| (p.name.as_str(), p.reason)).collect();
-        assert_eq!(names, vec![("veth0", Reason::Route), ("vethb1", Reason::Bridge), ("cali123", Reason::Glob)]);
+        let names: Vec<(&str, Reason)> =
+            found.iter().map(|p| (p.name.as_str(), p.reason)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("veth0", Reason::Route),
+                ("vethb1", Reason::Bridge),
+                ("cali123", Reason::Glob)
+            ]
+        );
     }
 
     #[test]
     fn uplink_defaults_to_the_default_route() {
         let uplink = uplink(&view(), Family::V4, None, None).unwrap();
-        assert_eq!((uplink.ifindex, uplink.gateway), (2, "10.128.0.1".parse().unwrap()));
-        assert_eq!(super::uplink(&view(), Family::V6, None, None), Err(UplinkError::NoGateway));
-        assert_eq!(super::uplink(&view(), Family::V4, Some("nope"), None), Err(UplinkError::NoSuchInterface("nope".into())));
-        let configured = super::uplink(&view(), Family::V6, Some("eth0"), Some("fe80::1".parse().unwrap())).unwrap();
+        assert_eq!(
+            (uplink.ifindex, uplink.gateway),
+            (2, "10.128.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            super::uplink(&view(), Family::V6, None, None),
+            Err(UplinkError::NoGateway)
+        );
+        assert_eq!(
+            super::uplink(&view(), Family::V4, Some("nope"), None),
+            Err(UplinkError::NoSuchInterface("nope".into()))
+        );
+        let configured = super::uplink(
+            &view(),
+            Family::V6,
+            Some("eth0"),
+            Some("fe80::1".parse().unwrap()),
+        )
+        .unwrap();
         assert_eq!(configured.ifindex, 2);
     }
 }

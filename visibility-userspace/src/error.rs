@@ -93,7 +93,9 @@ pub enum InputError {
     #[error("{0:?} is not a protocol: use tcp, udp, icmp, icmpv6, sctp or a number 1-255")]
     Protocol(String),
     /// A flow filter that does not parse.
-    #[error("{0:?} is not a filter: use KEY=VALUE with src, dst, ip, sport, dport, port, proto or path")]
+    #[error(
+        "{0:?} is not a filter: use KEY=VALUE with src, dst, ip, sport, dport, port, proto or path"
+    )]
     Filter(String),
     /// Removing something that is not there.
     #[error("{0}")]

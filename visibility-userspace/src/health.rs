@@ -8,21 +8,36 @@ use ipnet::IpNet;
 use crate::state::Check;
 
 fn check(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Check {
-    Check { name: name.into(), ok, detail: detail.into() }
+    Check {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+    }
 }
 
 /// The gateway's neighbour entry. Unknown is fine (the datapath resolves it on the
 /// first packet); a failed resolution is not.
-pub fn gateway_neighbour(family: &str, gateway: IpAddr, neighbour: Option<&crate::node::Neighbour>) -> Check {
+pub fn gateway_neighbour(
+    family: &str,
+    gateway: IpAddr,
+    neighbour: Option<&crate::node::Neighbour>,
+) -> Check {
     let name = format!("gateway_neighbour_{family}");
     match neighbour {
         Some(n) if n.is_resolved() => check(name, true, format!("{gateway} resolved")),
         Some(n) => check(
             name,
             false,
-            format!("{gateway} is unresolved ({:?}): the gateway does not answer ARP/NDP on the uplink; check the uplink and the gateway address", n.state),
+            format!(
+                "{gateway} is unresolved ({:?}): the gateway does not answer ARP/NDP on the uplink; check the uplink and the gateway address",
+                n.state
+            ),
         ),
-        None => check(name, true, format!("{gateway} not resolved yet; the kernel is resolving it")),
+        None => check(
+            name,
+            true,
+            format!("{gateway} not resolved yet; the kernel is resolving it"),
+        ),
     }
 }
 
@@ -30,18 +45,29 @@ pub fn uplink_up(family: &str, uplink: &str, up: bool) -> Check {
     check(
         format!("uplink_up_{family}"),
         up,
-        if up { format!("{uplink} is up") } else { format!("{uplink} is down or has no carrier: redirected packets cannot leave the node") },
+        if up {
+            format!("{uplink} is up")
+        } else {
+            format!("{uplink} is down or has no carrier: redirected packets cannot leave the node")
+        },
     )
 }
 
 pub fn pod_interfaces_attached(unattached: &[String]) -> Check {
     if unattached.is_empty() {
-        check("pod_interfaces_attached", true, "every Pod interface is attached")
+        check(
+            "pod_interfaces_attached",
+            true,
+            "every Pod interface is attached",
+        )
     } else {
         check(
             "pod_interfaces_attached",
             false,
-            format!("not attached: {} (see the daemon's log for the error)", unattached.join(", ")),
+            format!(
+                "not attached: {} (see the daemon's log for the error)",
+                unattached.join(", ")
+            ),
         )
     }
 }
@@ -56,13 +82,27 @@ pub fn rp_filter(uplink: &str, uplink_program_attached: bool) -> Check {
             .unwrap_or(0)
     };
     // The kernel uses the larger of "all" and the interface's value.
-    rp_filter_from(uplink, read("all").max(read(uplink)), uplink_program_attached)
+    rp_filter_from(
+        uplink,
+        read("all").max(read(uplink)),
+        uplink_program_attached,
+    )
 }
 
 fn rp_filter_from(uplink: &str, effective: u8, uplink_program_attached: bool) -> Check {
     let (ok, detail) = match (effective, uplink_program_attached) {
-        (1, true) => (true, format!("rp_filter=1 (strict) on {uplink}; returning packets are delivered by the datapath, not routed")),
-        (1, false) => (false, format!("rp_filter=1 (strict) on {uplink} and the uplink program is not attached: returning packets would be dropped")),
+        (1, true) => (
+            true,
+            format!(
+                "rp_filter=1 (strict) on {uplink}; returning packets are delivered by the datapath, not routed"
+            ),
+        ),
+        (1, false) => (
+            false,
+            format!(
+                "rp_filter=1 (strict) on {uplink} and the uplink program is not attached: returning packets would be dropped"
+            ),
+        ),
         (value, _) => (true, format!("rp_filter={value} on {uplink}")),
     };
     check("rp_filter", ok, detail)
@@ -83,12 +123,15 @@ struct MasqueradeRule {
 /// Reads `iptables-save -t nat` output (IPv4; ip-masq-agent writes iptables rules).
 fn masquerade_rules(iptables_save: &str) -> Vec<MasqueradeRule> {
     let mut rules = Vec::new();
-    let mut returns: std::collections::HashMap<String, Vec<IpNet>> = std::collections::HashMap::new();
+    let mut returns: std::collections::HashMap<String, Vec<IpNet>> =
+        std::collections::HashMap::new();
     // Chains where a mark decides what is masqueraded (kube-proxy's KUBE-POSTROUTING
     // returns unmarked packets first): ordinary Pod traffic carries no such mark.
     let mut mark_guarded: std::collections::HashSet<String> = std::collections::HashSet::new();
     for line in iptables_save.lines() {
-        let Some(rest) = line.strip_prefix("-A ") else { continue };
+        let Some(rest) = line.strip_prefix("-A ") else {
+            continue;
+        };
         let words: Vec<&str> = rest.split_whitespace().collect();
         let Some(chain) = words.first() else { continue };
         let mut source = None;
@@ -101,7 +144,11 @@ fn masquerade_rules(iptables_save: &str) -> Vec<MasqueradeRule> {
             if negated {
                 i += 1;
             }
-            let value = words.get(i + 1).and_then(|v| v.parse::<IpNet>().ok().or_else(|| v.parse::<IpAddr>().ok().map(IpNet::from)));
+            let value = words.get(i + 1).and_then(|v| {
+                v.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| v.parse::<IpAddr>().ok().map(IpNet::from))
+            });
             match words.get(i).copied() {
                 Some("-s") => source = value,
                 Some("-d") if negated => negated_destination = value,
@@ -152,10 +199,18 @@ fn masquerades_pod_traffic(rule: &MasqueradeRule, pod_cidr: &IpNet) -> bool {
 pub fn masquerade(pod_cidrs: &[IpNet]) -> Check {
     let name = "masquerade";
     let Ok(output) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
-        return check(name, true, "iptables-save not found: no iptables nat rules to check");
+        return check(
+            name,
+            true,
+            "iptables-save not found: no iptables nat rules to check",
+        );
     };
     let text = String::from_utf8_lossy(&output.stdout);
-    let v4: Vec<IpNet> = pod_cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).copied().collect();
+    let v4: Vec<IpNet> = pod_cidrs
+        .iter()
+        .filter(|c| matches!(c, IpNet::V4(_)))
+        .copied()
+        .collect();
     masquerade_from(&text, &v4)
 }
 
@@ -168,7 +223,14 @@ fn masquerade_from(iptables_save: &str, pod_cidrs: &[IpNet]) -> Check {
             } else {
                 format!("exclude {cidr} as a destination from this rule")
             };
-            return check(name, false, format!("`{}` would masquerade Pod-to-Pod traffic of {cidr}, hiding it from the gateway: {fix}", rule.text));
+            return check(
+                name,
+                false,
+                format!(
+                    "`{}` would masquerade Pod-to-Pod traffic of {cidr}, hiding it from the gateway: {fix}",
+                    rule.text
+                ),
+            );
         }
     }
     check(name, true, "no nat rule masquerades Pod-to-Pod traffic")
@@ -199,7 +261,11 @@ COMMIT
         let pods = ["192.168.52.0/24".parse().unwrap()];
         let result = masquerade_from(IP_MASQ_AGENT, &pods);
         assert!(!result.ok);
-        assert!(result.detail.contains("nonMasqueradeCIDRs"), "{}", result.detail);
+        assert!(
+            result.detail.contains("nonMasqueradeCIDRs"),
+            "{}",
+            result.detail
+        );
     }
 
     #[test]
@@ -212,7 +278,13 @@ COMMIT
     fn rules_that_cannot_match_pod_traffic_are_ignored() {
         let rules = "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n-A POSTROUTING ! -d 10.0.0.0/8 -j MASQUERADE\n";
         assert!(masquerade_from(rules, &["10.52.0.0/24".parse().unwrap()]).ok);
-        assert!(!masquerade_from("-A POSTROUTING -j MASQUERADE\n", &["10.52.0.0/24".parse().unwrap()]).ok);
+        assert!(
+            !masquerade_from(
+                "-A POSTROUTING -j MASQUERADE\n",
+                &["10.52.0.0/24".parse().unwrap()]
+            )
+            .ok
+        );
     }
 
     #[test]

@@ -232,20 +232,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let env = Layer::from_env(std::env::vars())?;
             let config = NodeConfig::resolve(file.overridden_by(args.layer()).overridden_by(env))?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting tokio")?;
             runtime.block_on(visibility::daemon::run(pin_dir, config))?;
         }
         Command::Status { json } => return Ok(cli::status::status(&pin_dir, json)?),
         Command::Enable => cli::control::set_enabled(&pin_dir, true)?,
         Command::Disable => cli::control::set_enabled(&pin_dir, false)?,
         Command::Exempt(ExemptCommand::Add { rule }) => cli::control::exempt_add(&pin_dir, &rule)?,
-        Command::Exempt(ExemptCommand::Remove { rule }) => cli::control::exempt_remove(&pin_dir, &rule)?,
+        Command::Exempt(ExemptCommand::Remove { rule }) => {
+            cli::control::exempt_remove(&pin_dir, &rule)?
+        }
         Command::Exempt(ExemptCommand::List { json }) => cli::control::exempt_list(&pin_dir, json)?,
-        Command::PodCidr(PodCidrCommand::Add { cidr }) => cli::control::pod_cidr_add(&pin_dir, &cidr)?,
-        Command::PodCidr(PodCidrCommand::Remove { cidr }) => cli::control::pod_cidr_remove(&pin_dir, &cidr)?,
-        Command::PodCidr(PodCidrCommand::List { json }) => cli::control::pod_cidr_list(&pin_dir, json)?,
+        Command::PodCidr(PodCidrCommand::Add { cidr }) => {
+            cli::control::pod_cidr_add(&pin_dir, &cidr)?
+        }
+        Command::PodCidr(PodCidrCommand::Remove { cidr }) => {
+            cli::control::pod_cidr_remove(&pin_dir, &cidr)?
+        }
+        Command::PodCidr(PodCidrCommand::List { json }) => {
+            cli::control::pod_cidr_list(&pin_dir, json)?
+        }
         Command::Flows(args) => {
-            let filters = args.filter.iter().map(|f| f.parse::<Filter>()).collect::<Result<Vec<_>, _>>()?;
+            let filters = args
+                .filter
+                .iter()
+                .map(|f| f.parse::<Filter>())
+                .collect::<Result<Vec<_>, _>>()?;
             let query = FlowsQuery {
                 filters,
                 sort: args.sort,

@@ -124,21 +124,27 @@ impl Maps {
 
     pub fn add_pod_cidr(&mut self, net: &IpNet) -> Result<(), MapsError> {
         let net = net.trunc();
-        match family_of(&net) {
-            Family::V4 => self.pods_v4.insert(&v4_key(&net), 1, 0),
-            Family::V6 => self.pods_v6.insert(&v6_key(&net), 1, 0),
-        }
-        .map_err(|e| full_or(e, map_names::POD_CIDRS_V4, visibility_common::MAX_POD_CIDRS))
+        let (result, map) = match family_of(&net) {
+            Family::V4 => (
+                self.pods_v4.insert(&v4_key(&net), 1, 0),
+                map_names::POD_CIDRS_V4,
+            ),
+            Family::V6 => (
+                self.pods_v6.insert(&v6_key(&net), 1, 0),
+                map_names::POD_CIDRS_V6,
+            ),
+        };
+        result.map_err(|e| full_or(e, map, visibility_common::MAX_POD_CIDRS))
     }
 
     /// Removes a Pod CIDR; false when it was not there.
     pub fn remove_pod_cidr(&mut self, net: &IpNet) -> Result<bool, MapsError> {
         let net = net.trunc();
-        let result = match family_of(&net) {
-            Family::V4 => self.pods_v4.remove(&v4_key(&net)),
-            Family::V6 => self.pods_v6.remove(&v6_key(&net)),
+        let (result, map) = match family_of(&net) {
+            Family::V4 => (self.pods_v4.remove(&v4_key(&net)), map_names::POD_CIDRS_V4),
+            Family::V6 => (self.pods_v6.remove(&v6_key(&net)), map_names::POD_CIDRS_V6),
         };
-        absent_is_false(result, map_names::POD_CIDRS_V4)
+        absent_is_false(result, map)
     }
 
     pub fn pod_cidrs(&self) -> Vec<IpNet> {

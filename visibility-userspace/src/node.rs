@@ -9,12 +9,14 @@ use std::{
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState,
+    },
     route::{RouteAddress, RouteAttribute, RouteMessage},
 };
-use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 use visibility_common::packet::Family;
 
@@ -116,7 +118,8 @@ fn interface(message: &LinkMessage) -> Interface {
         name: String::new(),
         kind: String::new(),
         master: None,
-        up: message.header.flags.contains(LinkFlags::Up) && message.header.flags.contains(LinkFlags::LowerUp),
+        up: message.header.flags.contains(LinkFlags::Up)
+            && message.header.flags.contains(LinkFlags::LowerUp),
         mac: None,
     };
     for attribute in &message.attributes {
@@ -170,8 +173,16 @@ fn route(message: &RouteMessage, family: Family) -> Option<Route> {
         Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    let destination = IpNet::new(destination.unwrap_or(unspecified), message.header.destination_prefix_length).ok()?;
-    Some(Route { destination, gateway, oif })
+    let destination = IpNet::new(
+        destination.unwrap_or(unspecified),
+        message.header.destination_prefix_length,
+    )
+    .ok()?;
+    Some(Route {
+        destination,
+        gateway,
+        oif,
+    })
 }
 
 impl NodeView {
@@ -193,7 +204,11 @@ impl NodeView {
             }
         }
         let mut addresses = handle.address().get().execute();
-        while let Some(message) = addresses.try_next().await.map_err(request("listing addresses"))? {
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(request("listing addresses"))?
+        {
             for attribute in &message.attributes {
                 if let netlink_packet_route::address::AddressAttribute::Address(addr) = attribute {
                     view.addresses.push((message.header.index, *addr));
@@ -201,16 +216,30 @@ impl NodeView {
             }
         }
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut neighbours = handle.neighbours().get().set_address_family(family).execute();
-            while let Some(message) = neighbours.try_next().await.map_err(request("listing neighbours"))? {
+            let mut neighbours = handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(message) = neighbours
+                .try_next()
+                .await
+                .map_err(request("listing neighbours"))?
+            {
                 let mut addr = None;
                 let mut lladdr = None;
                 let mut managed = false;
                 for attribute in &message.attributes {
                     match attribute {
-                        NeighbourAttribute::ExtFlags(flags) => managed = flags.contains(NeighbourExtFlags::Managed),
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => addr = Some(IpAddr::V4(*v4)),
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => addr = Some(IpAddr::V6(*v6)),
+                        NeighbourAttribute::ExtFlags(flags) => {
+                            managed = flags.contains(NeighbourExtFlags::Managed)
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            addr = Some(IpAddr::V4(*v4))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                            addr = Some(IpAddr::V6(*v6))
+                        }
                         NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = mac(bytes),
                         _ => {}
                     }
@@ -241,13 +270,17 @@ impl NodeView {
     pub fn default_route(&self, family: Family) -> Option<(u32, IpAddr)> {
         self.routes
             .iter()
-            .filter(|r| r.destination.prefix_len() == 0 && crate::net::family_of(&r.destination) == family)
+            .filter(|r| {
+                r.destination.prefix_len() == 0 && crate::net::family_of(&r.destination) == family
+            })
             .find_map(|r| Some((r.oif?, r.gateway?)))
     }
 
     /// The neighbour entry for an address on an interface.
     pub fn neighbour(&self, ifindex: u32, addr: &IpAddr) -> Option<&Neighbour> {
-        self.neighbours.iter().find(|n| n.ifindex == ifindex && n.addr == *addr)
+        self.neighbours
+            .iter()
+            .find(|n| n.ifindex == ifindex && n.addr == *addr)
     }
 
     /// Every address the node owns.
@@ -263,8 +296,15 @@ impl NodeView {
 /// Linux 5.16+), so that redirected packets never wait for ARP/NDP. On older kernels
 /// it asks for one resolution now (`NTF_USE`); the daemon repeats that each reconcile.
 pub async fn keep_resolved(handle: &Handle, ifindex: u32, addr: IpAddr) -> Result<(), NodeError> {
-    let mut managed = handle.neighbours().add(ifindex, addr).state(NeighbourState::None).replace();
-    managed.message_mut().attributes.push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    let mut managed = handle
+        .neighbours()
+        .add(ifindex, addr)
+        .state(NeighbourState::None)
+        .replace();
+    managed
+        .message_mut()
+        .attributes
+        .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
     if managed.execute().await.is_ok() {
         return Ok(());
     }
@@ -282,15 +322,28 @@ pub async fn keep_resolved(handle: &Handle, ifindex: u32, addr: IpAddr) -> Resul
 /// Removes a managed neighbour entry, leaving the kernel to learn it as usual.
 pub async fn forget_managed(handle: &Handle, ifindex: u32, addr: IpAddr) -> Result<(), NodeError> {
     let view = NodeView::read(handle).await?;
-    let Some(_) = view.neighbour(ifindex, &addr).filter(|n| n.managed) else { return Ok(()) };
+    let Some(_) = view.neighbour(ifindex, &addr).filter(|n| n.managed) else {
+        return Ok(());
+    };
     let mut request_message = netlink_packet_route::neighbour::NeighbourMessage::default();
-    request_message.header.family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    request_message.header.family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     request_message.header.ifindex = ifindex;
-    request_message.attributes.push(NeighbourAttribute::Destination(match addr {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-    }));
-    handle.neighbours().del(request_message).execute().await.map_err(request("removing the managed neighbour"))
+    request_message
+        .attributes
+        .push(NeighbourAttribute::Destination(match addr {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+    handle
+        .neighbours()
+        .del(request_message)
+        .execute()
+        .await
+        .map_err(request("removing the managed neighbour"))
 }
 
 /// Opens a netlink connection and runs it on the current tokio runtime.
@@ -306,11 +359,17 @@ pub fn subscribe() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError
     use futures::StreamExt as _;
     use netlink_sys::AsyncSocket as _;
     use rtnetlink::constants::{
-        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH,
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+        RTMGRP_NEIGH,
     };
-    let (mut connection, _, mut messages) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
-    let groups =
-        RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE | RTMGRP_NEIGH;
+    let (mut connection, _, mut messages) =
+        rtnetlink::new_connection().map_err(NodeError::Connect)?;
+    let groups = RTMGRP_LINK
+        | RTMGRP_IPV4_IFADDR
+        | RTMGRP_IPV4_ROUTE
+        | RTMGRP_IPV6_IFADDR
+        | RTMGRP_IPV6_ROUTE
+        | RTMGRP_NEIGH;
     connection
         .socket_mut()
         .socket_mut()

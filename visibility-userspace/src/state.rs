@@ -3,8 +3,7 @@
 //! discovered, what failed, and the health checks).
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -17,7 +16,13 @@ pub fn state_dir(pin_dir: &Path) -> PathBuf {
         .to_string_lossy()
         .trim_matches('/')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     Path::new("/run/visibility").join(slug)
 }
@@ -99,11 +104,19 @@ impl DaemonStatus {
     pub fn write(&self, pin_dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         let dir = state_dir(pin_dir);
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let tmp = dir.join("status.json.tmp");
         {
             use io::Write as _;
-            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             file.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
         }
         fs::rename(tmp, Self::path(pin_dir))
@@ -128,7 +141,10 @@ impl DaemonStatus {
 fn process_alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
         .is_some_and(|dead| !dead)
 }
 
@@ -138,8 +154,14 @@ mod tests {
 
     #[test]
     fn state_dirs_differ_per_pin_dir() {
-        assert_eq!(state_dir(Path::new("/sys/fs/bpf/visibility")), Path::new("/run/visibility/sys_fs_bpf_visibility"));
-        assert_ne!(state_dir(Path::new("/sys/fs/bpf/a")), state_dir(Path::new("/sys/fs/bpf/b")));
+        assert_eq!(
+            state_dir(Path::new("/sys/fs/bpf/visibility")),
+            Path::new("/run/visibility/sys_fs_bpf_visibility")
+        );
+        assert_ne!(
+            state_dir(Path::new("/sys/fs/bpf/a")),
+            state_dir(Path::new("/sys/fs/bpf/b"))
+        );
     }
 
     #[test]

@@ -42,10 +42,12 @@ pub fn exempt_remove(pin_dir: &Path, rule: &str) -> Result<(), CliError> {
     let before = all.len();
     all.retain(|e| *e != exemption);
     if all.len() == before {
-        return Err(CliError::Input(crate::error::InputError::NotPresent(format!(
-            "{} is not exempt; `visibility exempt list` shows what is",
-            format_exemption(&exemption)
-        ))));
+        return Err(CliError::Input(crate::error::InputError::NotPresent(
+            format!(
+                "{} is not exempt; `visibility exempt list` shows what is",
+                format_exemption(&exemption)
+            ),
+        )));
     }
     maps.set_exemptions(&all)?;
     println!("no longer exempt: {}", format_exemption(&exemption));
@@ -81,7 +83,13 @@ pub fn exempt_list(pin_dir: &Path, json: bool) -> Result<(), CliError> {
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| vec![r.cidr.clone(), r.protocol.clone(), r.port.map_or("any".into(), |p| p.to_string())])
+        .map(|r| {
+            vec![
+                r.cidr.clone(),
+                r.protocol.clone(),
+                r.port.map_or("any".into(), |p| p.to_string()),
+            ]
+        })
         .collect();
     println!("{}", output::table(&["CIDR", "PROTOCOL", "PORT"], &cells));
     Ok(())
@@ -103,9 +111,9 @@ pub fn pod_cidr_remove(pin_dir: &Path, cidr: &str) -> Result<(), CliError> {
     let net = parse_cidr(cidr)?.trunc();
     let mut maps = open_maps(pin_dir)?;
     if !maps.remove_pod_cidr(&net)? {
-        return Err(CliError::Input(crate::error::InputError::NotPresent(format!(
-            "{net} is not a Pod CIDR; `visibility pod-cidr list` shows them"
-        ))));
+        return Err(CliError::Input(crate::error::InputError::NotPresent(
+            format!("{net} is not a Pod CIDR; `visibility pod-cidr list` shows them"),
+        )));
     }
     println!("Pod CIDR removed: {net}");
     Ok(())

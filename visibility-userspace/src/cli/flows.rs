@@ -24,9 +24,13 @@ pub fn read(maps: &Maps, query: &FlowsQuery) -> Vec<FlowRecord> {
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    select(read_all(maps.flows()), &query.filters, query.sort, query.limit, |k, s| {
-        record(k, s, &clock, &query.node_name, &name_of)
-    })
+    select(
+        read_all(maps.flows()),
+        &query.filters,
+        query.sort,
+        query.limit,
+        |k, s| record(k, s, &clock, &query.node_name, &name_of),
+    )
 }
 
 fn render(records: &[FlowRecord]) -> String {
@@ -48,10 +52,29 @@ fn render(records: &[FlowRecord]) -> String {
             ]
         })
         .collect();
-    output::table(&["SOURCE", "DESTINATION", "PROTO", "PACKETS", "BYTES", "RETURNED", "FIRST", "LAST", "TCP FLAGS", "PATH"], &rows)
+    output::table(
+        &[
+            "SOURCE",
+            "DESTINATION",
+            "PROTO",
+            "PACKETS",
+            "BYTES",
+            "RETURNED",
+            "FIRST",
+            "LAST",
+            "TCP FLAGS",
+            "PATH",
+        ],
+        &rows,
+    )
 }
 
-pub fn flows(pin_dir: &Path, query: &FlowsQuery, json: bool, watch: Option<Duration>) -> Result<(), CliError> {
+pub fn flows(
+    pin_dir: &Path,
+    query: &FlowsQuery,
+    json: bool,
+    watch: Option<Duration>,
+) -> Result<(), CliError> {
     let maps = open_maps(pin_dir)?;
     let Some(interval) = watch else {
         let records = read(&maps, query);
@@ -59,7 +82,10 @@ pub fn flows(pin_dir: &Path, query: &FlowsQuery, json: bool, watch: Option<Durat
             return Ok(output::json(&records)?);
         }
         println!("{}", render(&records));
-        println!("{} flows (times are UTC; RETURNED counts packets that came back from the gateway)", records.len());
+        println!(
+            "{} flows (times are UTC; RETURNED counts packets that came back from the gateway)",
+            records.len()
+        );
         return Ok(());
     };
     // A live view for people at a terminal: redraw in place, like top.
@@ -67,7 +93,12 @@ pub fn flows(pin_dir: &Path, query: &FlowsQuery, json: bool, watch: Option<Durat
         let records = read(&maps, query);
         let mut out = std::io::stdout().lock();
         write!(out, "\x1b[H\x1b[2J")?;
-        writeln!(out, "visibility flows --watch: {} flows, refreshing every {:?}; Ctrl-C quits\n", records.len(), interval)?;
+        writeln!(
+            out,
+            "visibility flows --watch: {} flows, refreshing every {:?}; Ctrl-C quits\n",
+            records.len(),
+            interval
+        )?;
         writeln!(out, "{}", render(&records))?;
         out.flush()?;
         drop(out);

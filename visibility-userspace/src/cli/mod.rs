@@ -31,7 +31,9 @@ pub enum CliError {
     #[error(transparent)]
     Node(#[from] NodeError),
     /// The pin directory is not on bpffs.
-    #[error("{0} is not on a bpffs mount; pass the --pin-dir the daemon uses (default /sys/fs/bpf/visibility)")]
+    #[error(
+        "{0} is not on a bpffs mount; pass the --pin-dir the daemon uses (default /sys/fs/bpf/visibility)"
+    )]
     NotBpffs(PathBuf),
     /// Writing to the terminal failed.
     #[error("writing output: {0}")]
@@ -40,8 +42,12 @@ pub enum CliError {
 
 /// Opens the maps under `pin_dir`, after checking that it is on bpffs.
 pub fn open_maps(pin_dir: &Path) -> Result<Maps, CliError> {
-    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let on_bpffs = nix::sys::statfs::statfs(existing).is_ok_and(|fs| fs.filesystem_type().0 == 0xcafe_4a11);
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let on_bpffs =
+        nix::sys::statfs::statfs(existing).is_ok_and(|fs| fs.filesystem_type().0 == 0xcafe_4a11);
     if !on_bpffs {
         return Err(CliError::NotBpffs(pin_dir.to_owned()));
     }

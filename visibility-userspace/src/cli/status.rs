@@ -39,7 +39,12 @@ pub fn status(pin_dir: &Path, json: bool) -> Result<ExitCode, CliError> {
     let counters = maps
         .counters()?
         .into_iter()
-        .map(|(hook, counter, value)| CounterRow { hook: hook.name(), counter: counter.name(), packets: value.packets, bytes: value.bytes })
+        .map(|(hook, counter, value)| CounterRow {
+            hook: hook.name(),
+            counter: counter.name(),
+            packets: value.packets,
+            bytes: value.bytes,
+        })
         .collect();
     let status = Status {
         enabled: settings.enabled != 0,
@@ -56,17 +61,26 @@ pub fn status(pin_dir: &Path, json: bool) -> Result<ExitCode, CliError> {
     } else {
         print_text(&status);
     }
-    Ok(if status.healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_text(status: &Status) {
-    println!("Visibility:     {}", if status.enabled { "on" } else { "off" });
+    println!(
+        "Visibility:     {}",
+        if status.enabled { "on" } else { "off" }
+    );
     match &status.daemon {
         Some(d) => println!(
             "Daemon:         running (pid {}, node {}, {} datapath, {} attach, since {})",
             d.pid, d.node_name, d.origin, d.attach_mode, d.started_at
         ),
-        None => println!("Daemon:         NOT RUNNING: the datapath keeps its last state; start `visibility daemon`"),
+        None => println!(
+            "Daemon:         NOT RUNNING: the datapath keeps its last state; start `visibility daemon`"
+        ),
     }
     if let Some(d) = &status.daemon {
         for u in &d.uplinks {
@@ -78,13 +92,20 @@ fn print_text(status: &Status) {
                 if u.up { "up" } else { "DOWN" },
                 u.gateway,
                 u.gateway_mac.as_deref().unwrap_or("(unresolved)"),
-                if u.attached { "attached" } else { "NOT attached" },
+                if u.attached {
+                    "attached"
+                } else {
+                    "NOT attached"
+                },
             );
         }
     }
     println!("Pod CIDRs:      {}", list_or_none(&status.pod_cidrs));
     println!("Exempt:         {}", list_or_none(&status.exempt));
-    println!("Flow map:       {} entries at most", status.flow_map_capacity);
+    println!(
+        "Flow map:       {} entries at most",
+        status.flow_map_capacity
+    );
     if let Some(d) = &status.daemon {
         let r = &d.records;
         println!(
@@ -100,20 +121,43 @@ fn print_text(status: &Status) {
                     p.name.clone(),
                     p.ifindex.to_string(),
                     p.reason.clone(),
-                    if p.attached { "yes".into() } else { format!("NO {}", p.error.clone().unwrap_or_default()) },
+                    if p.attached {
+                        "yes".into()
+                    } else {
+                        format!("NO {}", p.error.clone().unwrap_or_default())
+                    },
                 ]
             })
             .collect();
-        println!("{}", indent(&output::table(&["INTERFACE", "IFINDEX", "FOUND BY", "ATTACHED"], &rows)));
+        println!(
+            "{}",
+            indent(&output::table(
+                &["INTERFACE", "IFINDEX", "FOUND BY", "ATTACHED"],
+                &rows
+            ))
+        );
     }
     let rows: Vec<Vec<String>> = status
         .counters
         .iter()
         .filter(|c| c.packets > 0)
-        .map(|c| vec![c.hook.to_owned(), c.counter.to_owned(), c.packets.to_string(), c.bytes.to_string()])
+        .map(|c| {
+            vec![
+                c.hook.to_owned(),
+                c.counter.to_owned(),
+                c.packets.to_string(),
+                c.bytes.to_string(),
+            ]
+        })
         .collect();
     println!("\nCounters (non-zero; --json shows all):");
-    println!("{}", indent(&output::table(&["HOOK", "COUNTER", "PACKETS", "BYTES"], &rows)));
+    println!(
+        "{}",
+        indent(&output::table(
+            &["HOOK", "COUNTER", "PACKETS", "BYTES"],
+            &rows
+        ))
+    );
     if let Some(d) = &status.daemon {
         println!("\nHealth:");
         for Check { name, ok, detail } in &d.checks {
@@ -123,9 +167,16 @@ fn print_text(status: &Status) {
 }
 
 fn list_or_none(items: &[String]) -> String {
-    if items.is_empty() { "(none)".to_owned() } else { items.join(", ") }
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -58,8 +58,12 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     {
         return Err(DaemonError::Input(InputError::NoInterface(uplink.clone())));
     }
-    let (mut datapath, origin) =
-        Datapath::open(&pin_dir, &LoadOptions { flow_capacity: config.flow_capacity })?;
+    let (mut datapath, origin) = Datapath::open(
+        &pin_dir,
+        &LoadOptions {
+            flow_capacity: config.flow_capacity,
+        },
+    )?;
     let mut maps = Maps::open(datapath.pins())?;
     seed_maps(&mut maps, &config, origin)?;
     info!(
@@ -71,10 +75,12 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 
     let shared = Arc::new(Shared::default());
     if let Some(addr) = config.metrics_addr {
-        let bound = crate::metrics::serve(addr, datapath.pins().clone(), shared.clone()).map_err(DaemonError::Metrics)?;
+        let bound = crate::metrics::serve(addr, datapath.pins().clone(), shared.clone())
+            .map_err(DaemonError::Metrics)?;
         info!(%bound, "serving Prometheus metrics on /metrics");
     }
-    let sink = Sink::start(config.records.clone(), shared.records.clone()).map_err(DaemonError::Records)?;
+    let sink = Sink::start(config.records.clone(), shared.records.clone())
+        .map_err(DaemonError::Records)?;
     spawn_reader(
         datapath.pins().clone(),
         Duration::from_secs(config.records_interval_secs),
@@ -134,7 +140,9 @@ fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(),
         maps.set_exemptions(&exemptions)?;
     }
     if maps.pod_cidrs().is_empty() {
-        warn!("no Pod CIDRs: nothing will be redirected until one is added (--pod-cidr, or `visibility pod-cidr add`)");
+        warn!(
+            "no Pod CIDRs: nothing will be redirected until one is added (--pod-cidr, or `visibility pod-cidr add`)"
+        );
     }
     Ok(())
 }

@@ -45,7 +45,10 @@ fn family_name(family: Family) -> &'static str {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Reconciler {
@@ -81,7 +84,12 @@ impl Reconciler {
         keep_gateways_resolved(handle, &view, &uplinks).await;
         self.sync_node_addrs(&view, maps);
         let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
-        let pods = discovery::pod_interfaces(&view, &maps.pod_cidrs(), self.glob.as_ref(), &uplink_indexes);
+        let pods = discovery::pod_interfaces(
+            &view,
+            &maps.pod_cidrs(),
+            self.glob.as_ref(),
+            &uplink_indexes,
+        );
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
         sync_pod_ifaces(maps, &pods);
         let status = self.status(&view, datapath, maps, &uplinks, &pods);
@@ -96,18 +104,31 @@ impl Reconciler {
 
     fn sync_uplinks(&self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
         let mut found = Vec::new();
-        let Ok(settings) = maps.settings() else { return found };
-        for (family, configured) in [(Family::V4, self.config.gateway_v4), (Family::V6, self.config.gateway_v6)] {
-            let wanted = match discovery::uplink(view, family, self.config.uplink.as_deref(), configured) {
-                Ok(uplink) => {
-                    let gateway = Gateway { ifindex: uplink.ifindex, addr: addr_bytes(&uplink.gateway) };
-                    found.push(uplink);
-                    gateway
-                }
-                Err(_) => Gateway::default(),
-            };
+        let Ok(settings) = maps.settings() else {
+            return found;
+        };
+        for (family, configured) in [
+            (Family::V4, self.config.gateway_v4),
+            (Family::V6, self.config.gateway_v6),
+        ] {
+            let wanted =
+                match discovery::uplink(view, family, self.config.uplink.as_deref(), configured) {
+                    Ok(uplink) => {
+                        let gateway = Gateway {
+                            ifindex: uplink.ifindex,
+                            addr: addr_bytes(&uplink.gateway),
+                        };
+                        found.push(uplink);
+                        gateway
+                    }
+                    Err(_) => Gateway::default(),
+                };
             if *settings.gateway(family) != wanted {
-                info!(family = family_name(family), ifindex = wanted.ifindex, "gateway changed");
+                info!(
+                    family = family_name(family),
+                    ifindex = wanted.ifindex,
+                    "gateway changed"
+                );
                 if let Err(error) = maps.set_gateway(family, wanted) {
                     warn!(%error, "setting the gateway");
                 }
@@ -129,27 +150,45 @@ impl Reconciler {
         }
     }
 
-    fn sync_attachments(&mut self, view: &NodeView, datapath: &mut Datapath, pods: &[PodInterface], uplinks: &[u32]) {
+    fn sync_attachments(
+        &mut self,
+        view: &NodeView,
+        datapath: &mut Datapath,
+        pods: &[PodInterface],
+        uplinks: &[u32],
+    ) {
         let mut wanted: Vec<(u32, ProgramKind)> = Vec::new();
         for pod in pods {
             wanted.extend(ProgramKind::POD.iter().map(|kind| (pod.ifindex, *kind)));
         }
-        wanted.extend(uplinks.iter().map(|ifindex| (*ifindex, ProgramKind::UplinkIngress)));
+        wanted.extend(
+            uplinks
+                .iter()
+                .map(|ifindex| (*ifindex, ProgramKind::UplinkIngress)),
+        );
         for (ifindex, kind) in datapath.attachments() {
             if !wanted.contains(&(ifindex, kind)) {
                 let name = view.interface(ifindex).map(|i| i.name.clone());
                 match datapath.detach(name.as_deref(), ifindex, kind) {
-                    Ok(()) => info!(ifindex, interface = name.as_deref().unwrap_or("(gone)"), program = kind.name(), "detached"),
+                    Ok(()) => info!(
+                        ifindex,
+                        interface = name.as_deref().unwrap_or("(gone)"),
+                        program = kind.name(),
+                        "detached"
+                    ),
                     Err(error) => warn!(ifindex, %error, "detaching"),
                 }
             }
         }
-        self.attach_errors.retain(|ifindex, _| wanted.iter().any(|(i, _)| i == ifindex));
+        self.attach_errors
+            .retain(|ifindex, _| wanted.iter().any(|(i, _)| i == ifindex));
         for (ifindex, kind) in wanted {
             if datapath.is_attached(ifindex, kind) {
                 continue;
             }
-            let Some(name) = view.interface(ifindex).map(|i| i.name.clone()) else { continue };
+            let Some(name) = view.interface(ifindex).map(|i| i.name.clone()) else {
+                continue;
+            };
             match datapath.attach(&name, ifindex, kind) {
                 Ok(()) => {
                     self.attach_errors.remove(&ifindex);
@@ -157,14 +196,23 @@ impl Reconciler {
                 }
                 Err(error) => {
                     warn!(interface = %name, ifindex, program = kind.name(), %error, "attach failed");
-                    self.shared.attach_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.shared
+                        .attach_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.attach_errors.insert(ifindex, error.to_string());
                 }
             }
         }
     }
 
-    fn status(&self, view: &NodeView, datapath: &Datapath, maps: &Maps, uplinks: &[Uplink], pods: &[PodInterface]) -> DaemonStatus {
+    fn status(
+        &self,
+        view: &NodeView,
+        datapath: &Datapath,
+        maps: &Maps,
+        uplinks: &[Uplink],
+        pods: &[PodInterface],
+    ) -> DaemonStatus {
         let mut checks = Vec::new();
         let mut uplink_states = Vec::new();
         for uplink in uplinks {
@@ -179,7 +227,10 @@ impl Reconciler {
                 ifindex: uplink.ifindex,
                 up,
                 gateway: uplink.gateway.to_string(),
-                gateway_mac: neighbour.filter(|n| n.is_resolved()).and_then(|n| n.mac.as_ref()).map(format_mac),
+                gateway_mac: neighbour
+                    .filter(|n| n.is_resolved())
+                    .and_then(|n| n.mac.as_ref())
+                    .map(format_mac),
                 attached: datapath.is_attached(uplink.ifindex, ProgramKind::UplinkIngress),
             });
         }
@@ -189,11 +240,17 @@ impl Reconciler {
                 name: pod.name.clone(),
                 ifindex: pod.ifindex,
                 reason: pod.reason.name().to_owned(),
-                attached: ProgramKind::POD.iter().all(|kind| datapath.is_attached(pod.ifindex, *kind)),
+                attached: ProgramKind::POD
+                    .iter()
+                    .all(|kind| datapath.is_attached(pod.ifindex, *kind)),
                 error: self.attach_errors.get(&pod.ifindex).cloned(),
             })
             .collect();
-        let unattached: Vec<String> = pod_states.iter().filter(|p| !p.attached).map(|p| p.name.clone()).collect();
+        let unattached: Vec<String> = pod_states
+            .iter()
+            .filter(|p| !p.attached)
+            .map(|p| p.name.clone())
+            .collect();
         checks.push(health::pod_interfaces_attached(&unattached));
         if let Some(v4) = uplink_states.iter().find(|u| u.family == "v4") {
             checks.push(health::rp_filter(&v4.uplink, v4.attached));
@@ -242,8 +299,12 @@ async fn keep_gateways_resolved(handle: &Handle, view: &NodeView, uplinks: &[Upl
             continue;
         }
         match crate::node::keep_resolved(handle, uplink.ifindex, uplink.gateway).await {
-            Ok(()) => info!(gateway = %uplink.gateway, uplink = %uplink.name, "keeping the gateway's neighbour entry resolved"),
-            Err(error) => warn!(gateway = %uplink.gateway, %error, "resolving the gateway's neighbour"),
+            Ok(()) => {
+                info!(gateway = %uplink.gateway, uplink = %uplink.name, "keeping the gateway's neighbour entry resolved")
+            }
+            Err(error) => {
+                warn!(gateway = %uplink.gateway, %error, "resolving the gateway's neighbour")
+            }
         }
     }
 }
@@ -255,7 +316,10 @@ fn sync_pod_ifaces(maps: &mut Maps, pods: &[PodInterface]) {
             warn!(ifindex = pod.ifindex, %error, "registering a Pod interface");
         }
     }
-    for ifindex in current.iter().filter(|i| !pods.iter().any(|p| p.ifindex == **i)) {
+    for ifindex in current
+        .iter()
+        .filter(|i| !pods.iter().any(|p| p.ifindex == **i))
+    {
         let _ = maps.remove_pod_iface(*ifindex);
     }
 }

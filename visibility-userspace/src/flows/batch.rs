@@ -47,7 +47,11 @@ fn lookup_batch(fd: i32) -> Option<Vec<(FlowKey, FlowStats)>> {
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { std::ptr::from_mut(&mut position) as u64 },
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut position) as u64
+            },
             out_batch: std::ptr::from_mut(&mut next) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -58,11 +62,25 @@ fn lookup_batch(fd: i32) -> Option<Vec<(FlowKey, FlowStats)>> {
         // SAFETY: attr points at buffers of `count` keys and values of the map's sizes,
         // and at two u32 batch positions, all alive for the call.
         let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, std::ptr::from_mut(&mut attr), size_of::<BatchAttr>())
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                std::ptr::from_mut(&mut attr),
+                size_of::<BatchAttr>(),
+            )
         };
-        let errno = if rc < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
+        let errno = if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error()
+        } else {
+            None
+        };
         let filled = attr.count as usize;
-        out.extend(keys[..filled].iter().copied().zip(values[..filled].iter().copied()));
+        out.extend(
+            keys[..filled]
+                .iter()
+                .copied()
+                .zip(values[..filled].iter().copied()),
+        );
         match errno {
             None => {}
             Some(libc::ENOENT) => return Some(out),

@@ -69,7 +69,12 @@ pub struct FlowRecord {
 /// TCP flag names, in bit order.
 pub fn tcp_flag_names(flags: u8) -> Vec<&'static str> {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    NAMES.iter().enumerate().filter(|(bit, _)| flags & (1 << bit) != 0).map(|(_, name)| *name).collect()
+    NAMES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| flags & (1 << bit) != 0)
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 #[cfg(test)]
@@ -79,7 +84,13 @@ mod tests {
     #[test]
     fn counts_are_strings_as_in_vpc_flow_logs() {
         let record = FlowRecord {
-            connection: Connection { src_ip: "10.52.0.2".into(), src_port: 4000, dest_ip: "10.52.0.3".into(), dest_port: 8080, protocol: 6 },
+            connection: Connection {
+                src_ip: "10.52.0.2".into(),
+                src_port: 4000,
+                dest_ip: "10.52.0.3".into(),
+                dest_port: 8080,
+                protocol: 6,
+            },
             bytes_sent: 1776,
             packets_sent: 12,
             start_time: "t0".into(),

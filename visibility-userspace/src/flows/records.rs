@@ -24,11 +24,21 @@ use super::{
 };
 
 /// Aggregation intervals VPC flow logs offer.
-pub const INTERVALS: [(&str, u64); 6] = [("5s", 5), ("30s", 30), ("1m", 60), ("5m", 300), ("10m", 600), ("15m", 900)];
+pub const INTERVALS: [(&str, u64); 6] = [
+    ("5s", 5),
+    ("30s", 30),
+    ("1m", 60),
+    ("5m", 300),
+    ("10m", 600),
+    ("15m", 900),
+];
 
 /// Parses one of [`INTERVALS`].
 pub fn parse_interval(text: &str) -> Option<Duration> {
-    INTERVALS.iter().find(|(name, _)| *name == text).map(|(_, secs)| Duration::from_secs(*secs))
+    INTERVALS
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, secs)| Duration::from_secs(*secs))
 }
 
 /// Where records go.
@@ -38,7 +48,11 @@ pub enum SinkSpec {
     #[default]
     Stdout,
     /// JSON lines in a file, rotated at `max_bytes` into `path.1` … `path.<keep>`.
-    File { path: PathBuf, max_bytes: u64, keep: u32 },
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        keep: u32,
+    },
     /// No records.
     Off,
 }
@@ -98,10 +112,14 @@ impl Aggregator {
         let mut records = Vec::new();
         for (key, stats) in entries {
             // A flow evicted and seen again since the last read starts from zero.
-            let before = self.previous.get(key).filter(|p| p.first_seen_ns == stats.first_seen_ns);
+            let before = self
+                .previous
+                .get(key)
+                .filter(|p| p.first_seen_ns == stats.first_seen_ns);
             let delta = |now: u64, then: Option<u64>| now.saturating_sub(then.unwrap_or(0));
             let packets = delta(stats.packets, before.map(|b| b.packets));
-            let returned_packets = delta(stats.returned_packets, before.map(|b| b.returned_packets));
+            let returned_packets =
+                delta(stats.returned_packets, before.map(|b| b.returned_packets));
             if packets > 0 || returned_packets > 0 {
                 let interval = FlowStats {
                     packets,
@@ -110,7 +128,11 @@ impl Aggregator {
                     returned_bytes: delta(stats.returned_bytes, before.map(|b| b.returned_bytes)),
                     // The first packet of this interval: the flow's first, or else no
                     // earlier than the previous read.
-                    first_seen_ns: if before.is_some() { self.last_read_boot_ns.max(stats.first_seen_ns) } else { stats.first_seen_ns },
+                    first_seen_ns: if before.is_some() {
+                        self.last_read_boot_ns.max(stats.first_seen_ns)
+                    } else {
+                        stats.first_seen_ns
+                    },
                     ..*stats
                 };
                 records.extend(record(key, &interval, clock, node_name, interface_name));
@@ -126,7 +148,11 @@ impl Aggregator {
                 },
             );
         }
-        let evicted = self.previous.keys().filter(|k| !current.contains_key(*k)).count() as u64;
+        let evicted = self
+            .previous
+            .keys()
+            .filter(|k| !current.contains_key(*k))
+            .count() as u64;
         self.previous = current;
         self.last_read_boot_ns = now_boot_ns;
         (records, evicted)
@@ -147,7 +173,11 @@ impl Sink {
         let sender = match spec {
             SinkSpec::Off => None,
             SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None)),
-            SinkSpec::File { path, max_bytes, keep } => {
+            SinkSpec::File {
+                path,
+                max_bytes,
+                keep,
+            } => {
                 let writer = RotatingFile::open(path, max_bytes, keep)?;
                 Some(spawn_writer(Box::new(writer.file_clone()?), Some(writer)))
             }
@@ -159,16 +189,23 @@ impl Sink {
     pub fn send(&self, records: &[FlowRecord]) {
         let Some(sender) = &self.sender else { return };
         for record in records {
-            let Ok(line) = serde_json::to_string(record) else { continue };
+            let Ok(line) = serde_json::to_string(record) else {
+                continue;
+            };
             match sender.try_send(line) {
                 Ok(()) => self.stats.emitted.fetch_add(1, Ordering::Relaxed),
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed)
+                }
             };
         }
     }
 }
 
-fn spawn_writer(out: Box<dyn io::Write + Send>, rotating: Option<RotatingFile>) -> SyncSender<String> {
+fn spawn_writer(
+    out: Box<dyn io::Write + Send>,
+    rotating: Option<RotatingFile>,
+) -> SyncSender<String> {
     let (sender, receiver) = sync_channel::<String>(QUEUE);
     std::thread::Builder::new()
         .name("flow-records".into())
@@ -177,7 +214,11 @@ fn spawn_writer(out: Box<dyn io::Write + Send>, rotating: Option<RotatingFile>) 
     sender
 }
 
-fn write_lines(receiver: Receiver<String>, mut out: Box<dyn io::Write + Send>, mut rotating: Option<RotatingFile>) {
+fn write_lines(
+    receiver: Receiver<String>,
+    mut out: Box<dyn io::Write + Send>,
+    mut rotating: Option<RotatingFile>,
+) {
     // Write what is queued, then flush once: one flush per burst, not per line.
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
@@ -212,11 +253,19 @@ impl RotatingFile {
             fs::create_dir_all(dir)?;
         }
         let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Ok(Self { path, max_bytes: max_bytes.max(1), keep, written })
+        Ok(Self {
+            path,
+            max_bytes: max_bytes.max(1),
+            keep,
+            written,
+        })
     }
 
     fn file_clone(&self) -> io::Result<fs::File> {
-        fs::OpenOptions::new().create(true).append(true).open(&self.path)
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
     }
 
     fn rotated(path: &Path, n: u32) -> PathBuf {
@@ -256,31 +305,38 @@ pub fn spawn_reader(
     stats: Arc<RecordStats>,
     node_name: String,
 ) -> io::Result<()> {
-    std::thread::Builder::new().name("flow-reader".into()).spawn(move || {
-        let maps = match crate::maps::Maps::open(&pins) {
-            Ok(maps) => maps,
-            Err(error) => {
-                tracing::error!(%error, "flow records disabled: opening the maps");
-                return;
+    std::thread::Builder::new()
+        .name("flow-reader".into())
+        .spawn(move || {
+            let maps = match crate::maps::Maps::open(&pins) {
+                Ok(maps) => maps,
+                Err(error) => {
+                    tracing::error!(%error, "flow records disabled: opening the maps");
+                    return;
+                }
+            };
+            let mut aggregator = Aggregator::default();
+            let mut next = Instant::now() + interval;
+            loop {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += interval;
+                let started = Instant::now();
+                let entries = super::batch::read_flows(maps.flows());
+                let clock = Clock::now();
+                let names = super::view::interface_names();
+                let name_of = |ifindex: u32| names.get(&ifindex).cloned();
+                let (records, evicted) =
+                    aggregator.interval(&entries, &clock, clock.boot_now(), &node_name, &name_of);
+                sink.send(&records);
+                stats.evictions.fetch_add(evicted, Ordering::Relaxed);
+                stats
+                    .active_flows
+                    .store(entries.len() as u64, Ordering::Relaxed);
+                stats
+                    .last_read_micros
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
-        };
-        let mut aggregator = Aggregator::default();
-        let mut next = Instant::now() + interval;
-        loop {
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            next += interval;
-            let started = Instant::now();
-            let entries = super::batch::read_flows(maps.flows());
-            let clock = Clock::now();
-            let names = super::view::interface_names();
-            let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-            let (records, evicted) = aggregator.interval(&entries, &clock, clock.boot_now(), &node_name, &name_of);
-            sink.send(&records);
-            stats.evictions.fetch_add(evicted, Ordering::Relaxed);
-            stats.active_flows.store(entries.len() as u64, Ordering::Relaxed);
-            stats.last_read_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -289,11 +345,24 @@ mod tests {
     use super::*;
 
     fn key(port: u16) -> FlowKey {
-        FlowKey { family: 4, protocol: 17, src_port: port, dst_port: 53, ..Default::default() }
+        FlowKey {
+            family: 4,
+            protocol: 17,
+            src_port: port,
+            dst_port: 53,
+            ..Default::default()
+        }
     }
 
     fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
-        FlowStats { packets, bytes: packets * 100, first_seen_ns, last_seen_ns: first_seen_ns + 10, path: 1, ..Default::default() }
+        FlowStats {
+            packets,
+            bytes: packets * 100,
+            first_seen_ns,
+            last_seen_ns: first_seen_ns + 10,
+            path: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -303,7 +372,13 @@ mod tests {
         let names = |_: u32| None;
         let mut total = 0;
         for (i, packets) in [3u64, 3, 10, 25].iter().enumerate() {
-            let (records, evicted) = aggregator.interval(&[(key(1), stats(*packets, 5))], &clock, i as u64 * 1000, "n", &names);
+            let (records, evicted) = aggregator.interval(
+                &[(key(1), stats(*packets, 5))],
+                &clock,
+                i as u64 * 1000,
+                "n",
+                &names,
+            );
             assert_eq!(evicted, 0);
             total += records.iter().map(|r| r.packets_sent).sum::<u64>();
             // An interval without traffic emits nothing.
@@ -317,8 +392,15 @@ mod tests {
         let clock = Clock::now();
         let mut aggregator = Aggregator::default();
         let names = |_: u32| None;
-        aggregator.interval(&[(key(1), stats(5, 1)), (key(2), stats(5, 1))], &clock, 0, "n", &names);
-        let (records, evicted) = aggregator.interval(&[(key(1), stats(2, 99))], &clock, 1, "n", &names);
+        aggregator.interval(
+            &[(key(1), stats(5, 1)), (key(2), stats(5, 1))],
+            &clock,
+            0,
+            "n",
+            &names,
+        );
+        let (records, evicted) =
+            aggregator.interval(&[(key(1), stats(2, 99))], &clock, 1, "n", &names);
         assert_eq!(evicted, 1);
         assert_eq!(records[0].packets_sent, 2);
     }
@@ -354,7 +436,10 @@ mod tests {
     fn a_full_queue_drops_and_counts() {
         let stats = Arc::new(RecordStats::default());
         let (sender, _receiver) = sync_channel::<String>(1);
-        let sink = Sink { sender: Some(sender), stats: stats.clone() };
+        let sink = Sink {
+            sender: Some(sender),
+            stats: stats.clone(),
+        };
         let clock = Clock::now();
         let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
         sink.send(&[r.clone(), r.clone(), r]);

@@ -20,7 +20,10 @@ impl Clock {
             .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
             .unwrap_or_default();
         let wall = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-        Self { wall_now_ns: wall, boot_now_ns: boot }
+        Self {
+            wall_now_ns: wall,
+            boot_now_ns: boot,
+        }
     }
 
     /// `CLOCK_BOOTTIME` now, in the datapath's unit.
@@ -33,7 +36,10 @@ impl Clock {
         let wall = self.wall_now_ns - (self.boot_now_ns - i128::from(boot_ns));
         time::OffsetDateTime::from_unix_timestamp_nanos(wall)
             .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_default()
     }
 }
@@ -69,7 +75,12 @@ impl FromStr for Filter {
             "dport" => Filter::DstPort(port()?),
             "port" => Filter::Port(port()?),
             "proto" | "protocol" => Filter::Protocol(parse_protocol(value)?),
-            "path" => Filter::Path((1..=u8::MAX).filter_map(Path::from_u8).find(|p| p.name() == value).ok_or_else(bad)?),
+            "path" => Filter::Path(
+                (1..=u8::MAX)
+                    .filter_map(Path::from_u8)
+                    .find(|p| p.name() == value)
+                    .ok_or_else(bad)?,
+            ),
             _ => return Err(bad()),
         })
     }
@@ -133,8 +144,12 @@ pub fn record(
         returned_bytes: stats.returned_bytes,
         tcp_flags: tcp_flag_names(stats.tcp_flags),
         node_name: node_name.to_owned(),
-        src_interface: (stats.ingress_ifindex != 0).then(|| interface_name(stats.ingress_ifindex)).flatten(),
-        dest_interface: (stats.egress_ifindex != 0).then(|| interface_name(stats.egress_ifindex)).flatten(),
+        src_interface: (stats.ingress_ifindex != 0)
+            .then(|| interface_name(stats.ingress_ifindex))
+            .flatten(),
+        dest_interface: (stats.egress_ifindex != 0)
+            .then(|| interface_name(stats.egress_ifindex))
+            .flatten(),
     })
 }
 
@@ -159,7 +174,10 @@ pub fn select(
         };
         order.then_with(|| ra.connection.src_ip.cmp(&rb.connection.src_ip))
     });
-    kept.into_iter().map(|(_, r)| r).take(limit.unwrap_or(usize::MAX)).collect()
+    kept.into_iter()
+        .map(|(_, r)| r)
+        .take(limit.unwrap_or(usize::MAX))
+        .collect()
 }
 
 pub use super::batch::read_flows as read_all;
@@ -167,7 +185,11 @@ pub use super::batch::read_flows as read_all;
 /// Interface names by ifindex, read once.
 pub fn interface_names() -> BTreeMap<u32, String> {
     nix::net::if_::if_nameindex()
-        .map(|list| list.iter().map(|i| (i.index(), i.name().to_string_lossy().into_owned())).collect())
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -177,16 +199,34 @@ mod tests {
 
     #[test]
     fn filters_parse() {
-        assert_eq!("src=10.0.0.1".parse::<Filter>().unwrap(), Filter::Src("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            "src=10.0.0.1".parse::<Filter>().unwrap(),
+            Filter::Src("10.0.0.1".parse().unwrap())
+        );
         assert_eq!("proto=udp".parse::<Filter>().unwrap(), Filter::Protocol(17));
-        assert_eq!("path=via_gateway".parse::<Filter>().unwrap(), Filter::Path(Path::ViaGateway));
-        for bad in ["src", "src=nope", "port=70000", "colour=red", "path=sideways"] {
+        assert_eq!(
+            "path=via_gateway".parse::<Filter>().unwrap(),
+            Filter::Path(Path::ViaGateway)
+        );
+        for bad in [
+            "src",
+            "src=nope",
+            "port=70000",
+            "colour=red",
+            "path=sideways",
+        ] {
             assert!(bad.parse::<Filter>().is_err(), "{bad}");
         }
     }
 
     fn key(src: [u8; 4], port: u16) -> FlowKey {
-        let mut k = FlowKey { family: 4, protocol: 6, src_port: port, dst_port: 80, ..Default::default() };
+        let mut k = FlowKey {
+            family: 4,
+            protocol: 6,
+            src_port: port,
+            dst_port: 80,
+            ..Default::default()
+        };
         k.src_addr[..4].copy_from_slice(&src);
         k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 9]);
         k
@@ -194,15 +234,34 @@ mod tests {
 
     #[test]
     fn select_filters_sorts_and_limits() {
-        let stats = |bytes, last| FlowStats { bytes, packets: 1, last_seen_ns: last, path: Path::ViaGateway as u8, ..Default::default() };
-        let entries = vec![(key([10, 0, 0, 1], 1), stats(10, 3)), (key([10, 0, 0, 2], 2), stats(30, 1)), (key([10, 0, 0, 3], 3), stats(20, 2))];
+        let stats = |bytes, last| FlowStats {
+            bytes,
+            packets: 1,
+            last_seen_ns: last,
+            path: Path::ViaGateway as u8,
+            ..Default::default()
+        };
+        let entries = vec![
+            (key([10, 0, 0, 1], 1), stats(10, 3)),
+            (key([10, 0, 0, 2], 2), stats(30, 1)),
+            (key([10, 0, 0, 3], 3), stats(20, 2)),
+        ];
         let clock = Clock::now();
         let to_record = |k: &FlowKey, s: &FlowStats| record(k, s, &clock, "n", &|_| None);
         let by_bytes = select(entries.clone(), &[], SortKey::Bytes, Some(2), to_record);
-        assert_eq!(by_bytes.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(), vec![30, 20]);
+        assert_eq!(
+            by_bytes.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
+            vec![30, 20]
+        );
         let by_last = select(entries.clone(), &[], SortKey::Last, None, to_record);
         assert_eq!(by_last[0].connection.src_port, 1);
-        let filtered = select(entries, &["sport=3".parse().unwrap()], SortKey::Bytes, None, to_record);
+        let filtered = select(
+            entries,
+            &["sport=3".parse().unwrap()],
+            SortKey::Bytes,
+            None,
+            to_record,
+        );
         assert_eq!(filtered.len(), 1);
     }
 }

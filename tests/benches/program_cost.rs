@@ -1,0 +1,285 @@
+//! What each TC program costs per packet, measured by the kernel with
+//! `BPF_PROG_TEST_RUN` and `repeat`, next to `bench_baseline` (parse and one Pod CIDR
+//! lookup, the least any program of this kind does).
+//!
+//! **Needs root** (a lab's network namespaces, loading BPF). Without root it says so and
+//! exits successfully.
+//!
+//! Run: `cargo bench -p visibility-tests --bench program_cost`
+//!
+//! Each sample is about a million runs; the table shows the median of five samples (and
+//! their spread). Programs that spend a hop change the packet on every run, and the
+//! kernel hands each run the skb the previous one left, so after 254 runs a TTL of 255
+//! would be spent and the rest would measure the pass path. Those cases therefore run in
+//! batches of 254 on a fresh copy of the frame. The bench checks the counters after each
+//! sample: every run must have taken the path the row names.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::SchedClassifier,
+};
+use visibility::datapath::{EBPF_OBJECT, ProgramKind};
+use visibility_common::{
+    counters::Counter, map_names, program_names, testing::FrameBuilder, testing::Transport,
+    verdict::Hook,
+};
+use visibility_tests::{
+    datapath_harness::{
+        DatapathLab, PinDirGuard, SkbCtx, TC_ACT_OK, TC_ACT_REDIRECT, hook_of,
+        retry_interrupted_load, time_runs, unique_pin_path,
+    },
+    lab::{POD_CIDR_V4, pod_ipv4},
+};
+
+/// Samples per case; the table shows their median.
+const SAMPLES: usize = 5;
+/// Runs per sample.
+const RUNS: u32 = 1_000_000;
+/// Runs per batch for cases that spend a hop: a TTL of 255 allows 254.
+const HOP_BATCH: u32 = 254;
+
+const SRC: usize = 0;
+const DST: usize = 1;
+
+/// What is measured.
+enum Target {
+    Datapath(ProgramKind),
+    Baseline,
+}
+
+struct Case {
+    target: Target,
+    what: &'static str,
+    frame: Vec<u8>,
+    ctx: SkbCtx,
+    /// The return value of every run.
+    action: u32,
+    /// The counter every run moves (datapath programs only).
+    counter: Option<Counter>,
+    /// Whether each run spends a hop, so runs must be batched.
+    spends_hop: bool,
+}
+
+impl Case {
+    fn program(&self) -> &'static str {
+        match self.target {
+            Target::Datapath(kind) => kind.name(),
+            Target::Baseline => program_names::BENCH_BASELINE,
+        }
+    }
+
+    /// (runs per batch, batches) for about [`RUNS`] runs.
+    fn batching(&self) -> (u32, u32) {
+        if self.spends_hop {
+            (HOP_BATCH, RUNS.div_ceil(HOP_BATCH))
+        } else {
+            (RUNS, 1)
+        }
+    }
+}
+
+fn udp_frame(src: [u8; 4], dst: [u8; 4]) -> FrameBuilder {
+    let transport = Transport::Udp {
+        src_port: 40000,
+        dst_port: 5000,
+    };
+    FrameBuilder::ipv4(src, dst, transport)
+        .payload(&[0x5a; 64])
+        .ttl(255)
+}
+
+/// `bench_baseline`, loaded on its own with its maps pinned in a scratch directory
+/// (its maps are declared pinned by name), and the lab's Pod CIDR in its map.
+struct Baseline {
+    ebpf: Ebpf,
+    // Dropped after the object.
+    _pins: PinDirGuard,
+}
+
+impl Baseline {
+    fn load() -> Result<Self> {
+        retry_interrupted_load(Self::load_once)
+    }
+
+    fn load_once() -> Result<Self> {
+        let pins = PinDirGuard::new(unique_pin_path("baseline"));
+        std::fs::create_dir_all(pins.path())
+            .with_context(|| format!("creating {}", pins.path().display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.path())
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let cidr: ipnet::Ipv4Net = POD_CIDR_V4.parse()?;
+        let map = ebpf
+            .map_mut(map_names::POD_CIDRS_V4)
+            .context("no Pod CIDR map")?;
+        let mut pods: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(map)?;
+        pods.insert(
+            &Key::new(u32::from(cidr.prefix_len()), cidr.network().octets()),
+            1,
+            0,
+        )?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(program_names::BENCH_BASELINE)
+            .context("no bench_baseline program")?
+            .try_into()?;
+        program.load()?;
+        Ok(Self { ebpf, _pins: pins })
+    }
+
+    fn program(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(program_names::BENCH_BASELINE)
+            .context("no bench_baseline program")?
+            .try_into()?)
+    }
+}
+
+/// One sample of `case`: the mean nanoseconds per run.
+fn sample(h: &DatapathLab, baseline: &Baseline, case: &Case) -> Result<f64> {
+    let (repeat, batches) = case.batching();
+    let before = h.counters()?;
+    let (ns, last) = match case.target {
+        Target::Datapath(kind) => h.time_runs(kind, &case.frame, case.ctx, repeat, batches)?,
+        Target::Baseline => time_runs(
+            h.lab().node(),
+            baseline.program()?,
+            &case.frame,
+            case.ctx,
+            repeat,
+            batches,
+        )?,
+    };
+    ensure!(
+        last.return_value == case.action,
+        "{} {}: returned {}, not {}",
+        case.program(),
+        case.what,
+        last.return_value,
+        case.action
+    );
+    if let (Target::Datapath(kind), Some(counter)) = (&case.target, case.counter) {
+        let runs = u64::from(repeat) * u64::from(batches);
+        let moved: Vec<(Hook, Counter, u64)> = h
+            .counters()?
+            .since(&before)
+            .into_iter()
+            .map(|(hook, counter, value)| (hook, counter, value.packets))
+            .collect();
+        ensure!(
+            moved == [(hook_of(*kind), counter, runs)],
+            "{} {}: {runs} runs moved {moved:?}",
+            case.program(),
+            case.what
+        );
+    }
+    Ok(ns)
+}
+
+fn main() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("program_cost: skipped, it needs root (network namespaces, BPF)");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut h = DatapathLab::new("bench")?;
+    // As the daemon has it: the destination Pod's neighbour resolved, its veth registered.
+    h.set_pod_neighbours(DST, true)?;
+    h.maps.add_pod_iface(h.host_veth(DST), true)?;
+    let baseline = Baseline::load()?;
+
+    let (src, dst) = (pod_ipv4(SRC).octets(), pod_ipv4(DST).octets());
+    let pod_to_pod = udp_frame(src, dst);
+    let mut returned = pod_to_pod.clone();
+    returned.src_mac = h.gateway_mac();
+    returned.dst_mac = h.uplink_mac();
+    let from_pod = h.pod_ingress_ctx(SRC);
+
+    let cases = [
+        Case {
+            target: Target::Baseline,
+            what: "parse + Pod CIDR lookup, IPv4 UDP pod to pod",
+            frame: pod_to_pod.build(),
+            ctx: from_pod,
+            action: TC_ACT_OK,
+            counter: None,
+            spends_hop: false,
+        },
+        Case {
+            target: Target::Datapath(ProgramKind::PodIngress),
+            what: "redirected, IPv4 UDP pod to pod",
+            frame: pod_to_pod.build(),
+            ctx: from_pod,
+            action: TC_ACT_REDIRECT,
+            counter: Some(Counter::RedirectedToGateway),
+            spends_hop: true,
+        },
+        Case {
+            target: Target::Datapath(ProgramKind::PodIngress),
+            what: "passed, IPv4 UDP to 8.8.8.8",
+            frame: udp_frame(src, [8, 8, 8, 8]).build(),
+            ctx: from_pod,
+            action: TC_ACT_OK,
+            counter: Some(Counter::PassNotSameNode),
+            spends_hop: false,
+        },
+        Case {
+            target: Target::Datapath(ProgramKind::UplinkIngress),
+            what: "returned, IPv4 UDP to its pod",
+            frame: returned.build(),
+            ctx: h.uplink_ctx(),
+            action: TC_ACT_REDIRECT,
+            counter: Some(Counter::DeliveredFromGateway),
+            spends_hop: true,
+        },
+    ];
+
+    let mut rows = Vec::new();
+    for case in &cases {
+        let mut samples = (0..SAMPLES)
+            .map(|_| sample(&h, &baseline, case))
+            .collect::<Result<Vec<f64>>>()?;
+        samples.sort_by(f64::total_cmp);
+        rows.push((case, samples));
+    }
+    let baseline_ns = rows[0].1[SAMPLES / 2];
+
+    println!();
+    println!(
+        "BPF_PROG_TEST_RUN, median of {SAMPLES} samples of ~{RUNS} runs each ({} CPUs, kernel {})",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        kernel_release()
+    );
+    println!();
+    println!(
+        "{:<15} {:<45} {:>10} {:>17} {:>10}",
+        "program", "case", "ns/packet", "min..max", "x baseline"
+    );
+    for (case, samples) in &rows {
+        let median = samples[SAMPLES / 2];
+        println!(
+            "{:<15} {:<45} {:>10.1} {:>17} {:>10.2}",
+            case.program(),
+            case.what,
+            median,
+            format!("{:.1}..{:.1}", samples[0], samples[SAMPLES - 1]),
+            median / baseline_ns
+        );
+    }
+    println!();
+    println!(
+        "(runs that spend a hop: batches of {HOP_BATCH}; the kernel reports whole ns per batch; {:.1} s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "?".into(), |r| r.trim().to_string())
+}
