@@ -41,6 +41,15 @@ pub fn gateway_neighbour(
     }
 }
 
+/// A family has Pod CIDRs but nowhere to send their traffic.
+pub fn uplink_missing(family: &str, reason: &str) -> Check {
+    check(
+        format!("uplink_{family}"),
+        false,
+        format!("no uplink for {family}: {reason}; {family} Pod-to-Pod traffic stays on the node"),
+    )
+}
+
 pub fn uplink_up(family: &str, uplink: &str, up: bool) -> Check {
     check(
         format!("uplink_up_{family}"),

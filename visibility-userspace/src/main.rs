@@ -44,7 +44,7 @@ enum Command {
     /// interface as Pods come and go, and reports health. Settings come from the
     /// built-in defaults, then --config, then flags, then VISIBILITY_* variables
     /// (VISIBILITY_POD_CIDR, VISIBILITY_EXEMPT, ...: lists separated by spaces).
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Show whether visibility is on, the uplink and gateway, Pod CIDRs, exempt
     /// ranges, Pod interfaces, counters and health. Exits non-zero when the daemon is
     /// not running or a health check fails.

@@ -1,5 +1,6 @@
-//! The Prometheus endpoint. Each scrape reads the maps and the daemon's shared state,
-//! so what it serves is never older than the scrape.
+//! The Prometheus endpoint. Each scrape reads the maps and the daemon's shared state
+//! into a fresh registry, so what it serves is never older than the scrape. The
+//! exposition is Prometheus text format 0.0.4, which `promtool check metrics` reads.
 
 use std::{
     net::SocketAddr,
@@ -9,10 +10,9 @@ use std::{
     },
 };
 
-use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::{Registry, Unit},
+use prometheus::{
+    Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use visibility_common::counters::Counter as DatapathCounter;
 
@@ -27,170 +27,160 @@ pub struct Shared {
     pub status: Mutex<Option<DaemonStatus>>,
 }
 
-type Labels = Vec<(&'static str, String)>;
-
-fn counter(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, value: u64) {
-    let metric = Counter::<u64>::default();
-    metric.inc_by(value);
-    match unit {
-        Some(unit) => registry.register_with_unit(name, help, unit, metric),
-        None => registry.register(name, help, metric),
-    }
+/// Builds one scrape's metrics; registration only fails on duplicate names, which
+/// this module's fixed names rule out.
+struct Scrape {
+    registry: Registry,
 }
 
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
-    let metric = Gauge::<i64>::default();
-    metric.set(value);
-    registry.register(name, help, metric);
+impl Scrape {
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.registry
+            .register(Box::new(metric.clone()))
+            .expect("metric names are unique");
+        metric
+    }
+
+    fn counter(&self, name: &str, help: &str, value: u64) {
+        self.register(IntCounter::new(name, help).expect("valid metric"))
+            .inc_by(value);
+    }
+
+    fn gauge(&self, name: &str, help: &str, value: i64) {
+        self.register(IntGauge::new(name, help).expect("valid metric"))
+            .set(value);
+    }
+
+    fn float_gauge(&self, name: &str, help: &str, value: f64) {
+        self.register(Gauge::new(name, help).expect("valid metric"))
+            .set(value);
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
 }
 
 /// Renders every metric in the Prometheus text format.
 pub fn render(maps: &Maps, shared: &Shared) -> String {
-    let mut registry = Registry::default();
-    let packets = Family::<Labels, Counter>::default();
-    let bytes = Family::<Labels, Counter>::default();
+    let scrape = Scrape {
+        registry: Registry::new(),
+    };
+    let packets = scrape.counter_vec(
+        "visibility_datapath_packets_total",
+        "Packets seen by the datapath, by hook and verdict or pass reason",
+        &["hook", "verdict"],
+    );
+    let bytes = scrape.counter_vec(
+        "visibility_datapath_bytes_total",
+        "IP bytes seen by the datapath, by hook and verdict or pass reason",
+        &["hook", "verdict"],
+    );
     let (mut redirected_packets, mut redirected_bytes) = (0, 0);
-    for (hook, datapath_counter, value) in maps.counters().unwrap_or_default() {
-        let labels = vec![
-            ("hook", hook.name().to_owned()),
-            ("verdict", datapath_counter.name().to_owned()),
-        ];
-        packets.get_or_create(&labels).inc_by(value.packets);
-        bytes.get_or_create(&labels).inc_by(value.bytes);
+    for (hook, counter, value) in maps.counters().unwrap_or_default() {
+        let labels = [hook.name(), counter.name()];
+        packets.with_label_values(&labels).inc_by(value.packets);
+        bytes.with_label_values(&labels).inc_by(value.bytes);
         if matches!(
-            datapath_counter,
+            counter,
             DatapathCounter::RedirectedToGateway | DatapathCounter::RedirectedAfterNat
         ) {
             redirected_packets += value.packets;
             redirected_bytes += value.bytes;
         }
     }
-    registry.register(
-        "visibility_datapath_packets",
-        "Packets seen by the datapath, by hook and verdict or pass reason",
-        packets,
-    );
-    registry.register_with_unit(
-        "visibility_datapath",
-        "IP bytes seen by the datapath, by hook and verdict or pass reason",
-        Unit::Bytes,
-        bytes,
-    );
-    counter(
-        &mut registry,
-        "visibility_redirected_packets",
+    scrape.counter(
+        "visibility_redirected_packets_total",
         "Packets sent to the gateway instead of to the Pod on this node",
-        None,
         redirected_packets,
     );
-    counter(
-        &mut registry,
-        "visibility_redirected",
+    scrape.counter(
+        "visibility_redirected_bytes_total",
         "IP bytes sent to the gateway instead of to the Pod on this node",
-        Some(Unit::Bytes),
         redirected_bytes,
     );
 
     let enabled = maps.settings().map(|s| i64::from(s.enabled)).unwrap_or(0);
-    gauge(
-        &mut registry,
-        "visibility_enabled",
-        "1 when visibility is on",
-        enabled,
-    );
-    let active = shared.records.active_flows.load(Ordering::Relaxed);
+    scrape.gauge("visibility_enabled", "1 when visibility is on", enabled);
+    let records = &shared.records;
+    let active = records.active_flows.load(Ordering::Relaxed);
     let capacity = maps.flow_capacity();
-    gauge(
-        &mut registry,
+    scrape.gauge(
         "visibility_active_flows",
         "Flows in the flow map at the last read",
-        active as i64,
+        i64::try_from(active).unwrap_or(i64::MAX),
     );
-    gauge(
-        &mut registry,
+    scrape.gauge(
         "visibility_flow_map_capacity",
         "Entries the flow map holds",
         i64::from(capacity),
     );
-    let fill = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-    fill.set(if capacity == 0 {
-        0.0
-    } else {
-        active as f64 / f64::from(capacity)
-    });
-    registry.register(
+    scrape.float_gauge(
         "visibility_flow_map_fill_ratio",
         "Active flows over the flow map's capacity",
-        fill,
+        if capacity == 0 {
+            0.0
+        } else {
+            active as f64 / f64::from(capacity)
+        },
     );
-    counter(
-        &mut registry,
-        "visibility_flow_evictions",
+    scrape.counter(
+        "visibility_flow_evictions_total",
         "Flows the LRU evicted between two reads",
-        None,
-        shared.records.evictions.load(Ordering::Relaxed),
+        records.evictions.load(Ordering::Relaxed),
     );
-    counter(
-        &mut registry,
-        "visibility_flow_records_emitted",
+    scrape.counter(
+        "visibility_flow_records_emitted_total",
         "Flow records written to the sink",
-        None,
-        shared.records.emitted.load(Ordering::Relaxed),
+        records.emitted.load(Ordering::Relaxed),
     );
-    counter(
-        &mut registry,
-        "visibility_flow_records_dropped",
+    scrape.counter(
+        "visibility_flow_records_dropped_total",
         "Flow records dropped because the sink was slow or full",
-        None,
-        shared.records.dropped.load(Ordering::Relaxed),
+        records.dropped.load(Ordering::Relaxed),
     );
-    let read_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-    read_seconds.set(shared.records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6);
-    registry.register_with_unit(
-        "visibility_flow_read_duration",
+    scrape.float_gauge(
+        "visibility_flow_read_duration_seconds",
         "Time the last read and emit of the flow map took",
-        Unit::Seconds,
-        read_seconds,
+        records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
-    counter(
-        &mut registry,
-        "visibility_attach_failures",
+    scrape.counter(
+        "visibility_attach_failures_total",
         "Failed attaches of a program to an interface",
-        None,
         shared.attach_failures.load(Ordering::Relaxed),
     );
 
-    let interfaces = Family::<Labels, Gauge>::default();
-    let checks = Family::<Labels, Gauge>::default();
+    let interfaces = scrape.gauge_vec(
+        "visibility_pod_interfaces",
+        "Pod interfaces found, by whether the programs are attached",
+        &["state"],
+    );
+    let checks = scrape.gauge_vec(
+        "visibility_health_check",
+        "1 when a health check passes, 0 when it fails",
+        &["check"],
+    );
     if let Some(status) = shared.status.lock().ok().and_then(|s| s.clone()) {
         let attached = status.pod_interfaces.iter().filter(|p| p.attached).count() as i64;
         let total = status.pod_interfaces.len() as i64;
+        interfaces.with_label_values(&["attached"]).set(attached);
         interfaces
-            .get_or_create(&vec![("state", "attached".to_owned())])
-            .set(attached);
-        interfaces
-            .get_or_create(&vec![("state", "unattached".to_owned())])
+            .with_label_values(&["unattached"])
             .set(total - attached);
         for check in &status.checks {
             checks
-                .get_or_create(&vec![("check", check.name.clone())])
+                .with_label_values(&[check.name.as_str()])
                 .set(i64::from(check.ok));
         }
     }
-    registry.register(
-        "visibility_pod_interfaces",
-        "Pod interfaces found, by whether the programs are attached",
-        interfaces,
-    );
-    registry.register(
-        "visibility_health_check",
-        "1 when a health check passes, 0 when it fails",
-        checks,
-    );
 
-    let mut text = String::new();
-    let _ = encode(&mut text, &registry);
-    text
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&scrape.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Serves `/metrics` on `addr` from a thread of its own.
@@ -205,7 +195,7 @@ pub fn serve(addr: SocketAddr, pins: PinDir, shared: Arc<Shared>) -> std::io::Re
                 let response = if request.url() == "/metrics" {
                     let header = tiny_http::Header::from_bytes(
                         "Content-Type",
-                        "text/plain; version=0.0.4; charset=utf-8",
+                        TextEncoder::new().format_type(),
                     )
                     .expect("static header");
                     tiny_http::Response::from_string(render(&maps, &shared)).with_header(header)

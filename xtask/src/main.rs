@@ -3,10 +3,12 @@
 //! xtask runs things; it never builds the eBPF object itself (visibility-userspace's
 //! build.rs does, through aya-build).
 
+mod bench;
 mod demo;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -29,12 +31,20 @@ enum Task {
     /// Run every check and test: setup, rustfmt, clippy (host crates and the eBPF
     /// crate), unit tests, and the kernel tests (needs root).
     Test(test::TestArgs),
+    /// Benchmarks (needs root): off, netd and visibility side by side in one lab, attach
+    /// latency and the microbenchmarks; writes target/bench/results.{json,svg}.
+    Bench(bench::BenchArgs),
+    /// Boot Debian's 6.1 and 6.12 cloud kernels in QEMU (TCG) and run the kernel tests
+    /// inside each: the clsact and the TCX attach paths. Needs root.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup(args) => setup::setup(&args),
         Task::Test(args) => test::test(&args),
+        Task::Bench(args) => bench::bench(&args),
+        Task::VmTest(args) => vm::vm_test(&args),
         Task::Demo => demo::demo(),
     }
 }

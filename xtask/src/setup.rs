@@ -17,7 +17,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool, to check the metrics endpoint"),
     ("qemu-system-x86", "VM kernel tests"),
     ("busybox-static", "the VM tests' initramfs"),
-    ("iptables", "kube-proxy-style Service rules and the masquerade health check"),
+    (
+        "iptables",
+        "kube-proxy-style Service rules and the masquerade health check",
+    ),
 ];
 
 const NIGHTLY: &str = "nightly";

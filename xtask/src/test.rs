@@ -17,11 +17,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         setup::setup(&setup::SetupArgs::default())?;
     }
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-    // Host crates: AYA_BUILD_SKIP keeps clippy from building the eBPF object.
+    // Host crates (the default members: all but the eBPF crate). AYA_BUILD_SKIP keeps
+    // clippy from building the eBPF object.
     run(Command::new("cargo")
         .args([
             "clippy",
-            "--workspace",
             "--all-targets",
             "--",
             "-D",
@@ -46,7 +46,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     // The daemon and CLI tests run the real binary.
     run(Command::new("cargo").args(["build", "-p", "visibility-userspace", "--bins"]))?;
     // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
-    run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))?;
+    run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
     println!(
         "xtask test: all checks passed in {:.0}s",
         started.elapsed().as_secs_f64()

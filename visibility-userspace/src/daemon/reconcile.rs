@@ -27,6 +27,8 @@ pub struct Reconciler {
     glob: Option<globset::GlobMatcher>,
     started_at: String,
     attach_errors: BTreeMap<u32, String>,
+    /// Families without an uplink at the last pass, and why.
+    missing_uplinks: Vec<(Family, String)>,
     last_checks: Vec<Check>,
     shared: Arc<Shared>,
 }
@@ -65,6 +67,7 @@ impl Reconciler {
             glob,
             started_at: now_rfc3339(),
             attach_errors: BTreeMap::new(),
+            missing_uplinks: Vec::new(),
             last_checks: Vec::new(),
             shared,
         }
@@ -102,8 +105,9 @@ impl Reconciler {
         }
     }
 
-    fn sync_uplinks(&self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
+    fn sync_uplinks(&mut self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
         let mut found = Vec::new();
+        self.missing_uplinks.clear();
         let Ok(settings) = maps.settings() else {
             return found;
         };
@@ -121,7 +125,10 @@ impl Reconciler {
                         found.push(uplink);
                         gateway
                     }
-                    Err(_) => Gateway::default(),
+                    Err(error) => {
+                        self.missing_uplinks.push((family, error.to_string()));
+                        Gateway::default()
+                    }
                 };
             if *settings.gateway(family) != wanted {
                 info!(
@@ -214,6 +221,16 @@ impl Reconciler {
         pods: &[PodInterface],
     ) -> DaemonStatus {
         let mut checks = Vec::new();
+        let pod_cidrs = maps.pod_cidrs();
+        for (family, reason) in &self.missing_uplinks {
+            // A family without Pod CIDRs needs no uplink.
+            if pod_cidrs
+                .iter()
+                .any(|cidr| crate::net::family_of(cidr) == *family)
+            {
+                checks.push(health::uplink_missing(family_name(*family), reason));
+            }
+        }
         let mut uplink_states = Vec::new();
         for uplink in uplinks {
             let family = family_name(uplink.family);

@@ -1,0 +1,1172 @@
+//! `cargo xtask bench`: the datapath against plain routing and against GKE's own
+//! mechanism (netd's policy routing), side by side in one lab, plus the microbenchmarks.
+//!
+//! The measuring code lives in the tests crate (xtask must build before bpf-linker is
+//! installed, so it depends on none of the workspace's crates):
+//!
+//! * `tests/benches/compare.rs` runs off, netd and visibility alternating in rounds, with
+//!   the client on CPU 0 and the server on CPU 1, and prints JSON;
+//! * `tests/benches/attach_latency.rs` times new Pods' attachment with 250 present;
+//! * `program_cost` and `flow_records` run when they exist.
+//!
+//! This module builds the release daemon, runs them through cargo, and renders the
+//! outputs: a table on the terminal with the ratios and the targets,
+//! `target/bench/results.json`, `target/bench/results.svg` and, with `--update-readme`,
+//! the README's performance section (between `<!-- bench:start -->` and
+//! `<!-- bench:end -->`). A figure that misses its target is reported, not an error:
+//! the command fails only when a benchmark itself fails.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::run::{display, output, run};
+
+const README_START: &str = "<!-- bench:start -->";
+const README_END: &str = "<!-- bench:end -->";
+/// The modes, in the order they run within a round.
+const MODES: [&str; 3] = ["off", "netd", "visibility"];
+/// Colleagues' microbenchmarks, run when their targets exist.
+const MICROBENCHES: [&str; 2] = ["program_cost", "flow_records"];
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A smoke run: one round, short durations, a small attach-latency lab.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds of off, netd and visibility (default 3; 1 with --quick).
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Replace the README's performance section (between `<!-- bench:start -->` and
+    /// `<!-- bench:end -->`) with a table from this run.
+    #[arg(long)]
+    update_readme: bool,
+    /// Only the side-by-side comparison: skip attach_latency, program_cost and
+    /// flow_records.
+    #[arg(long)]
+    no_micro: bool,
+}
+
+/// One figure of the comparison.
+struct Figure {
+    key: &'static str,
+    label: &'static str,
+    short: &'static str,
+    higher_is_better: bool,
+    /// The least (throughput) or most (latency) visibility/off may be.
+    target: Option<f64>,
+}
+
+const FIGURES: [Figure; 4] = [
+    Figure {
+        key: "tcp_gbps",
+        label: "TCP Gbit/s",
+        short: "TCP",
+        higher_is_better: true,
+        target: Some(0.96),
+    },
+    Figure {
+        key: "udp_pps",
+        label: "UDP 64 B pps",
+        short: "UDP pps",
+        higher_is_better: true,
+        target: Some(0.86),
+    },
+    Figure {
+        key: "rr_mean_us",
+        label: "RR mean µs",
+        short: "RR mean",
+        higher_is_better: false,
+        target: Some(1.06),
+    },
+    Figure {
+        key: "rr_p99_us",
+        label: "RR p99 µs",
+        short: "RR p99",
+        higher_is_better: false,
+        target: None,
+    },
+];
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if output(Command::new("id").arg("-u"))?.trim() != "0" {
+        bail!(
+            "the benchmarks need root (network namespaces, BPF): run `sudo -E cargo xtask bench`"
+        );
+    }
+    let root = workspace_root();
+    let out_dir = target_dir(&root).join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    // The benches run target/release/visibility (next to their own deps/ directory).
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "visibility-userspace",
+        "--bins",
+    ]))?;
+
+    let mut compare_args: Vec<String> = Vec::new();
+    if args.quick {
+        compare_args.push("--quick".into());
+    }
+    if let Some(rounds) = args.rounds {
+        compare_args.push("--rounds".into());
+        compare_args.push(rounds.to_string());
+    }
+    let compare_text = cargo_bench_json(&root, "compare", &compare_args)?;
+    let mut results = Json::parse(&compare_text).with_context(|| {
+        let raw = out_dir.join("compare.raw.txt");
+        let _ = fs::write(&raw, &compare_text);
+        format!(
+            "the compare bench's output is not JSON (saved in {})",
+            raw.display()
+        )
+    })?;
+
+    let mut failures = Vec::new();
+    let mut micro = Vec::new();
+    if args.no_micro {
+        micro.push(("attach_latency".to_owned(), skipped("--no-micro")));
+    } else {
+        let attach_args: Vec<String> = std::iter::once("--json".to_owned())
+            .chain(args.quick.then(|| "--quick".to_owned()))
+            .collect();
+        let attach = match cargo_bench_json(&root, "attach_latency", &attach_args)
+            .and_then(|text| Json::parse(&text))
+        {
+            Ok(json) => json,
+            Err(error) => {
+                failures.push(format!("attach_latency: {error:#}"));
+                Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
+            }
+        };
+        micro.push(("attach_latency".to_owned(), attach));
+        for name in MICROBENCHES {
+            let status = match bench_target_exists(&root, name) {
+                Err(why) => {
+                    println!("bench: skipping {name}: {why}");
+                    skipped(&why)
+                }
+                Ok(()) => {
+                    let mut cmd = Command::new("cargo");
+                    cmd.current_dir(&root).args([
+                        "bench",
+                        "-p",
+                        "visibility-tests",
+                        "--bench",
+                        name,
+                    ]);
+                    match run(&mut cmd) {
+                        Ok(()) => Json::Obj(vec![("status".into(), Json::Str("ran".into()))]),
+                        Err(error) => {
+                            failures.push(format!("{name}: {error:#}"));
+                            Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
+                        }
+                    }
+                }
+            };
+            micro.push((name.to_owned(), status));
+        }
+    }
+
+    let report = Report::new(&results)?;
+    let table = report.terminal_table();
+    let attach = micro
+        .iter()
+        .find(|(name, _)| name == "attach_latency")
+        .map(|(_, json)| json.clone())
+        .unwrap_or(Json::Null);
+    if let Json::Obj(fields) = &mut results {
+        fields.push(("ratios".into(), report.ratios_json()));
+        fields.push(("targets".into(), report.targets_json()));
+        fields.push(("microbenchmarks".into(), Json::Obj(micro)));
+    }
+    let json_path = out_dir.join("results.json");
+    fs::write(&json_path, results.pretty())
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = out_dir.join("results.svg");
+    fs::write(&svg_path, report.svg())
+        .with_context(|| format!("writing {}", svg_path.display()))?;
+
+    println!();
+    print!("{table}");
+    if let Some(line) = attach_line(&attach) {
+        println!("{line}");
+    }
+    println!();
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    if args.update_readme {
+        let readme = root.join("README.md");
+        update_readme(&readme, &report.markdown(&attach))?;
+        println!("updated the performance section of {}", readme.display());
+    }
+    println!("bench: done in {:.0}s", started.elapsed().as_secs_f64());
+    if !failures.is_empty() {
+        bail!("benchmarks failed:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_relative() {
+                root.join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn skipped(why: &str) -> Json {
+    Json::Obj(vec![("skipped".into(), Json::Str(why.to_owned()))])
+}
+
+/// Runs `cargo bench -p visibility-tests --bench NAME -- ARGS`, with its standard error
+/// shown as it comes and its standard output (a JSON document) returned.
+fn cargo_bench_json(root: &Path, name: &str, args: &[String]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(["bench", "-p", "visibility-tests", "--bench", name, "--"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    println!("$ {}", display(&cmd));
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", display(&cmd)))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", display(&cmd), out.status);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{name}: output is not UTF-8"))
+}
+
+/// Whether `tests/benches/NAME.rs` and its `[[bench]]` entry exist.
+fn bench_target_exists(root: &Path, name: &str) -> Result<(), String> {
+    let source = root.join("tests/benches").join(format!("{name}.rs"));
+    if !source.exists() {
+        return Err(format!("{} does not exist", source.display()));
+    }
+    let manifest = fs::read_to_string(root.join("tests/Cargo.toml")).unwrap_or_default();
+    let declared = manifest
+        .lines()
+        .any(|l| l.replace(' ', "") == format!("name=\"{name}\""));
+    if !declared {
+        return Err(format!(
+            "no [[bench]] name = \"{name}\" in tests/Cargo.toml"
+        ));
+    }
+    Ok(())
+}
+
+fn attach_line(attach: &Json) -> Option<String> {
+    let p50 = attach.get("p50_ms").num()?;
+    let p99 = attach.get("p99_ms").num()?;
+    Some(format!(
+        "attach latency: {} new Pods with {} Pod interfaces present: p50 {p50:.1} ms, p99 {p99:.1} ms (route appears -> both programs attached)",
+        attach.get("new").num().unwrap_or(0.0),
+        attach.get("present").num().unwrap_or(0.0),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------------------
+
+/// A target's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Short,
+    /// Cannot be judged (netd costs nothing measurable on this figure).
+    NotApplicable,
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Short => "SHORT",
+            Verdict::NotApplicable => "n/a",
+        }
+    }
+}
+
+struct Report {
+    date: String,
+    kernel: String,
+    cpus: String,
+    rounds: usize,
+    quick: bool,
+    client_cpu: f64,
+    server_cpu: f64,
+    /// medians[mode][figure]
+    medians: Vec<[f64; 4]>,
+}
+
+impl Report {
+    fn new(results: &Json) -> anyhow::Result<Self> {
+        let medians = MODES
+            .iter()
+            .map(|mode| {
+                let m = results.get("medians").get(mode);
+                let mut values = [f64::NAN; 4];
+                for (value, figure) in values.iter_mut().zip(&FIGURES) {
+                    *value = m
+                        .get(figure.key)
+                        .num()
+                        .with_context(|| format!("no median {mode}.{}", figure.key))?;
+                }
+                Ok(values)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = results.get("config");
+        Ok(Self {
+            date: results.get("date").str().unwrap_or_default().to_owned(),
+            kernel: results.get("kernel").str().unwrap_or_default().to_owned(),
+            cpus: format!(
+                "{} CPUs ({})",
+                results.get("cpus").num().unwrap_or(0.0),
+                results.get("cpu_model").str().unwrap_or("?")
+            ),
+            rounds: config.get("rounds").num().unwrap_or(0.0) as usize,
+            quick: config.get("quick") == &Json::Bool(true),
+            client_cpu: results
+                .get("pinning")
+                .get("client_cpu")
+                .num()
+                .unwrap_or(0.0),
+            server_cpu: results
+                .get("pinning")
+                .get("server_cpu")
+                .num()
+                .unwrap_or(1.0),
+            medians,
+        })
+    }
+
+    fn median(&self, mode: usize, figure: usize) -> f64 {
+        self.medians[mode][figure]
+    }
+
+    /// `a / b` for each figure, modes by index.
+    fn ratio(&self, a: usize, b: usize, figure: usize) -> f64 {
+        self.median(a, figure) / self.median(b, figure)
+    }
+
+    /// What a mode costs relative to off on a figure: the fraction of throughput lost,
+    /// or of latency added.
+    fn cost(&self, mode: usize, figure: usize) -> f64 {
+        let r = self.ratio(mode, 0, figure);
+        if FIGURES[figure].higher_is_better {
+            1.0 - r
+        } else {
+            r - 1.0
+        }
+    }
+
+    /// Visibility's cost must be at most a third of netd's.
+    fn third_of_netd(&self, figure: usize) -> Verdict {
+        let (vis, netd) = (self.cost(2, figure), self.cost(1, figure));
+        if netd <= 0.0 {
+            Verdict::NotApplicable
+        } else if vis <= netd / 3.0 {
+            Verdict::Pass
+        } else {
+            Verdict::Short
+        }
+    }
+
+    fn absolute(&self, figure: usize) -> Option<Verdict> {
+        let target = FIGURES[figure].target?;
+        let r = self.ratio(2, 0, figure);
+        let ok = if FIGURES[figure].higher_is_better {
+            r >= target
+        } else {
+            r <= target
+        };
+        Some(if ok { Verdict::Pass } else { Verdict::Short })
+    }
+
+    fn ratio_rows(&self) -> [(&'static str, usize, usize); 3] {
+        [
+            ("visibility/off", 2, 0),
+            ("visibility/netd", 2, 1),
+            ("netd/off", 1, 0),
+        ]
+    }
+
+    fn header(&self) -> String {
+        format!(
+            "Pod-to-Pod on one node, IPv4; medians of {} round{} (off, netd, visibility alternating){}\n\
+             client on CPU {} (Pod 0), server on CPU {} (Pod 1); Linux {}, {}; {}\n",
+            self.rounds,
+            if self.rounds == 1 { "" } else { "s" },
+            if self.quick { "; QUICK smoke run" } else { "" },
+            self.client_cpu,
+            self.server_cpu,
+            self.kernel,
+            self.cpus,
+            self.date,
+        )
+    }
+
+    fn terminal_table(&self) -> String {
+        let mut s = self.header();
+        s.push('\n');
+        let _ = write!(s, "{:<17}", "mode");
+        for figure in &FIGURES {
+            let _ = write!(s, "{:>14}", figure.label);
+        }
+        s.push('\n');
+        for (m, mode) in MODES.iter().enumerate() {
+            let _ = write!(s, "{mode:<17}");
+            for (f, figure) in FIGURES.iter().enumerate() {
+                let _ = write!(s, "{:>14}", format_value(figure.key, self.median(m, f)));
+            }
+            s.push('\n');
+        }
+        for (label, a, b) in self.ratio_rows() {
+            let _ = write!(s, "{label:<17}");
+            for f in 0..FIGURES.len() {
+                let _ = write!(s, "{:>14.3}", self.ratio(a, b, f));
+            }
+            s.push('\n');
+        }
+        s.push_str(
+            "\ntargets (visibility/off, and visibility's cost at most a third of netd's):\n",
+        );
+        for (f, figure) in FIGURES.iter().enumerate() {
+            let r = self.ratio(2, 0, f);
+            let absolute = match (figure.target, self.absolute(f)) {
+                (Some(target), Some(verdict)) => format!(
+                    "visibility/off {r:.3} {} {target:.2}  {:<5}",
+                    if figure.higher_is_better { ">=" } else { "<=" },
+                    verdict.word()
+                ),
+                _ => format!("visibility/off {r:.3} {:<15}", "(no target)"),
+            };
+            let (vis, netd) = (self.cost(2, f), self.cost(1, f));
+            let third = self.third_of_netd(f);
+            let budget = if netd > 0.0 {
+                format!("<= {:.1}%", netd / 3.0 * 100.0)
+            } else {
+                "netd costs nothing measurable".to_owned()
+            };
+            let _ = writeln!(
+                s,
+                "  {:<8} {absolute}   cost {:+.1}% vs netd {:+.1}% ({budget})  {}",
+                figure.short,
+                vis * 100.0,
+                netd * 100.0,
+                third.word()
+            );
+        }
+        s
+    }
+
+    fn ratios_json(&self) -> Json {
+        Json::Obj(
+            self.ratio_rows()
+                .iter()
+                .map(|(label, a, b)| {
+                    (
+                        label.replace('/', "_over_"),
+                        Json::Obj(
+                            FIGURES
+                                .iter()
+                                .enumerate()
+                                .map(|(f, figure)| {
+                                    (figure.key.to_owned(), Json::Num(self.ratio(*a, *b, f)))
+                                })
+                                .collect(),
+                        ),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn targets_json(&self) -> Json {
+        Json::Arr(
+            FIGURES
+                .iter()
+                .enumerate()
+                .map(|(f, figure)| {
+                    let mut fields = vec![
+                        ("figure".to_owned(), Json::Str(figure.key.to_owned())),
+                        (
+                            "visibility_over_off".to_owned(),
+                            Json::Num(self.ratio(2, 0, f)),
+                        ),
+                        ("visibility_cost".to_owned(), Json::Num(self.cost(2, f))),
+                        ("netd_cost".to_owned(), Json::Num(self.cost(1, f))),
+                        (
+                            "third_of_netd".to_owned(),
+                            Json::Str(self.third_of_netd(f).word().to_owned()),
+                        ),
+                    ];
+                    if let (Some(target), Some(verdict)) = (figure.target, self.absolute(f)) {
+                        fields.push((
+                            "absolute_target".to_owned(),
+                            Json::Str(format!(
+                                "visibility/off {} {target}",
+                                if figure.higher_is_better { ">=" } else { "<=" }
+                            )),
+                        ));
+                        fields.push(("absolute".to_owned(), Json::Str(verdict.word().to_owned())));
+                    }
+                    Json::Obj(fields)
+                })
+                .collect(),
+        )
+    }
+
+    /// The README's performance section.
+    fn markdown(&self, attach: &Json) -> String {
+        let day = self.date.get(..10).unwrap_or(&self.date);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "_Measured {day} with `cargo xtask bench`: Linux {}, {}; same-node Pod-to-Pod over IPv4 in the netns lab; client pinned to CPU {}, server to CPU {}; medians of {} round{} alternating off, netd and visibility{}._",
+            self.kernel,
+            self.cpus,
+            self.client_cpu,
+            self.server_cpu,
+            self.rounds,
+            if self.rounds == 1 { "" } else { "s" },
+            if self.quick { " (quick smoke run)" } else { "" },
+        );
+        s.push('\n');
+        s.push_str("| mode |");
+        for figure in &FIGURES {
+            let _ = write!(s, " {} |", figure.label);
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---:|".repeat(FIGURES.len()));
+        s.push('\n');
+        for (m, mode) in MODES.iter().enumerate() {
+            let _ = write!(s, "| {mode} |");
+            for (f, figure) in FIGURES.iter().enumerate() {
+                let _ = write!(s, " {} |", format_value(figure.key, self.median(m, f)));
+            }
+            s.push('\n');
+        }
+        for (label, a, b) in self.ratio_rows() {
+            let _ = write!(s, "| {label} |");
+            for f in 0..FIGURES.len() {
+                let _ = write!(s, " {:.2} |", self.ratio(a, b, f));
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+        s.push_str("Targets: visibility costs at most a third of what netd costs on each figure; ");
+        let mut parts = Vec::new();
+        for (f, figure) in FIGURES.iter().enumerate() {
+            let mut part = format!(
+                "{} a third of netd's cost: {}",
+                figure.short,
+                self.third_of_netd(f).word()
+            );
+            if let (Some(target), Some(verdict)) = (figure.target, self.absolute(f)) {
+                let _ = write!(
+                    part,
+                    ", visibility/off {} {target}: {}",
+                    if figure.higher_is_better {
+                        "≥"
+                    } else {
+                        "≤"
+                    },
+                    verdict.word()
+                );
+            }
+            parts.push(part);
+        }
+        s.push_str(&parts.join("; "));
+        s.push_str(".\n");
+        if let Some(line) = attach_line(attach) {
+            s.push('\n');
+            s.push_str(&line.replacen("attach latency", "Attach latency", 1));
+            s.push_str(".\n");
+        }
+        s
+    }
+
+    /// Grouped bars per figure, each normalised to off.
+    fn svg(&self) -> String {
+        const WIDTH: f64 = 760.0;
+        const HEIGHT: f64 = 440.0;
+        const LEFT: f64 = 60.0;
+        const RIGHT: f64 = 20.0;
+        const TOP: f64 = 78.0;
+        const BOTTOM: f64 = 70.0;
+        const COLOURS: [&str; 3] = ["#9e9e9e", "#e8a33d", "#3d7be8"];
+        let plot_w = WIDTH - LEFT - RIGHT;
+        let plot_h = HEIGHT - TOP - BOTTOM;
+        let normalised: Vec<[f64; 3]> = (0..FIGURES.len())
+            .map(|f| [0, 1, 2].map(|m| self.ratio(m, 0, f)))
+            .collect();
+        let top_value = normalised
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(1.2f64, f64::max);
+        let y_max = (top_value * 1.1 / 0.2).ceil() * 0.2;
+        let y = |v: f64| TOP + plot_h - (v / y_max) * plot_h;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{LEFT}" y="22" font-size="15" font-weight="bold">Same-node Pod-to-Pod: netd and visibility relative to off (plain routing)</text>"#
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{LEFT}" y="40" fill="#444">{}</text>"##,
+            escape(&format!(
+                "Linux {}, {}; client CPU {}, server CPU {}; medians of {} round(s); {}",
+                self.kernel,
+                self.cpus,
+                self.client_cpu,
+                self.server_cpu,
+                self.rounds,
+                self.date.get(..10).unwrap_or(&self.date)
+            ))
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{LEFT}" y="56" fill="#444">Throughput: higher is better. Latency: lower is better. Dashed: visibility's target.</text>"##
+        );
+        // Grid and axis.
+        let mut tick = 0.0;
+        while tick <= y_max + 1e-9 {
+            let ty = y(tick);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{LEFT}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="{}" stroke-width="1"/>"##,
+                WIDTH - RIGHT,
+                if (tick - 1.0).abs() < 1e-9 {
+                    "#555"
+                } else {
+                    "#e4e4e4"
+                }
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{tick:.1}×</text>"#,
+                LEFT - 6.0,
+                ty + 4.0
+            );
+            tick += 0.2;
+        }
+        let group_w = plot_w / FIGURES.len() as f64;
+        let bar_w = group_w * 0.22;
+        for (f, figure) in FIGURES.iter().enumerate() {
+            let gx = LEFT + group_w * f as f64 + (group_w - 3.0 * bar_w) / 2.0;
+            for (m, colour) in COLOURS.iter().enumerate() {
+                let v = normalised[f][m];
+                if !v.is_finite() {
+                    continue;
+                }
+                let x = gx + bar_w * m as f64;
+                let (y0, y1) = (y(v), y(0.0));
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{y0:.1}" width="{:.1}" height="{:.1}" fill="{colour}"><title>{} {}: {:.3}× off ({})</title></rect>"#,
+                    bar_w - 3.0,
+                    (y1 - y0).max(0.0),
+                    MODES[m],
+                    figure.label,
+                    v,
+                    format_value(figure.key, self.median(m, f))
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">{v:.2}</text>"#,
+                    x + (bar_w - 3.0) / 2.0,
+                    y0 - 4.0
+                );
+                if m == 2
+                    && let Some(target) = figure.target
+                {
+                    let ty = y(target);
+                    let _ = writeln!(
+                        s,
+                        r##"<line x1="{:.1}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#c62828" stroke-width="2" stroke-dasharray="4 3"/>"##,
+                        x - 4.0,
+                        x + bar_w + 1.0
+                    );
+                }
+            }
+            let cx = LEFT + group_w * (f as f64 + 0.5);
+            let _ = writeln!(
+                s,
+                r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+                TOP + plot_h + 18.0,
+                escape(figure.label)
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="#444">off = {}</text>"##,
+                TOP + plot_h + 34.0,
+                format_value(figure.key, self.median(0, f))
+            );
+        }
+        // Legend.
+        let mut lx = LEFT;
+        let ly = HEIGHT - 16.0;
+        for (m, colour) in COLOURS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{colour}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
+                ly - 10.0,
+                lx + 16.0,
+                MODES[m]
+            );
+            lx += 110.0;
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn format_value(key: &str, value: f64) -> String {
+    if !value.is_finite() {
+        return "-".to_owned();
+    }
+    match key {
+        "udp_pps" if value >= 1e6 => format!("{:.2}M", value / 1e6),
+        "udp_pps" => format!("{:.1}k", value / 1e3),
+        "tcp_gbps" => format!("{value:.2}"),
+        _ => format!("{value:.1}"),
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Replaces what lies between the README's markers with `section`; creates the README
+/// with just the markers when there is none. Nothing outside the markers changes.
+fn update_readme(path: &Path, section: &str) -> anyhow::Result<()> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("{README_START}\n{README_END}\n")
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let updated = replace_marked(&text, section).with_context(|| {
+        format!(
+            "{}: add the lines {README_START} and {README_END} where the performance table goes",
+            path.display()
+        )
+    })?;
+    fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+}
+
+fn replace_marked(text: &str, section: &str) -> anyhow::Result<String> {
+    let start = text
+        .find(README_START)
+        .with_context(|| format!("no {README_START}"))?;
+    let after_start = start + README_START.len();
+    let end = after_start
+        + text[after_start..]
+            .find(README_END)
+            .with_context(|| format!("no {README_END} after {README_START}"))?;
+    Ok(format!(
+        "{}\n{}\n{}",
+        &text[..after_start],
+        section.trim_end_matches('\n'),
+        &text[end..]
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// A small JSON reader and writer (xtask has no serde, on purpose: it builds first)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+static NULL: Json = Json::Null;
+
+impl Json {
+    fn get(&self, key: &str) -> &Json {
+        match self {
+            Json::Obj(fields) => fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(&NULL, |(_, v)| v),
+            _ => &NULL,
+        }
+    }
+
+    fn num(&self) -> Option<f64> {
+        match self {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Json> {
+        let mut parser = Parser {
+            bytes: text.as_bytes(),
+            at: 0,
+        };
+        let value = parser.value()?;
+        parser.skip_ws();
+        if parser.at != parser.bytes.len() {
+            bail!("trailing characters at byte {}", parser.at);
+        }
+        Ok(value)
+    }
+
+    fn pretty(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out, 0);
+        out.push('\n');
+        out
+    }
+
+    fn write(&self, out: &mut String, indent: usize) {
+        let pad = |out: &mut String, n: usize| out.push_str(&"  ".repeat(n));
+        match self {
+            Json::Null => out.push_str("null"),
+            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Json::Num(n) if !n.is_finite() => out.push_str("null"),
+            Json::Num(n) if n.fract() == 0.0 && n.abs() < 1e15 => {
+                let _ = write!(out, "{}", *n as i64);
+            }
+            Json::Num(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Json::Str(s) => write_string(out, s),
+            Json::Arr(items) if items.is_empty() => out.push_str("[]"),
+            Json::Arr(items) => {
+                out.push_str("[\n");
+                for (i, item) in items.iter().enumerate() {
+                    pad(out, indent + 1);
+                    item.write(out, indent + 1);
+                    out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+                }
+                pad(out, indent);
+                out.push(']');
+            }
+            Json::Obj(fields) if fields.is_empty() => out.push_str("{}"),
+            Json::Obj(fields) => {
+                out.push_str("{\n");
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    pad(out, indent + 1);
+                    write_string(out, key);
+                    out.push_str(": ");
+                    value.write(out, indent + 1);
+                    out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
+                }
+                pad(out, indent);
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn skip_ws(&mut self) {
+        while self
+            .bytes
+            .get(self.at)
+            .is_some_and(|b| b.is_ascii_whitespace())
+        {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn expect(&mut self, literal: &str) -> anyhow::Result<()> {
+        if self.bytes[self.at..].starts_with(literal.as_bytes()) {
+            self.at += literal.len();
+            Ok(())
+        } else {
+            bail!("expected {literal:?} at byte {}", self.at)
+        }
+    }
+
+    fn value(&mut self) -> anyhow::Result<Json> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b'n') => self.expect("null").map(|()| Json::Null),
+            Some(b't') => self.expect("true").map(|()| Json::Bool(true)),
+            Some(b'f') => self.expect("false").map(|()| Json::Bool(false)),
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b'[') => {
+                self.at += 1;
+                let mut items = Vec::new();
+                self.skip_ws();
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return Ok(Json::Arr(items));
+                }
+                loop {
+                    items.push(self.value()?);
+                    self.skip_ws();
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(Json::Arr(items));
+                        }
+                        _ => bail!("expected , or ] at byte {}", self.at),
+                    }
+                }
+            }
+            Some(b'{') => {
+                self.at += 1;
+                let mut fields = Vec::new();
+                self.skip_ws();
+                if self.peek() == Some(b'}') {
+                    self.at += 1;
+                    return Ok(Json::Obj(fields));
+                }
+                loop {
+                    self.skip_ws();
+                    let key = self.string()?;
+                    self.skip_ws();
+                    self.expect(":")?;
+                    let value = self.value()?;
+                    fields.push((key, value));
+                    self.skip_ws();
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b'}') => {
+                            self.at += 1;
+                            return Ok(Json::Obj(fields));
+                        }
+                        _ => bail!("expected , or }} at byte {}", self.at),
+                    }
+                }
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.at;
+                while self
+                    .peek()
+                    .is_some_and(|b| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                {
+                    self.at += 1;
+                }
+                let text = std::str::from_utf8(&self.bytes[start..self.at])?;
+                Ok(Json::Num(text.parse().with_context(|| {
+                    format!("bad number {text:?} at byte {start}")
+                })?))
+            }
+            Some(other) => bail!("unexpected {:?} at byte {}", other as char, self.at),
+            None => bail!("unexpected end of input"),
+        }
+    }
+
+    fn hex4(&mut self) -> anyhow::Result<u32> {
+        let digits = self
+            .bytes
+            .get(self.at..self.at + 4)
+            .context("truncated \\u escape")?;
+        self.at += 4;
+        Ok(u32::from_str_radix(std::str::from_utf8(digits)?, 16)?)
+    }
+
+    fn string(&mut self) -> anyhow::Result<String> {
+        self.expect("\"")?;
+        let mut out = String::new();
+        loop {
+            let start = self.at;
+            while self.peek().is_some_and(|b| b != b'"' && b != b'\\') {
+                self.at += 1;
+            }
+            out.push_str(std::str::from_utf8(&self.bytes[start..self.at])?);
+            match self.peek() {
+                Some(b'"') => {
+                    self.at += 1;
+                    return Ok(out);
+                }
+                Some(b'\\') => {
+                    let escape = *self.bytes.get(self.at + 1).context("truncated escape")?;
+                    self.at += 2;
+                    match escape {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => {
+                            let mut code = self.hex4()?;
+                            if (0xd800..0xdc00).contains(&code) {
+                                self.expect("\\u")?;
+                                let low = self.hex4()?;
+                                code = 0x10000
+                                    + ((code - 0xd800) << 10)
+                                    + (low.wrapping_sub(0xdc00) & 0x3ff);
+                            }
+                            out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+                        }
+                        other => bail!("bad escape \\{}", other as char),
+                    }
+                }
+                _ => bail!("unterminated string"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Json {
+        Json::parse(
+            r#"{"date": "2025-01-02T03:04:05Z", "kernel": "6.18.0", "cpus": 2,
+                "cpu_model": "AMD EPYC", "config": {"rounds": 3, "quick": false},
+                "pinning": {"client_cpu": 0, "server_cpu": 1},
+                "medians": {
+                  "off": {"tcp_gbps": 17.6, "udp_pps": 183000, "rr_mean_us": 60.9, "rr_p99_us": 84.7},
+                  "netd": {"tcp_gbps": 15.4, "udp_pps": 105000, "rr_mean_us": 70.9, "rr_p99_us": 94.2},
+                  "visibility": {"tcp_gbps": 17.2, "udp_pps": 160000, "rr_mean_us": 62.0, "rr_p99_us": 99.0}
+                },
+                "escapes": "a\"b\\c\u00e9\ud83d\ude00", "list": [1, -2.5e3, true, null, []]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let json = sample();
+        assert_eq!(json.get("escapes").str(), Some("a\"b\\cé😀"));
+        assert_eq!(
+            json.get("list"),
+            &Json::Arr(vec![
+                Json::Num(1.0),
+                Json::Num(-2500.0),
+                Json::Bool(true),
+                Json::Null,
+                Json::Arr(vec![])
+            ])
+        );
+        assert_eq!(Json::parse(&json.pretty()).unwrap(), json);
+        assert!(Json::parse("{\"a\": 1} x").is_err());
+        assert!(Json::parse("[1, 2").is_err());
+    }
+
+    #[test]
+    fn targets_follow_the_lab_notes_numbers() {
+        let report = Report::new(&sample()).unwrap();
+        // TCP: netd costs 12.5%, visibility 2.3% (budget 4.2%); 17.2/17.6 = 0.977.
+        assert!(report.third_of_netd(0) == Verdict::Pass);
+        assert!(report.absolute(0) == Some(Verdict::Pass));
+        // UDP: netd costs 42.6%, visibility 12.6% (budget 14.2%); 0.874 >= 0.86.
+        assert!(report.third_of_netd(1) == Verdict::Pass);
+        assert!(report.absolute(1) == Some(Verdict::Pass));
+        // RR mean: netd +16.4%, visibility +1.8%.
+        assert!(report.third_of_netd(2) == Verdict::Pass);
+        // RR p99: netd +11.2%, visibility +16.9%: short.
+        assert!(report.third_of_netd(3) == Verdict::Short);
+        assert_eq!(report.absolute(3), None);
+        let table = report.terminal_table();
+        assert!(
+            table.contains("client on CPU 0 (Pod 0), server on CPU 1 (Pod 1)"),
+            "{table}"
+        );
+        assert!(table.contains("183.0k"), "{table}");
+        let svg = report.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect").count(), 1 + 12 + 3);
+    }
+
+    #[test]
+    fn readme_section_is_replaced_between_the_markers_only() {
+        let text = "# T\n\nintro\n<!-- bench:start -->\nold\ntable\n<!-- bench:end -->\nrest\n";
+        let out = replace_marked(text, "| new |\n").unwrap();
+        assert_eq!(
+            out,
+            "# T\n\nintro\n<!-- bench:start -->\n| new |\n<!-- bench:end -->\nrest\n"
+        );
+        assert_eq!(replace_marked(&out, "| new |").unwrap(), out, "idempotent");
+        assert!(replace_marked("no markers", "x").is_err());
+        assert!(replace_marked("<!-- bench:end --> <!-- bench:start -->", "x").is_err());
+        let fresh = format!("{README_START}\n{README_END}\n");
+        assert_eq!(
+            replace_marked(&fresh, "x").unwrap(),
+            "<!-- bench:start -->\nx\n<!-- bench:end -->\n"
+        );
+        let md = Report::new(&sample()).unwrap().markdown(&Json::Null);
+        assert!(md.contains("| visibility/netd |"), "{md}");
+        assert!(md.contains("_Measured 2025-01-02"), "{md}");
+    }
+}
