@@ -172,32 +172,47 @@ impl Sink {
     pub fn start(spec: SinkSpec, stats: Arc<RecordStats>) -> io::Result<Self> {
         let sender = match spec {
             SinkSpec::Off => None,
-            SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None)),
+            SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None, stats.clone())),
             SinkSpec::File {
                 path,
                 max_bytes,
                 keep,
             } => {
                 let writer = RotatingFile::open(path, max_bytes, keep)?;
-                Some(spawn_writer(Box::new(writer.file_clone()?), Some(writer)))
+                Some(spawn_writer(
+                    Box::new(writer.file_clone()?),
+                    Some(writer),
+                    stats.clone(),
+                ))
             }
         };
         Ok(Self { sender, stats })
     }
 
-    /// Queues records; those that do not fit are dropped and counted.
-    pub fn send(&self, records: &[FlowRecord]) {
+    /// Queues records, waiting for room until `deadline` (the next interval's read):
+    /// a sink that keeps up gets every record however many flows there are, and one
+    /// that does not loses what is left at the deadline, counted as dropped. Only this
+    /// reader thread waits; the daemon and the datapath never do.
+    pub fn send(&self, records: &[FlowRecord], deadline: Instant) {
         let Some(sender) = &self.sender else { return };
-        for record in records {
-            let Ok(line) = serde_json::to_string(record) else {
+        for (sent, record) in records.iter().enumerate() {
+            let Ok(mut line) = serde_json::to_string(record) else {
                 continue;
             };
-            match sender.try_send(line) {
-                Ok(()) => self.stats.emitted.fetch_add(1, Ordering::Relaxed),
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed)
+            loop {
+                match sender.try_send(line) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                        line = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                        let lost = (records.len() - sent) as u64;
+                        self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
+                        return;
+                    }
                 }
-            };
+            }
         }
     }
 }
@@ -205,34 +220,46 @@ impl Sink {
 fn spawn_writer(
     out: Box<dyn io::Write + Send>,
     rotating: Option<RotatingFile>,
+    stats: Arc<RecordStats>,
 ) -> SyncSender<String> {
     let (sender, receiver) = sync_channel::<String>(QUEUE);
     std::thread::Builder::new()
         .name("flow-records".into())
-        .spawn(move || write_lines(receiver, out, rotating))
+        .spawn(move || write_lines(receiver, out, rotating, &stats))
         .expect("spawning the record writer");
     sender
 }
 
 fn write_lines(
     receiver: Receiver<String>,
-    mut out: Box<dyn io::Write + Send>,
+    out: Box<dyn io::Write + Send>,
     mut rotating: Option<RotatingFile>,
+    stats: &RecordStats,
 ) {
+    let mut out = io::BufWriter::new(out);
     // Write what is queued, then flush once: one flush per burst, not per line.
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
-        while let Some(line) = next {
+        while let Some(mut line) = next {
+            line.push('\n');
             if let Some(file) = &mut rotating {
-                match file.before_write(line.len() as u64 + 1) {
-                    Ok(Some(reopened)) => out = Box::new(reopened),
+                match file.before_write(line.len() as u64) {
+                    Ok(Some(reopened)) => {
+                        let _ = out.flush();
+                        out = io::BufWriter::new(Box::new(reopened));
+                    }
                     Ok(None) => {}
                     Err(error) => tracing::warn!(%error, "rotating the flow record file"),
                 }
             }
-            // A failed write (closed pipe, full disk) loses the line; draining goes on,
-            // so the queue keeps moving and senders drop rather than block.
-            let _ = writeln!(out, "{line}");
+            // A failed write (closed pipe, full disk) loses the line, counted; draining
+            // goes on so the queue keeps moving.
+            let counter = if out.write_all(line.as_bytes()).is_ok() {
+                &stats.emitted
+            } else {
+                &stats.dropped
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             next = receiver.try_recv().ok();
         }
         let _ = out.flush();
@@ -327,7 +354,7 @@ pub fn spawn_reader(
                 let name_of = |ifindex: u32| names.get(&ifindex).cloned();
                 let (records, evicted) =
                     aggregator.interval(&entries, &clock, clock.boot_now(), &node_name, &name_of);
-                sink.send(&records);
+                sink.send(&records, next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
                     .active_flows
@@ -433,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts() {
+    fn a_full_queue_drops_and_counts_at_the_deadline() {
         let stats = Arc::new(RecordStats::default());
         let (sender, _receiver) = sync_channel::<String>(1);
         let sink = Sink {
@@ -442,9 +469,46 @@ mod tests {
         };
         let clock = Clock::now();
         let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
-        sink.send(&[r.clone(), r.clone(), r]);
-        assert_eq!(stats.emitted.load(Ordering::Relaxed), 1);
+        let started = Instant::now();
+        sink.send(
+            &[r.clone(), r.clone(), r],
+            started + Duration::from_millis(20),
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(20),
+            "gave up before the deadline"
+        );
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_sink_that_keeps_up_gets_more_records_than_the_queue_holds() {
+        let dir = std::env::temp_dir().join(format!("vis-sink-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("flows.jsonl");
+        let stats = Arc::new(RecordStats::default());
+        let spec = SinkSpec::File {
+            path: path.clone(),
+            max_bytes: u64::MAX,
+            keep: 1,
+        };
+        let sink = Sink::start(spec, stats.clone()).unwrap();
+        let clock = Clock::now();
+        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
+        let records = vec![r; QUEUE + 5_000];
+        sink.send(&records, Instant::now() + Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stats.emitted.load(Ordering::Relaxed) < records.len() as u64
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.emitted.load(Ordering::Relaxed), records.len() as u64);
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), records.len());
+        assert!(text.ends_with('\n'));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     fn stats_for_record() -> FlowStats {
