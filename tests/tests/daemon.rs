@@ -583,20 +583,28 @@ struct Attachment {
     program_name: String,
 }
 
-/// Every program attached in the node namespace: TCX links and clsact filters.
+/// Every program attached in the node namespace: TCX links and clsact filters. Kernels
+/// before 6.6 have no TCX (`BPF_PROG_QUERY` refuses its attach types): there only clsact
+/// filters are looked for.
 fn attachments(node: &Node) -> Vec<Attachment> {
+    use aya::util::KernelVersion;
     let mut all = tc_filters(node);
-    all.extend(
-        node.tcx_attachments()
-            .unwrap()
-            .into_iter()
-            .map(|a| Attachment {
-                interface: a.interface,
-                direction: a.direction,
-                program_id: a.program_id.into(),
-                program_name: a.program_name,
-            }),
-    );
+    match KernelVersion::current() {
+        Ok(version) if version < KernelVersion::new(6, 6, 0) => println!(
+            "skipping the TCX query: Linux {version} has no TCX (6.6 and later); clsact filters only"
+        ),
+        _ => all.extend(
+            node.tcx_attachments()
+                .unwrap()
+                .into_iter()
+                .map(|a| Attachment {
+                    interface: a.interface,
+                    direction: a.direction,
+                    program_id: a.program_id.into(),
+                    program_name: a.program_name,
+                }),
+        ),
+    }
     all.sort();
     all
 }

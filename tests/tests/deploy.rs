@@ -4,16 +4,31 @@
 use serde_yaml_ng::Value;
 
 fn documents() -> Vec<Value> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml")).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text).map(|doc| serde::Deserialize::deserialize(doc).unwrap()).collect()
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/daemonset.yaml"
+    ))
+    .unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect()
 }
 
 fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
 }
 
 fn strings(value: &Value) -> Vec<String> {
-    value.as_sequence().map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    value
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -40,25 +55,51 @@ fn bpffs_run_and_the_config_are_mounted_and_node_name_comes_from_the_downward_ap
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["mountPath"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["mountPath"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     for path in ["/sys/fs/bpf", "/run/visibility", "/etc/visibility"] {
-        assert!(mounts.iter().any(|(_, p)| p == path), "{path} not mounted: {mounts:?}");
+        assert!(
+            mounts.iter().any(|(_, p)| p == path),
+            "{path} not mounted: {mounts:?}"
+        );
     }
     let volumes = pod["volumes"].as_sequence().unwrap();
-    let host_path = |name: &str| volumes.iter().find(|v| v["name"] == name).map(|v| v["hostPath"]["path"].clone());
+    let host_path = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["hostPath"]["path"].clone())
+    };
     let bpffs = mounts.iter().find(|(_, p)| p == "/sys/fs/bpf").unwrap();
     assert_eq!(host_path(&bpffs.0), Some(Value::from("/sys/fs/bpf")));
-    let node_name = container["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "NODE_NAME").unwrap();
-    assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let node_name = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .unwrap();
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
     let config_volume = volumes.iter().find(|v| v["name"] == "config").unwrap();
-    assert_eq!(config_volume["configMap"]["name"], kind(&docs, "ConfigMap")["metadata"]["name"]);
+    assert_eq!(
+        config_volume["configMap"]["name"],
+        kind(&docs, "ConfigMap")["metadata"]["name"]
+    );
 }
 
 #[test]
 fn the_configmap_is_a_valid_daemon_config() {
     let docs = documents();
-    let text = kind(&docs, "ConfigMap")["data"]["config.toml"].as_str().unwrap();
+    let text = kind(&docs, "ConfigMap")["data"]["config.toml"]
+        .as_str()
+        .unwrap();
     let layer = visibility::config::Layer::from_toml(text).unwrap();
     let config = visibility::config::NodeConfig::resolve(layer).unwrap();
     assert!(!config.pod_cidrs.is_empty());
@@ -67,7 +108,11 @@ fn the_configmap_is_a_valid_daemon_config() {
 
 #[test]
 fn the_containerfile_builds_the_visibility_binary() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/Containerfile")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/Containerfile"
+    ))
+    .unwrap();
     assert!(text.contains("cargo build --release -p visibility-userspace --bin visibility"));
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/visibility\"]"));
 }

@@ -50,7 +50,9 @@ fn kube_proxy_rules(family: IpFamily, service: IpAddr, endpoint: IpAddr) -> Stri
         ));
     }
     rules.push_str("-A KUBE-SVC-TEST -j KUBE-SEP-TEST\n");
-    rules.push_str(&format!("-A KUBE-SEP-TEST -s {endpoint}/{host} -j KUBE-MARK-MASQ\n"));
+    rules.push_str(&format!(
+        "-A KUBE-SEP-TEST -s {endpoint}/{host} -j KUBE-MARK-MASQ\n"
+    ));
     for protocol in ["tcp", "udp"] {
         rules.push_str(&format!("-A KUBE-SEP-TEST -p {protocol} -m {protocol} -j DNAT --to-destination {endpoint_dest}\n"));
     }
@@ -64,7 +66,9 @@ fn install_service(lab: &Lab, family: IpFamily, endpoint: IpAddr) {
         IpFamily::V6 => "ip6tables-restore",
     };
     let rules = kube_proxy_rules(family, cluster_ip(family), endpoint);
-    lab.node().run_with_stdin(restore, ["--noflush"], &rules).unwrap();
+    lab.node()
+        .run_with_stdin(restore, ["--noflush"], &rules)
+        .unwrap();
 }
 
 /// One TCP and one UDP request from `client` to the Service; both must be answered,
@@ -73,11 +77,24 @@ fn install_service(lab: &Lab, family: IpFamily, endpoint: IpAddr) {
 fn request_service(lab: &Lab, client: usize, server: usize, family: IpFamily) {
     let service = cluster_ip(family);
     let bind = SocketAddr::new(lab.pod_ip(server, family), TARGET_PORT);
-    let tcp = TcpServer::start(lab.pod_ns(server), bind, 1, Reply::Fixed(b"hello from the endpoint".to_vec()), TIMEOUT).unwrap();
+    let tcp = TcpServer::start(
+        lab.pod_ns(server),
+        bind,
+        1,
+        Reply::Fixed(b"hello from the endpoint".to_vec()),
+        TIMEOUT,
+    )
+    .unwrap();
     let udp = UdpServer::start(lab.pod_ns(server), bind, 1, Reply::Echo, TIMEOUT).unwrap();
-    let reply = lab.pod_ns(client).tcp_request(SocketAddr::new(service, SERVICE_PORT), b"GET", TIMEOUT).unwrap();
+    let reply = lab
+        .pod_ns(client)
+        .tcp_request(SocketAddr::new(service, SERVICE_PORT), b"GET", TIMEOUT)
+        .unwrap();
     assert_eq!(reply, b"hello from the endpoint");
-    let echo = lab.pod_ns(client).udp_request(SocketAddr::new(service, SERVICE_PORT), b"ping", TIMEOUT).unwrap();
+    let echo = lab
+        .pod_ns(client)
+        .udp_request(SocketAddr::new(service, SERVICE_PORT), b"ping", TIMEOUT)
+        .unwrap();
     assert_eq!(echo, b"ping");
     // Between two Pods the endpoint sees the client's own address: no SNAT on the
     // Pod-to-Pod leg. A Pod reaching itself is masqueraded by kube-proxy.
@@ -89,10 +106,10 @@ fn request_service(lab: &Lab, client: usize, server: usize, family: IpFamily) {
 }
 
 fn gateway_saw(lab: &Lab, client: usize, server: usize, family: IpFamily) -> bool {
-    lab.gateway_flows()
-        .unwrap()
-        .iter()
-        .any(|f| f.is_between(lab.pod_ip(client, family), lab.pod_ip(server, family)) && f.dport == Some(TARGET_PORT))
+    lab.gateway_flows().unwrap().iter().any(|f| {
+        f.is_between(lab.pod_ip(client, family), lab.pod_ip(server, family))
+            && f.dport == Some(TARGET_PORT)
+    })
 }
 
 fn service_node(tag: &str, family: IpFamily) -> Node {
@@ -112,7 +129,10 @@ fn service_traffic_works_and_stays_local_without_visibility() {
         let node = service_node(&format!("svc-off-{name}"), family);
         // No daemon: plain kube-proxy behaviour.
         request_service(&node.lab, 0, 1, family);
-        assert!(!gateway_saw(&node.lab, 0, 1, family), "{family:?}: the gateway saw Service traffic without visibility");
+        assert!(
+            !gateway_saw(&node.lab, 0, 1, family),
+            "{family:?}: the gateway saw Service traffic without visibility"
+        );
     });
 }
 
@@ -122,13 +142,28 @@ fn the_pod_to_pod_leg_of_service_traffic_goes_through_the_gateway() {
         let mut node = service_node(&format!("svc-on-{name}"), family);
         node.start().unwrap();
         request_service(&node.lab, 0, 1, family);
-        assert!(gateway_saw(&node.lab, 0, 1, family), "{family:?}: {:?}", node.lab.gateway_flows());
+        assert!(
+            gateway_saw(&node.lab, 0, 1, family),
+            "{family:?}: {:?}",
+            node.lab.gateway_flows()
+        );
         // The flow map has both views: the Pod to the Service, and the Pod-to-Pod leg.
         let service = cluster_ip(family).to_string();
-        let to_service = node.flows(&[&format!("dst={service}"), "proto=tcp"]).unwrap();
-        assert!(to_service.iter().any(|f| f["path"] == "not_same_node"), "{to_service:?}");
-        let leg = node.flows(&[&format!("dst={}", node.lab.pod_ip(1, family)), "proto=tcp"]).unwrap();
-        assert!(leg.iter().any(|f| f["path"] == "via_gateway_after_nat" && f["connection"]["dest_port"] == TARGET_PORT), "{leg:?}");
+        let to_service = node
+            .flows(&[&format!("dst={service}"), "proto=tcp"])
+            .unwrap();
+        assert!(
+            to_service.iter().any(|f| f["path"] == "not_same_node"),
+            "{to_service:?}"
+        );
+        let leg = node
+            .flows(&[&format!("dst={}", node.lab.pod_ip(1, family)), "proto=tcp"])
+            .unwrap();
+        assert!(
+            leg.iter().any(|f| f["path"] == "via_gateway_after_nat"
+                && f["connection"]["dest_port"] == TARGET_PORT),
+            "{leg:?}"
+        );
         assert!(node.counter("pod_egress", "redirected_after_nat").unwrap() >= 2);
         assert!(node.counter("pod_ingress", "pass_nat_reply").unwrap() >= 1);
         // Visibility off: Service traffic works and stays on the node.
@@ -145,15 +180,19 @@ fn a_gateway_firewall_rule_stops_the_pod_to_pod_leg() {
         let mut node = service_node(&format!("svc-fw-{name}"), family);
         node.start().unwrap();
         let lab = &node.lab;
-        lab.block(lab.pod_ip(0, family), lab.pod_ip(1, family)).unwrap();
+        lab.block(lab.pod_ip(0, family), lab.pod_ip(1, family))
+            .unwrap();
         let service = SocketAddr::new(cluster_ip(family), SERVICE_PORT);
         let bind = SocketAddr::new(lab.pod_ip(1, family), TARGET_PORT);
         let server = TcpServer::start(lab.pod_ns(1), bind, 1, Reply::Echo, TIMEOUT).unwrap();
-        let attempt = lab.pod_ns(0).tcp_request(service, b"x", Duration::from_millis(700));
+        let attempt = lab
+            .pod_ns(0)
+            .tcp_request(service, b"x", Duration::from_millis(700));
         assert!(attempt.is_err(), "{family:?}: the block did not stop it");
         drop(server);
         assert!(lab.gateway_dropped_packets().unwrap() > 0);
-        lab.unblock(lab.pod_ip(0, family), lab.pod_ip(1, family)).unwrap();
+        lab.unblock(lab.pod_ip(0, family), lab.pod_ip(1, family))
+            .unwrap();
         request_service(lab, 0, 1, family);
     });
 }
@@ -167,7 +206,10 @@ fn a_pod_reaching_itself_through_its_service_stays_local() {
         // Pod 1 is the Service's endpoint and its client.
         request_service(&node.lab, 1, 1, family);
         let flows = node.lab.gateway_flows().unwrap();
-        assert!(!flows.iter().any(|f| f.involves(node.lab.pod_ip(1, family))), "{family:?}: hairpin left the node: {flows:?}");
+        assert!(
+            !flows.iter().any(|f| f.involves(node.lab.pod_ip(1, family))),
+            "{family:?}: hairpin left the node: {flows:?}"
+        );
     });
 }
 
@@ -180,10 +222,28 @@ fn a_backend_elsewhere_changes_nothing() {
         install_service(&node.lab, family, endpoint);
         node.start().unwrap();
         let bind = SocketAddr::new(endpoint, TARGET_PORT);
-        let server = TcpServer::start(node.lab.gateway(), bind, 1, Reply::Fixed(b"elsewhere".to_vec()), TIMEOUT).unwrap();
-        let reply = node.lab.pod_ns(0).tcp_request(SocketAddr::new(cluster_ip(family), SERVICE_PORT), b"x", TIMEOUT).unwrap();
+        let server = TcpServer::start(
+            node.lab.gateway(),
+            bind,
+            1,
+            Reply::Fixed(b"elsewhere".to_vec()),
+            TIMEOUT,
+        )
+        .unwrap();
+        let reply = node
+            .lab
+            .pod_ns(0)
+            .tcp_request(
+                SocketAddr::new(cluster_ip(family), SERVICE_PORT),
+                b"x",
+                TIMEOUT,
+            )
+            .unwrap();
         assert_eq!(reply, b"elsewhere");
         server.join().unwrap();
-        assert_eq!(node.counter("pod_egress", "redirected_after_nat").unwrap(), 0);
+        assert_eq!(
+            node.counter("pod_egress", "redirected_after_nat").unwrap(),
+            0
+        );
     });
 }
