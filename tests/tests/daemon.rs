@@ -1113,3 +1113,55 @@ fn status_fails_without_an_uplink() {
         "no uplink: non-zero"
     );
 }
+
+/// The programs' own log records (aya-log) reach the daemon's log: with a gateway that
+/// has no route, the datapath says so, once a second at most, and the packet stays on
+/// the node.
+#[test]
+fn datapath_log_records_reach_the_daemon_log() {
+    let mut node = Node::new("d-ebpflog", 2).unwrap();
+    node.capture_daemon_log();
+    // Without a default route, nothing leads to the configured gateway.
+    node.lab
+        .node()
+        .run("ip", ["-4", "route", "del", "default"])
+        .unwrap();
+    let args = [
+        "--pod-cidr",
+        POD_CIDR_V4,
+        "--uplink",
+        "eth0",
+        "--gateway",
+        "10.99.0.1",
+        "--reconcile-interval",
+        "1",
+    ];
+    node.start_daemon(args.iter().map(|a| a.to_string()).collect())
+        .unwrap();
+    // No route to 10.99.0.1: the redirect cannot be done, so the ping is delivered locally.
+    node.lab.pod_ns(0).ping(node.lab.pod_ipv4(1), 3).unwrap();
+    let line =
+        visibility_tests::node::poll(Duration::from_secs(5), "the datapath's log record", || {
+            let log = node.daemon_log()?;
+            Ok(log
+                .lines()
+                .find(|l| l.contains("no route for a Pod-to-Pod packet"))
+                .map(str::to_owned))
+        })
+        .unwrap();
+    assert!(line.contains("pod_ingress"), "{line}");
+    assert!(
+        node.counter("pod_ingress", "pass_route_lookup_failed")
+            .unwrap()
+            >= 3
+    );
+    let log = node.daemon_log().unwrap();
+    let records = log
+        .lines()
+        .filter(|l| l.contains("no route for a Pod-to-Pod packet"))
+        .count();
+    assert!(
+        records <= 4,
+        "rate limit: {records} records for 3 packets within a second or two:\n{log}"
+    );
+}

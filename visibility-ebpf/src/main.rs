@@ -35,7 +35,7 @@ use visibility_common::{
 use crate::{
     account::{Size, count, flow_returned, flow_sent},
     lookups::MapLookups,
-    maps::{NAT_LEGS, SETTINGS},
+    maps::{LOG_LIMIT, NAT_LEGS, SETTINGS},
     reader::SkbReader,
     redirect::Outcome,
 };
@@ -98,7 +98,34 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
         count(hook, Counter::NeighbourResolution, size);
     }
     account_flow(ctx, hook, &packet, &outcome, size);
+    if outcome.counter == Counter::PassRouteLookupFailed && log_allowed() {
+        aya_log_ebpf::warn!(
+            ctx,
+            "{}: no route for a Pod-to-Pod packet (IPv{}); it stays on the node. Check the uplink, the gateway and the Pod routes",
+            hook.name(),
+            packet.family as u8
+        );
+    }
     outcome.action
+}
+
+/// At most one log record per CPU per second.
+#[inline(always)]
+fn log_allowed() -> bool {
+    const SECOND_NS: u64 = 1_000_000_000;
+    let Some(last) = LOG_LIMIT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: time helper, no arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
+    unsafe {
+        if now.saturating_sub(*last) < SECOND_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
 }
 
 /// What the verdict needs that is not in a map.

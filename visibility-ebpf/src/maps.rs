@@ -44,3 +44,8 @@ pub static NAT_LEGS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(NAT_LEG_CAPACI
 
 #[map(name = "VIS_COUNTERS")]
 pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// When each CPU last logged a datapath problem, so a problem that hits every packet
+/// logs once a second, not once a packet.
+#[map(name = "VIS_LOG_LIMIT")]
+pub static LOG_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
