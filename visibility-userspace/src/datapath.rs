@@ -187,7 +187,8 @@ fn create_private_dir(path: &Path) -> Result<(), DatapathError> {
         .map_err(io_error("restricting", path))
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
