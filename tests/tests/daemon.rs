@@ -568,7 +568,8 @@ fn tc_filters(node: &Node) -> Vec<Attachment> {
             } else {
                 "ingress"
             },
-            program_id: tc["prog_id"].as_u64().unwrap_or_default(),
+            // bpftool names a tc filter's program id `id` (`prog_id` is for links).
+            program_id: tc["id"].as_u64().unwrap_or_default(),
             program_name: tc["name"].as_str().unwrap_or_default().to_owned(),
         })
         .collect()

@@ -35,7 +35,7 @@ enum Task {
     /// latency and the microbenchmarks; writes target/bench/results.{json,svg}.
     Bench(bench::BenchArgs),
     /// Boot Debian's 6.1 and 6.12 cloud kernels in QEMU (TCG) and run the kernel tests
-    /// inside each: the clsact and the TCX attach paths. Needs root.
+    /// inside each: the clsact and the TCX attach paths. `cargo xtask test` runs it last.
     VmTest(vm::VmTestArgs),
 }
 

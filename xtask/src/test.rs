@@ -2,13 +2,17 @@
 
 use std::{process::Command, time::Instant};
 
-use crate::{run::run, setup};
+use crate::{run::run, setup, vm};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
     /// Skip `cargo xtask setup` (for a machine known to be ready).
     #[arg(long)]
     no_setup: bool,
+    /// Skip the VM tier (`cargo xtask vm-test`: the kernel tests on Debian's 6.1 and
+    /// 6.12 kernels in QEMU).
+    #[arg(long)]
+    no_vm: bool,
 }
 
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
@@ -20,13 +24,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     // Host crates (the default members: all but the eBPF crate). AYA_BUILD_SKIP keeps
     // clippy from building the eBPF object.
     run(Command::new("cargo")
-        .args([
-            "clippy",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
         .env("AYA_BUILD_SKIP", "1"))?;
     // The eBPF crate, for its own target.
     run(Command::new("cargo").args([
@@ -47,6 +45,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "-p", "visibility-userspace", "--bins"]))?;
     // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
     run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
+    // The host kernel is tested above; the VM tier runs the kernel tests on older and
+    // other kernels: 6.1 (clsact attach path) and 6.12 (TCX).
+    if !args.no_vm {
+        vm::vm_test(&vm::VmTestArgs::default())?;
+    }
     println!(
         "xtask test: all checks passed in {:.0}s",
         started.elapsed().as_secs_f64()
