@@ -224,7 +224,7 @@ fn through_the_sink(records: &[FlowRecord]) -> Result<(Duration, u64, u64, Durat
         stats.clone(),
     )?;
     let started = Instant::now();
-    sink.send(records);
+    sink.send(records, Instant::now() + Duration::from_secs(600));
     let send = started.elapsed();
     // Dropping the sender lets the writer finish the queue and end; wait until the files
     // stop growing.

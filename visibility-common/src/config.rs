@@ -28,7 +28,10 @@ pub struct Settings {
     /// 1 when visibility is on. Checked on every packet, so a change takes effect
     /// on the next one.
     pub enabled: u8,
-    pub _pad: [u8; 3],
+    /// 1 when any exempt range is configured, so the common case skips the two exempt
+    /// lookups per packet.
+    pub has_exemptions: u8,
+    pub _pad: [u8; 2],
     /// Packets whose mark has any of these bits set stay on the node.
     pub masquerade_mark: u32,
     pub gateway_v4: Gateway,

@@ -85,6 +85,7 @@ pub struct Context {
 }
 
 /// Decides what `hook` does with `packet`.
+#[inline(always)]
 pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) -> Verdict {
     if packet.is_link_scope() {
         return Verdict::Pass(Counter::PassLinkScope);
@@ -135,6 +136,7 @@ pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) 
 
 /// Both directions of an exempt conversation stay local: the request matches on its
 /// destination, the reply on its source.
+#[inline(always)]
 fn is_exempt<L: Lookups>(packet: &Packet, maps: &L) -> bool {
     maps.is_exempt(packet.family, &packet.dst, packet.protocol, packet.dst_port)
         || maps.is_exempt(packet.family, &packet.src, packet.protocol, packet.src_port)

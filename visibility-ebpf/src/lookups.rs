@@ -43,6 +43,9 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool {
+        if self.settings.has_exemptions == 0 {
+            return false;
+        }
         let rules = match family {
             Family::V4 => EXEMPT_V4.get(Key::new(32, v4(addr))),
             Family::V6 => EXEMPT_V6.get(Key::new(128, *addr)),

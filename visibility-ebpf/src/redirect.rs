@@ -4,8 +4,9 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
-        TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
@@ -63,6 +64,7 @@ impl Outcome {
     }
 }
 
+#[inline(always)]
 fn fib_params(family: Family, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibParams {
     // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut params: FibParams = unsafe { zeroed() };
@@ -83,6 +85,7 @@ fn fib_params(family: Family, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> F
 }
 
 /// An address as the kernel's `__be32[4]`: the bytes in order, whatever the host's order.
+#[inline(always)]
 fn words(addr: &[u8; 16]) -> [u32; 4] {
     let mut out = [0u32; 4];
     let mut i = 0;
@@ -98,6 +101,10 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     out
 }
 
+/// Looks up the main table directly: the gateway's connected route and the Pods' host
+/// routes live there, and skipping the policy rules saves their walk on every packet
+/// (the kernel keeps walking them once any rule was ever added to the namespace).
+#[inline(always)]
 fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
     // SAFETY: `params` is a valid, initialised bpf_fib_lookup of the size passed.
     unsafe {
@@ -111,6 +118,7 @@ fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
 }
 
 /// Spends one hop: IPv4 TTL (with an incremental checksum update) or IPv6 hop limit.
+#[inline(always)]
 fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
     let Some(ttl) = packet.ttl.checked_sub(1) else {
         return Err(Counter::PassTtlExpired);
@@ -138,6 +146,7 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
     Ok(())
 }
 
+#[inline(always)]
 fn rewrite_macs(ctx: &TcContext, params: &FibParams) -> Result<(), Counter> {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
@@ -145,6 +154,7 @@ fn rewrite_macs(ctx: &TcContext, params: &FibParams) -> Result<(), Counter> {
     ctx.store(0, &macs, 0).map_err(|_| Counter::PassMalformed)
 }
 
+#[inline(always)]
 fn redirect_via_neighbour(ifindex: u32, neighbour: Option<(Family, &[u8; 16])>) -> i64 {
     // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut nh: bpf_redir_neigh = unsafe { zeroed() };
@@ -187,7 +197,11 @@ pub fn to_gateway(
     // The gateway is on the uplink's link, so an output lookup on the uplink finds
     // its neighbour entry, link-local IPv6 gateways included.
     let mut params = fib_params(packet.family, gateway.ifindex, &packet.src, &gateway.addr);
-    let rc = lookup(ctx, &mut params, BPF_FIB_LOOKUP_OUTPUT);
+    let rc = lookup(
+        ctx,
+        &mut params,
+        BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_DIRECT,
+    );
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return Outcome::pass(Counter::PassRouteLookupFailed);
     }
@@ -218,7 +232,7 @@ pub fn to_gateway(
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
     let mut params = fib_params(packet.family, uplink, &packet.src, &packet.dst);
-    let rc = lookup(ctx, &mut params, 0);
+    let rc = lookup(ctx, &mut params, BPF_FIB_LOOKUP_DIRECT);
     let target = params.ifindex;
     let found =
         rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);

@@ -251,6 +251,11 @@ impl Maps {
                 )
             })?;
         }
+        // Announce exemptions before removing stale ones, and stop announcing them only
+        // once none is left, so the datapath never skips a lookup it needs.
+        if !values.is_empty() {
+            self.update_settings(|s| s.has_exemptions = 1)?;
+        }
         let keep: Vec<IpNet> = values.iter().map(|(p, _)| *p).collect();
         let stale_v4: Vec<_> = self
             .exempt_v4
@@ -275,6 +280,9 @@ impl Maps {
             .collect();
         for key in stale_v6 {
             let _ = self.exempt_v6.remove(&key);
+        }
+        if values.is_empty() {
+            self.update_settings(|s| s.has_exemptions = 0)?;
         }
         Ok(())
     }

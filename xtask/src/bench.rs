@@ -281,8 +281,17 @@ fn bench_target_exists(root: &Path, name: &str) -> Result<(), String> {
 fn attach_line(attach: &Json) -> Option<String> {
     let p50 = attach.get("p50_ms").num()?;
     let p99 = attach.get("p99_ms").num()?;
+    let parts = match (
+        attach.get("route_to_first_program_p50_ms").num(),
+        attach.get("first_to_second_program_p50_ms").num(),
+    ) {
+        (Some(first), Some(second)) => format!(
+            "; p50 split: route -> first program {first:.1} ms, first -> second {second:.1} ms"
+        ),
+        _ => String::new(),
+    };
     Some(format!(
-        "attach latency: {} new Pods with {} Pod interfaces present: p50 {p50:.1} ms, p99 {p99:.1} ms (route appears -> both programs attached)",
+        "attach latency: {} new Pods with {} Pod interfaces present: p50 {p50:.1} ms, p99 {p99:.1} ms (route appears -> both programs attached{parts})",
         attach.get("new").num().unwrap_or(0.0),
         attach.get("present").num().unwrap_or(0.0),
     ))
@@ -319,6 +328,8 @@ struct Report {
     quick: bool,
     client_cpu: f64,
     server_cpu: f64,
+    /// What other processes used while the comparison ran, if it was a noticeable share.
+    background: Option<String>,
     /// medians[mode][figure]
     medians: Vec<[f64; 4]>,
 }
@@ -360,6 +371,7 @@ impl Report {
                 .get("server_cpu")
                 .num()
                 .unwrap_or(1.0),
+            background: background_note(results.get("background")),
             medians,
         })
     }
@@ -432,6 +444,9 @@ impl Report {
 
     fn terminal_table(&self) -> String {
         let mut s = self.header();
+        if let Some(note) = &self.background {
+            let _ = writeln!(s, "WARNING: a busy machine: {note}; the figures are noisy");
+        }
         s.push('\n');
         let _ = write!(s, "{:<17}", "mode");
         for figure in &FIGURES {
@@ -556,6 +571,9 @@ impl Report {
             if self.rounds == 1 { "" } else { "s" },
             if self.quick { " (quick smoke run)" } else { "" },
         );
+        if let Some(note) = &self.background {
+            let _ = writeln!(s, "\n_A busy machine: {note}._");
+        }
         s.push('\n');
         s.push_str("| mode |");
         for figure in &FIGURES {
@@ -579,30 +597,37 @@ impl Report {
             s.push('\n');
         }
         s.push('\n');
-        s.push_str("Targets: visibility costs at most a third of what netd costs on each figure; ");
-        let mut parts = Vec::new();
+        s.push_str("| target | measured | verdict |\n|---|---:|---|\n");
         for (f, figure) in FIGURES.iter().enumerate() {
-            let mut part = format!(
-                "{} a third of netd's cost: {}",
-                figure.short,
-                self.third_of_netd(f).word()
-            );
             if let (Some(target), Some(verdict)) = (figure.target, self.absolute(f)) {
-                let _ = write!(
-                    part,
-                    ", visibility/off {} {target}: {}",
+                let _ = writeln!(
+                    s,
+                    "| {} visibility/off {} {target} | {:.2} | {} |",
+                    figure.short,
                     if figure.higher_is_better {
                         "≥"
                     } else {
                         "≤"
                     },
+                    self.ratio(2, 0, f),
                     verdict.word()
                 );
             }
-            parts.push(part);
+            let netd = self.cost(1, f);
+            let budget = if netd > 0.0 {
+                format!("≤ {:.1}%", netd / 3.0 * 100.0)
+            } else {
+                "netd costs nothing measurable".to_owned()
+            };
+            let _ = writeln!(
+                s,
+                "| {} cost at most a third of netd's {:+.1}% ({budget}) | {:+.1}% | {} |",
+                figure.short,
+                netd * 100.0,
+                self.cost(2, f) * 100.0,
+                self.third_of_netd(f).word()
+            );
         }
-        s.push_str(&parts.join("; "));
-        s.push_str(".\n");
         if let Some(line) = attach_line(attach) {
             s.push('\n');
             s.push_str(&line.replacen("attach latency", "Attach latency", 1));
@@ -754,6 +779,31 @@ impl Report {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// "other processes used 23% of the CPUs (qemu-system-x86 61 s, ...)" when they used more
+/// than 5%.
+fn background_note(background: &Json) -> Option<String> {
+    let share = background.get("share_of_all_cpus").num()?;
+    if share <= 0.05 {
+        return None;
+    }
+    let top: Vec<String> = match background.get("top") {
+        Json::Arr(items) => items
+            .iter()
+            .filter_map(|item| {
+                let seconds = item.get("cpu_seconds").num().filter(|s| *s >= 0.5)?;
+                Some(format!("{} {seconds:.0} s", item.get("process").str()?))
+            })
+            .take(3)
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(format!(
+        "other processes used {:.0}% of the CPUs during the comparison ({})",
+        share * 100.0,
+        top.join(", ")
+    ))
 }
 
 fn format_value(key: &str, value: f64) -> String {
@@ -1100,6 +1150,7 @@ mod tests {
                   "netd": {"tcp_gbps": 15.4, "udp_pps": 105000, "rr_mean_us": 70.9, "rr_p99_us": 94.2},
                   "visibility": {"tcp_gbps": 17.2, "udp_pps": 160000, "rr_mean_us": 62.0, "rr_p99_us": 99.0}
                 },
+                "background": {"share_of_all_cpus": 0.3, "top": [{"process": "qemu-system-x86", "cpu_seconds": 61.2}]},
                 "escapes": "a\"b\\c\u00e9\ud83d\ude00", "list": [1, -2.5e3, true, null, []]}"#,
         )
         .unwrap()
@@ -1144,6 +1195,12 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("183.0k"), "{table}");
+        assert!(
+            table.contains(
+                "other processes used 30% of the CPUs during the comparison (qemu-system-x86 61 s)"
+            ),
+            "{table}"
+        );
         let svg = report.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect").count(), 1 + 12 + 3);
@@ -1167,6 +1224,16 @@ mod tests {
         );
         let md = Report::new(&sample()).unwrap().markdown(&Json::Null);
         assert!(md.contains("| visibility/netd |"), "{md}");
+        assert!(
+            md.contains("| UDP pps visibility/off ≥ 0.86 | 0.87 | PASS |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| RR p99 cost at most a third of netd's +11.2% (≤ 3.7%) | +16.9% | SHORT |"
+            ),
+            "{md}"
+        );
         assert!(md.contains("_Measured 2025-01-02"), "{md}");
     }
 }
