@@ -1166,3 +1166,37 @@ fn datapath_log_records_reach_the_daemon_log() {
         "rate limit: {records} records for 3 packets within a second or two:\n{log}"
     );
 }
+
+/// `flows --watch` redraws the table in place (clear screen, home) at its interval, for
+/// people at a terminal, until interrupted.
+#[test]
+fn flows_watch_redraws_in_place() {
+    use std::io::Read as _;
+    let node = started("d-watch", 2);
+    node.lab.pod_ns(0).ping(node.lab.pod_ipv4(1), 1).unwrap();
+    let mut watch = node.command(&["flows", "--watch", "0.2"]);
+    watch
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null());
+    let mut child = watch.spawn().unwrap();
+    // Generous for a busy machine: five or more redraws are expected, two suffice.
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut screen = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut screen)
+        .unwrap();
+    let redraws = screen.matches("\x1b[H\x1b[2J").count();
+    assert!(
+        redraws >= 2,
+        "{redraws} redraws in 0.9 s at 0.2 s: {screen:?}"
+    );
+    assert!(
+        screen.contains("SOURCE") && screen.contains(&node.lab.pod_ipv4(1).to_string()),
+        "{screen}"
+    );
+}
