@@ -192,12 +192,9 @@ impl PinnedDatapath {
             }
         });
         let guard = PinDirGuard::new(unique_pin_path(tag));
-        let (datapath, origin) = retry_interrupted_load(|| {
-            // Start every attempt from nothing, not from a half-pinned directory.
-            remove_pins(guard.pins(), |_| None)?;
-            Datapath::open(guard.path(), &LoadOptions::default())
-                .with_context(|| format!("loading the datapath at {}", guard.path().display()))
-        })?;
+        // Datapath::open retries a load the verifier gave up on with EAGAIN itself.
+        let (datapath, origin) = Datapath::open(guard.path(), &LoadOptions::default())
+            .with_context(|| format!("loading the datapath at {}", guard.path().display()))?;
         ensure!(
             origin == Origin::Loaded,
             "{} held a datapath already",

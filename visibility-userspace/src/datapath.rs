@@ -392,30 +392,7 @@ impl Datapath {
         ifindex: u32,
         kind: ProgramKind,
     ) -> Result<(), DatapathError> {
-        let link_pin = self.pins.link(ifindex, kind);
-        match self.mode {
-            AttachMode::Tcx => {
-                if link_pin.exists() {
-                    // Unpinning drops the last reference, which detaches the program.
-                    match PinnedLink::from_pin(&link_pin) {
-                        Ok(link) => drop(link.unpin().map_err(io_error("unpinning", &link_pin))?),
-                        Err(_) => {
-                            fs::remove_file(&link_pin).map_err(io_error("removing", &link_pin))?
-                        }
-                    }
-                }
-            }
-            AttachMode::Clsact => {
-                if let Some(ifname) = ifname {
-                    // Gone already when the interface went away with its qdisc.
-                    let _ = tc::qdisc_detach_program(ifname, kind.attach_type(), kind.name());
-                }
-                if link_pin.exists() {
-                    fs::remove_dir(&link_pin).map_err(io_error("removing", &link_pin))?;
-                }
-            }
-        }
-        Ok(())
+        detach_pinned(&self.pins, self.mode, ifname, ifindex, kind)
     }
 
     /// The interfaces that have a pinned attachment, by ifindex.
@@ -458,6 +435,41 @@ pub fn attachments(pins: &PinDir) -> Vec<(u32, ProgramKind)> {
     found
 }
 
+/// Detaches `kind` from the interface and removes its attachment pin. Idempotent; a
+/// vanished interface is fine.
+fn detach_pinned(
+    pins: &PinDir,
+    mode: AttachMode,
+    ifname: Option<&str>,
+    ifindex: u32,
+    kind: ProgramKind,
+) -> Result<(), DatapathError> {
+    let link_pin = pins.link(ifindex, kind);
+    match mode {
+        AttachMode::Tcx => {
+            if link_pin.exists() {
+                // Unpinning drops the last reference, which detaches the program.
+                match PinnedLink::from_pin(&link_pin) {
+                    Ok(link) => drop(link.unpin().map_err(io_error("unpinning", &link_pin))?),
+                    Err(_) => {
+                        fs::remove_file(&link_pin).map_err(io_error("removing", &link_pin))?
+                    }
+                }
+            }
+        }
+        AttachMode::Clsact => {
+            if let Some(ifname) = ifname {
+                // Gone already when the interface went away with its qdisc.
+                let _ = tc::qdisc_detach_program(ifname, kind.attach_type(), kind.name());
+            }
+            if link_pin.exists() {
+                fs::remove_dir(&link_pin).map_err(io_error("removing", &link_pin))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes everything under the pin directory: links first (detaching the programs),
 /// then programs and maps. The programs stop as soon as their last link is gone.
 pub fn remove_pins(
@@ -466,19 +478,7 @@ pub fn remove_pins(
 ) -> Result<(), DatapathError> {
     let mode = AttachMode::current();
     for (ifindex, kind) in attachments(pins) {
-        let path = pins.link(ifindex, kind);
-        match mode {
-            AttachMode::Tcx => {
-                if let Ok(link) = PinnedLink::from_pin(&path) {
-                    drop(link.unpin().map_err(io_error("unpinning", &path))?);
-                }
-            }
-            AttachMode::Clsact => {
-                if let Some(ifname) = ifname_of(ifindex) {
-                    let _ = tc::qdisc_detach_program(&ifname, kind.attach_type(), kind.name());
-                }
-            }
-        }
+        detach_pinned(pins, mode, ifname_of(ifindex).as_deref(), ifindex, kind)?;
     }
     if pins.path().exists() {
         fs::remove_dir_all(pins.path()).map_err(io_error("removing", pins.path()))?;
