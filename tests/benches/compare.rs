@@ -83,6 +83,9 @@ struct Options {
     rr_requests: usize,
     rr_warmup: usize,
     quick: bool,
+    /// `--perf DIR`: a `perf record` of the client CPU during each UDP window, and its
+    /// report, go to DIR (where the time goes, for a figure that falls short).
+    perf_dir: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -95,6 +98,7 @@ impl Options {
             rr_requests: 20_000,
             rr_warmup: 2_000,
             quick: false,
+            perf_dir: None,
         }
     }
 
@@ -107,6 +111,7 @@ impl Options {
             rr_requests: 2_000,
             rr_warmup: 200,
             quick: true,
+            perf_dir: None,
         }
     }
 
@@ -130,7 +135,14 @@ impl Options {
                         .context("--rounds")?;
                     ensure!(options.rounds >= 1, "--rounds must be at least 1");
                 }
-                other => bail!("unknown argument {other:?} (known: --quick, --rounds N)"),
+                "--perf" => {
+                    let dir = iter.next().context("--perf needs a directory")?;
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+                    options.perf_dir = Some(dir.into());
+                }
+                other => {
+                    bail!("unknown argument {other:?} (known: --quick, --rounds N, --perf DIR)")
+                }
             }
         }
         Ok(options)
@@ -193,7 +205,7 @@ fn run() -> Result<()> {
     if !options.quick {
         eprintln!("compare: warming up (off)");
         let _ = tcp_throughput(&node.lab, 1)?;
-        let _ = udp_pps(&node.lab, 0.5, 0.2)?;
+        let _ = udp_pps(&node.lab, 0.5, 0.2, None)?;
     }
 
     let mut rounds = Vec::new();
@@ -403,7 +415,16 @@ fn moved_counters(status: &Value) -> Value {
 
 fn measure(lab: &Lab, mode: Mode, options: &Options) -> Result<Sample> {
     let (tcp_gbps, tcp_retransmits) = tcp_throughput(lab, options.tcp_secs)?;
-    let (udp_pps, udp_sent_pps) = udp_pps(lab, options.udp_secs, options.udp_warmup_secs)?;
+    let profile = options
+        .perf_dir
+        .as_ref()
+        .map(|dir| dir.join(format!("perf-{}.data", mode.name())));
+    let (udp_pps, udp_sent_pps) = udp_pps(
+        lab,
+        options.udp_secs,
+        options.udp_warmup_secs,
+        profile.as_deref(),
+    )?;
     let forwarded_before = lab.gateway_forwarded_packets()?;
     let rr = round_trips(lab, options.rr_requests, options.rr_warmup)?;
     let gateway_forwarded = lab.gateway_forwarded_packets()? - forwarded_before;
@@ -500,8 +521,14 @@ fn pin_to(cpu: usize) -> Result<()> {
 }
 
 /// Receiver packets per second and sender packets per second over `secs`, after
-/// `warmup_secs` of the same traffic.
-fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64) -> Result<(f64, f64)> {
+/// `warmup_secs` of the same traffic. With `profile`, the client CPU is recorded with
+/// `perf` over the same window, and the report is written next to the recording.
+fn udp_pps(
+    lab: &Lab,
+    secs: f64,
+    warmup_secs: f64,
+    profile: Option<&std::path::Path>,
+) -> Result<(f64, f64)> {
     let receiver = lab
         .pod_ns(SERVER_POD)
         .udp_bind(SocketAddr::new(lab.pod_ipv4(SERVER_POD).into(), 0))?;
@@ -563,6 +590,9 @@ fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64) -> Result<(f64, f64)> {
         })?
     };
     std::thread::sleep(Duration::from_secs_f64(warmup_secs));
+    let recording = profile
+        .map(|path| Profile::start(path, CLIENT_CPU, secs))
+        .transpose()?;
     let (r0, s0, t0) = (
         received.load(Ordering::Relaxed),
         sent.load(Ordering::Relaxed),
@@ -575,11 +605,65 @@ fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64) -> Result<(f64, f64)> {
         Instant::now(),
     );
     stop.store(true, Ordering::Relaxed);
+    if let Some(recording) = recording {
+        recording.finish()?;
+    }
     join(sending, "UDP sender")?;
     join(receiving, "UDP receiver")?;
     let elapsed = (t1 - t0).as_secs_f64();
     ensure!(r1 > r0, "the receiver got no packets");
     Ok(((r1 - r0) as f64 / elapsed, (s1 - s0) as f64 / elapsed))
+}
+
+/// A `perf record` of one CPU, with call graphs, for a fixed time.
+struct Profile {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl Profile {
+    fn start(path: &std::path::Path, cpu: usize, secs: f64) -> Result<Self> {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-g", "-a", "-o"])
+            .arg(path)
+            .args(["--", "sleep", &format!("{secs}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting perf record (is perf installed?)")?;
+        Ok(Self {
+            child,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Waits for the recording and writes `<recording>.txt`: symbols by self time.
+    fn finish(mut self) -> Result<()> {
+        let status = self.child.wait().context("perf record")?;
+        ensure!(status.success(), "perf record failed: {status}");
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "symbol",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&self.path)
+            .output()
+            .context("perf report")?;
+        ensure!(report.status.success(), "perf report failed");
+        let text_path = self.path.with_extension("txt");
+        std::fs::write(&text_path, &report.stdout)
+            .with_context(|| format!("writing {}", text_path.display()))?;
+        eprintln!(
+            "compare: profile of CPU {CLIENT_CPU} in {}",
+            text_path.display()
+        );
+        Ok(())
+    }
 }
 
 fn join<T>(handle: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {

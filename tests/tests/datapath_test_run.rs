@@ -34,7 +34,10 @@ use visibility_tests::{
         CounterSnapshot, DatapathLab, MASQUERADE_MARK, Mac, RunOutput, SkbCtx, TC_ACT_OK,
         TC_ACT_REDIRECT, hook_of,
     },
-    lab::{IpFamily, NODE_IPV4, NODE_IPV6, POD_GATEWAY_V4, POD_GATEWAY_V6, pod_ipv4, pod_ipv6},
+    lab::{
+        IpFamily, NODE_IPV4, NODE_IPV6, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6,
+        pod_ipv4, pod_ipv6,
+    },
 };
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
@@ -674,6 +677,52 @@ fn packets_not_between_pods_of_this_node_pass() {
             None => assert_eq!(stats, None, "{what}: not a Pod flow"),
         }
     }
+}
+
+/// The Pod-CIDR trie also answers "is this the node's own address?" for node addresses
+/// inside a Pod CIDR; the control plane keeps those entries in step with both lists.
+#[test]
+fn node_addresses_count_only_inside_a_pod_cidr_whichever_list_changes_first() {
+    let mut h = setup("nodeaddr");
+    let pod_cidr: ipnet::IpNet = POD_CIDR_V4.parse().unwrap();
+    let node_addr = IpAddr::from(POD_GATEWAY_V4);
+    let input = frame(pod_ipv4(SRC).into(), node_addr, udp(40000, 5000)).build();
+    let ingress = h.pod_ingress_ctx(SRC);
+    let expect = |h: &DatapathLab, counter: Counter, what: &str| {
+        let expected = match counter {
+            Counter::RedirectedToGateway => TO_GATEWAY,
+            _ => Expect::Pass(counter),
+        };
+        check(h, what, ProgramKind::PodIngress, &input, ingress, expected);
+    };
+    expect(&h, Counter::PassNodeAddress, "as configured");
+
+    // Without its Pod CIDR the address is just outside, and the entry is gone.
+    assert!(h.maps.remove_pod_cidr(&pod_cidr).unwrap());
+    expect(&h, Counter::PassNotSameNode, "Pod CIDR removed");
+    // Only the other family's Pod CIDR is left; node addresses never show up as one.
+    assert_eq!(h.maps.pod_cidrs(), vec![POD_CIDR_V6.parse().unwrap()]);
+
+    // The Pod CIDR back: the node address counts again.
+    h.maps.add_pod_cidr(&pod_cidr).unwrap();
+    expect(&h, Counter::PassNodeAddress, "Pod CIDR added back");
+
+    // Removing the node address makes it a Pod address like any other; adding it
+    // back restores it. A second add changes nothing.
+    assert!(h.maps.remove_node_addr(&node_addr).unwrap());
+    expect(&h, Counter::RedirectedToGateway, "node address removed");
+    h.maps.add_node_addr(&node_addr).unwrap();
+    h.maps.add_pod_cidr(&pod_cidr).unwrap();
+    expect(&h, Counter::PassNodeAddress, "node address added back");
+
+    // A host-length Pod CIDR that is also a node address keeps both roles.
+    let host: ipnet::IpNet = ipnet::IpNet::from(node_addr);
+    h.maps.add_pod_cidr(&host).unwrap();
+    assert!(h.maps.pod_cidrs().contains(&host));
+    expect(&h, Counter::PassNodeAddress, "host-length Pod CIDR");
+    assert!(h.maps.remove_pod_cidr(&host).unwrap());
+    assert!(!h.maps.pod_cidrs().contains(&host));
+    expect(&h, Counter::PassNodeAddress, "host-length Pod CIDR removed");
 }
 
 // ---------------------------------------------------------------------------------------

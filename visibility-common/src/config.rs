@@ -106,6 +106,14 @@ impl ExemptRules {
     }
 }
 
+/// Value flag of a Pod-CIDR trie entry that is one of the Pod CIDRs.
+pub const POD_CIDR_ENTRY: u8 = 1;
+/// Value flag of a Pod-CIDR trie entry that is a node address (a host-length prefix)
+/// inside one of the Pod CIDRs. The datapath then needs one trie lookup per address,
+/// not a trie lookup and a node-address lookup; the node-address map stays the list
+/// the control plane keeps.
+pub const NODE_ADDR_ENTRY: u8 = 2;
+
 /// Key of the node-address map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -59,6 +59,9 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
 pub const NAT_LEG_CAPACITY: u32 = 16_384;
 /// Largest number of Pod CIDRs per family.
 pub const MAX_POD_CIDRS: u32 = 64;
+/// Entries of each Pod-CIDR trie: the Pod CIDRs plus the node addresses they cover
+/// (see [`config::POD_CIDR_ENTRY`]).
+pub const POD_TRIE_CAPACITY: u32 = MAX_POD_CIDRS + MAX_NODE_ADDRS;
 /// Largest number of exempt prefixes per family.
 pub const MAX_EXEMPT_PREFIXES: u32 = 256;
 /// Largest number of node addresses.

@@ -82,12 +82,14 @@ pub struct Packet {
 impl Packet {
     /// Whether the source and destination are the same family's "special" ranges
     /// (link-local, multicast, broadcast, unspecified) that never leave the link.
+    #[inline(always)]
     pub fn is_link_scope(&self) -> bool {
         is_link_scope(self.family, &self.src) || is_link_scope(self.family, &self.dst)
     }
 }
 
 /// Link-local, multicast, broadcast and unspecified addresses.
+#[inline(always)]
 pub fn is_link_scope(family: Family, addr: &[u8; 16]) -> bool {
     match family {
         Family::V4 => {

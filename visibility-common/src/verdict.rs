@@ -62,15 +62,39 @@ impl Verdict {
 pub trait Lookups {
     /// Visibility is on.
     fn enabled(&self) -> bool;
-    /// The address is in one of the node's Pod CIDRs.
-    fn in_pod_cidrs(&self, family: Family, addr: &[u8; 16]) -> bool;
-    /// The node itself owns the address (for example the Pod gateway on host veths).
-    fn is_node_addr(&self, family: Family, addr: &[u8; 16]) -> bool;
+    /// Whether the address is in one of the node's Pod CIDRs, and if so whether the
+    /// node itself owns it (for example the Pod gateway on host veths). One lookup
+    /// answers both: the Pod-CIDR trie also holds the node addresses it covers.
+    fn addr_kind(&self, family: Family, addr: &[u8; 16]) -> AddrKind;
     /// An exempt range covers this destination and port (or source and port, for the
     /// other direction of an exempt conversation).
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool;
     /// A gateway is configured for the family.
     fn has_gateway(&self, family: Family) -> bool;
+}
+
+/// An address as the Pod-CIDR trie classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrKind {
+    /// In none of the node's Pod CIDRs.
+    Outside,
+    /// In a Pod CIDR, and not the node's own.
+    Pod,
+    /// In a Pod CIDR, and owned by the node.
+    Node,
+}
+
+impl AddrKind {
+    /// The kind of an address whose longest matching trie entry has `entry` as its
+    /// value (see [`crate::config::POD_CIDR_ENTRY`]), or `None` when nothing matched.
+    #[inline(always)]
+    pub fn of_entry(entry: Option<u8>) -> Self {
+        match entry {
+            None => AddrKind::Outside,
+            Some(flags) if flags & crate::config::NODE_ADDR_ENTRY != 0 => AddrKind::Node,
+            Some(_) => AddrKind::Pod,
+        }
+    }
 }
 
 /// Per-packet facts that do not come from maps.
@@ -91,10 +115,15 @@ pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) 
         return Verdict::Pass(Counter::PassLinkScope);
     }
     let family = packet.family;
-    if !maps.in_pod_cidrs(family, &packet.dst) || !maps.in_pod_cidrs(family, &packet.src) {
+    let dst = maps.addr_kind(family, &packet.dst);
+    if dst == AddrKind::Outside {
         return Verdict::Pass(Counter::PassNotSameNode);
     }
-    if maps.is_node_addr(family, &packet.dst) || maps.is_node_addr(family, &packet.src) {
+    let src = maps.addr_kind(family, &packet.src);
+    if src == AddrKind::Outside {
+        return Verdict::Pass(Counter::PassNotSameNode);
+    }
+    if dst == AddrKind::Node || src == AddrKind::Node {
         return Verdict::Pass(Counter::PassNodeAddress);
     }
     match hook {

@@ -2,12 +2,12 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use visibility_common::{
-    config::{NodeAddr, Settings},
+    config::Settings,
     packet::Family,
-    verdict::Lookups,
+    verdict::{AddrKind, Lookups},
 };
 
-use crate::maps::{EXEMPT_V4, EXEMPT_V6, NODE_ADDRS, POD_CIDRS_V4, POD_CIDRS_V6};
+use crate::maps::{EXEMPT_V4, EXEMPT_V6, POD_CIDRS_V4, POD_CIDRS_V6};
 
 pub struct MapLookups<'a> {
     pub settings: &'a Settings,
@@ -24,21 +24,12 @@ impl Lookups for MapLookups<'_> {
     }
 
     #[inline(always)]
-    fn in_pod_cidrs(&self, family: Family, addr: &[u8; 16]) -> bool {
-        match family {
-            Family::V4 => POD_CIDRS_V4.get(Key::new(32, v4(addr))).is_some(),
-            Family::V6 => POD_CIDRS_V6.get(Key::new(128, *addr)).is_some(),
-        }
-    }
-
-    #[inline(always)]
-    fn is_node_addr(&self, family: Family, addr: &[u8; 16]) -> bool {
-        let key = NodeAddr {
-            addr: *addr,
-            family: family as u8,
-            _pad: [0; 3],
+    fn addr_kind(&self, family: Family, addr: &[u8; 16]) -> AddrKind {
+        let entry = match family {
+            Family::V4 => POD_CIDRS_V4.get(Key::new(32, v4(addr))),
+            Family::V6 => POD_CIDRS_V6.get(Key::new(128, *addr)),
         };
-        NODE_ADDRS.get_ptr(key).is_some()
+        AddrKind::of_entry(entry.copied())
     }
 
     #[inline(always)]

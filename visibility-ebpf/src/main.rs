@@ -64,7 +64,9 @@ pub fn bench_baseline(ctx: TcContext) -> i32 {
         (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0))
     {
         let lookups = MapLookups { settings };
-        if visibility_common::verdict::Lookups::in_pod_cidrs(&lookups, packet.family, &packet.dst) {
+        if visibility_common::verdict::Lookups::addr_kind(&lookups, packet.family, &packet.dst)
+            != visibility_common::verdict::AddrKind::Outside
+        {
             return Outcome::pass(Counter::PassNotSameNode).action;
         }
     }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use visibility_common::{
-    DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_CIDRS, MAX_POD_IFACES,
-    NAT_LEG_CAPACITY,
+    DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES, NAT_LEG_CAPACITY,
+    POD_TRIE_CAPACITY,
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats},
@@ -17,10 +17,10 @@ use visibility_common::{
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
 #[map(name = "VIS_PODS_V4")]
-pub static POD_CIDRS_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_POD_CIDRS, 0);
+pub static POD_CIDRS_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(POD_TRIE_CAPACITY, 0);
 
 #[map(name = "VIS_PODS_V6")]
-pub static POD_CIDRS_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_POD_CIDRS, 0);
+pub static POD_CIDRS_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(POD_TRIE_CAPACITY, 0);
 
 #[map(name = "VIS_EXEMPT_V4")]
 pub static EXEMPT_V4: LpmTrie<[u8; 4], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT_PREFIXES, 0);
@@ -28,6 +28,8 @@ pub static EXEMPT_V4: LpmTrie<[u8; 4], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT
 #[map(name = "VIS_EXEMPT_V6")]
 pub static EXEMPT_V6: LpmTrie<[u8; 16], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT_PREFIXES, 0);
 
+/// The node's addresses, as the control plane keeps them. The datapath does not read
+/// it: the Pod-CIDR tries carry the node addresses that matter to it.
 #[map(name = "VIS_NODE_ADDRS")]
 pub static NODE_ADDRS: HashMap<NodeAddr, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
 

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::IpNet;
 use visibility_common::{
-    config::{ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NodeAddr, PodIface, Settings},
+    config::{
+        ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NODE_ADDR_ENTRY, NodeAddr,
+        POD_CIDR_ENTRY, PodIface, Settings,
+    },
     counters::{COUNTERS_PER_HOOK, Counter, CounterValue},
     flow::{FlowKey, FlowStats},
     map_names,
@@ -63,6 +66,22 @@ fn v4_key(net: &IpNet) -> Key<[u8; 4]> {
 
 fn v6_key(net: &IpNet) -> Key<[u8; 16]> {
     Key::new(u32::from(net.prefix_len()), addr_bytes(&net.network()))
+}
+
+fn pod_trie_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => map_names::POD_CIDRS_V4,
+        Family::V6 => map_names::POD_CIDRS_V6,
+    }
+}
+
+/// The flags of the entry for exactly `net` (0 when there is none). Lookups in an LPM
+/// trie match the longest prefix, so exact entries are found in the listing.
+fn exact_flags(entries: &[(IpNet, u8)], net: &IpNet) -> u8 {
+    entries
+        .iter()
+        .find(|(entry, _)| entry == net)
+        .map_or(0, |(_, flags)| *flags)
 }
 
 fn net_from_key(family: Family, prefix_len: u32, data: &[u8]) -> Option<IpNet> {
@@ -122,46 +141,123 @@ impl Maps {
         })
     }
 
+    /// Adds a Pod CIDR (idempotent).
     pub fn add_pod_cidr(&mut self, net: &IpNet) -> Result<(), MapsError> {
         let net = net.trunc();
-        let (result, map) = match family_of(&net) {
-            Family::V4 => (
-                self.pods_v4.insert(&v4_key(&net), 1, 0),
-                map_names::POD_CIDRS_V4,
-            ),
-            Family::V6 => (
-                self.pods_v6.insert(&v6_key(&net), 1, 0),
-                map_names::POD_CIDRS_V6,
-            ),
-        };
-        result.map_err(|e| full_or(e, map, visibility_common::MAX_POD_CIDRS))
+        let family = family_of(&net);
+        let entries = self.pod_trie_entries(family);
+        let flags = exact_flags(&entries, &net);
+        if flags & POD_CIDR_ENTRY != 0 {
+            return Ok(());
+        }
+        // The trie also holds node addresses, so its capacity does not bound this.
+        let cidrs = entries
+            .iter()
+            .filter(|(_, f)| f & POD_CIDR_ENTRY != 0)
+            .count();
+        if cidrs >= visibility_common::MAX_POD_CIDRS as usize {
+            return Err(MapsError::Full {
+                map: pod_trie_name(family),
+                max: visibility_common::MAX_POD_CIDRS,
+            });
+        }
+        self.set_pod_trie_entry(&net, flags | POD_CIDR_ENTRY)?;
+        self.sync_node_entries(family)
     }
 
     /// Removes a Pod CIDR; false when it was not there.
     pub fn remove_pod_cidr(&mut self, net: &IpNet) -> Result<bool, MapsError> {
         let net = net.trunc();
-        let (result, map) = match family_of(&net) {
-            Family::V4 => (self.pods_v4.remove(&v4_key(&net)), map_names::POD_CIDRS_V4),
-            Family::V6 => (self.pods_v6.remove(&v6_key(&net)), map_names::POD_CIDRS_V6),
-        };
-        absent_is_false(result, map)
+        let family = family_of(&net);
+        let flags = exact_flags(&self.pod_trie_entries(family), &net);
+        if flags & POD_CIDR_ENTRY == 0 {
+            return Ok(false);
+        }
+        self.set_pod_trie_entry(&net, flags & !POD_CIDR_ENTRY)?;
+        self.sync_node_entries(family)?;
+        Ok(true)
     }
 
     pub fn pod_cidrs(&self) -> Vec<IpNet> {
-        let mut nets: Vec<IpNet> = self
-            .pods_v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter_map(|k| net_from_key(Family::V4, k.prefix_len(), &k.data()))
-            .chain(
-                self.pods_v6
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter_map(|k| net_from_key(Family::V6, k.prefix_len(), &k.data())),
-            )
+        let mut nets: Vec<IpNet> = [Family::V4, Family::V6]
+            .into_iter()
+            .flat_map(|family| self.pod_trie_entries(family))
+            .filter(|(_, flags)| flags & POD_CIDR_ENTRY != 0)
+            .map(|(net, _)| net)
             .collect();
         nets.sort();
         nets
+    }
+
+    /// Every entry of the family's Pod-CIDR trie with its flags: the Pod CIDRs and
+    /// the node addresses they cover.
+    fn pod_trie_entries(&self, family: Family) -> Vec<(IpNet, u8)> {
+        fn collect<K: aya::Pod + AsRef<[u8]>>(
+            trie: &LpmTrie<MapData, K, u8>,
+            family: Family,
+        ) -> Vec<(IpNet, u8)> {
+            trie.iter()
+                .filter_map(Result::ok)
+                .filter_map(|(key, flags)| {
+                    Some((
+                        net_from_key(family, key.prefix_len(), key.data().as_ref())?,
+                        flags,
+                    ))
+                })
+                .collect()
+        }
+        match family {
+            Family::V4 => collect(&self.pods_v4, family),
+            Family::V6 => collect(&self.pods_v6, family),
+        }
+    }
+
+    /// Sets the flags of one trie entry; no flags removes it.
+    fn set_pod_trie_entry(&mut self, net: &IpNet, flags: u8) -> Result<(), MapsError> {
+        let family = family_of(net);
+        let map = pod_trie_name(family);
+        if flags == 0 {
+            let result = match family {
+                Family::V4 => self.pods_v4.remove(&v4_key(net)),
+                Family::V6 => self.pods_v6.remove(&v6_key(net)),
+            };
+            return absent_is_false(result, map).map(|_| ());
+        }
+        let result = match family {
+            Family::V4 => self.pods_v4.insert(&v4_key(net), flags, 0),
+            Family::V6 => self.pods_v6.insert(&v6_key(net), flags, 0),
+        };
+        result.map_err(|e| full_or(e, map, visibility_common::POD_TRIE_CAPACITY))
+    }
+
+    /// Makes the trie's node-address entries the node addresses inside a Pod CIDR,
+    /// after either list changed.
+    fn sync_node_entries(&mut self, family: Family) -> Result<(), MapsError> {
+        let entries = self.pod_trie_entries(family);
+        let cidrs: Vec<IpNet> = entries
+            .iter()
+            .filter(|(_, flags)| flags & POD_CIDR_ENTRY != 0)
+            .map(|(net, _)| *net)
+            .collect();
+        let wanted: Vec<IpNet> = self
+            .node_addrs()
+            .into_iter()
+            .filter(|addr| family_of(&IpNet::from(*addr)) == family)
+            .filter(|addr| cidrs.iter().any(|cidr| cidr.contains(addr)))
+            .map(IpNet::from)
+            .collect();
+        for (net, flags) in &entries {
+            if flags & NODE_ADDR_ENTRY != 0 && !wanted.contains(net) {
+                self.set_pod_trie_entry(net, flags & !NODE_ADDR_ENTRY)?;
+            }
+        }
+        for net in &wanted {
+            let flags = exact_flags(&entries, net);
+            if flags & NODE_ADDR_ENTRY == 0 {
+                self.set_pod_trie_entry(net, flags | NODE_ADDR_ENTRY)?;
+            }
+        }
+        Ok(())
     }
 
     /// The exemptions as the operator gave them (inherited copies left out).
@@ -290,14 +386,19 @@ impl Maps {
     pub fn add_node_addr(&mut self, addr: &IpAddr) -> Result<(), MapsError> {
         self.node_addrs
             .insert(node_addr(addr), 1, 0)
-            .map_err(|e| full_or(e, map_names::NODE_ADDRS, visibility_common::MAX_NODE_ADDRS))
+            .map_err(|e| full_or(e, map_names::NODE_ADDRS, visibility_common::MAX_NODE_ADDRS))?;
+        self.sync_node_entries(family_of(&IpNet::from(*addr)))
     }
 
     pub fn remove_node_addr(&mut self, addr: &IpAddr) -> Result<bool, MapsError> {
-        absent_is_false(
+        let removed = absent_is_false(
             self.node_addrs.remove(&node_addr(addr)),
             map_names::NODE_ADDRS,
-        )
+        )?;
+        if removed {
+            self.sync_node_entries(family_of(&IpNet::from(*addr)))?;
+        }
+        Ok(removed)
     }
 
     pub fn node_addrs(&self) -> Vec<IpAddr> {

@@ -10,7 +10,7 @@ use crate::{
     flow::Path,
     packet::{Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet, parse},
     testing::{FrameBuilder, Transport},
-    verdict::{Context, Hook, Lookups, Verdict, decide},
+    verdict::{AddrKind, Context, Hook, Lookups, Verdict, decide},
 };
 
 const HOOKS: [Hook; 3] = [Hook::PodIngress, Hook::PodEgress, Hook::Uplink];
@@ -52,8 +52,7 @@ impl Prefix {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Call {
     Enabled,
-    InPodCidrs([u8; 16]),
-    IsNodeAddr([u8; 16]),
+    AddrKind([u8; 16]),
     IsExempt([u8; 16], u8, u16),
     HasGateway(Family),
 }
@@ -75,16 +74,20 @@ impl Lookups for FakeMaps {
         self.enabled
     }
 
-    fn in_pod_cidrs(&self, family: Family, addr: &[u8; 16]) -> bool {
-        self.calls.borrow_mut().push(Call::InPodCidrs(*addr));
-        self.pod_cidrs.iter().any(|p| p.contains(family, addr))
-    }
-
-    fn is_node_addr(&self, family: Family, addr: &[u8; 16]) -> bool {
-        self.calls.borrow_mut().push(Call::IsNodeAddr(*addr));
-        self.node_addrs
+    fn addr_kind(&self, family: Family, addr: &[u8; 16]) -> AddrKind {
+        self.calls.borrow_mut().push(Call::AddrKind(*addr));
+        // Like the trie userspace fills: node addresses only count inside a Pod CIDR.
+        if !self.pod_cidrs.iter().any(|p| p.contains(family, addr)) {
+            AddrKind::Outside
+        } else if self
+            .node_addrs
             .iter()
             .any(|(f, a)| *f == family && a == addr)
+        {
+            AddrKind::Node
+        } else {
+            AddrKind::Pod
+        }
     }
 
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool {
@@ -452,10 +455,7 @@ fn traffic_not_between_pods_of_this_node_is_passed() {
                         Verdict::Pass(Counter::PassNotSameNode),
                         "{hook:?} {p:?}"
                     );
-                    assert!(!m.asked(|c| matches!(
-                        c,
-                        Call::IsNodeAddr(_) | Call::Enabled | Call::HasGateway(_)
-                    )));
+                    assert!(!m.asked(|c| matches!(c, Call::Enabled | Call::HasGateway(_))));
                 }
             }
         }
@@ -841,13 +841,8 @@ fn uplink_asks_only_what_it_needs() {
             Verdict::ToPod
         );
         let calls = m.calls();
-        assert_eq!(calls.len(), 4, "{calls:?}");
-        for expected in [
-            Call::InPodCidrs(a.pod_a),
-            Call::InPodCidrs(a.pod_b),
-            Call::IsNodeAddr(a.pod_a),
-            Call::IsNodeAddr(a.pod_b),
-        ] {
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        for expected in [Call::AddrKind(a.pod_a), Call::AddrKind(a.pod_b)] {
             assert!(calls.contains(&expected), "did not ask {expected:?}");
         }
     }
@@ -867,10 +862,8 @@ fn a_redirected_packet_asks_each_question_once() {
                 assert!(!calls[..i].contains(c), "{c:?} asked twice");
             }
             for expected in [
-                Call::InPodCidrs(a.pod_a),
-                Call::InPodCidrs(a.pod_b),
-                Call::IsNodeAddr(a.pod_a),
-                Call::IsNodeAddr(a.pod_b),
+                Call::AddrKind(a.pod_a),
+                Call::AddrKind(a.pod_b),
                 Call::Enabled,
                 Call::IsExempt(a.pod_b, IPPROTO_TCP, 8080),
                 Call::IsExempt(a.pod_a, IPPROTO_TCP, 40_000),
