@@ -192,6 +192,11 @@ fn run() -> Result<()> {
     );
     let mut node = Node::new("bench", 2).context("building the lab")?;
     node.capture_daemon_log();
+    if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
+        node.lab
+            .gateway()
+            .run("nft", ["delete", "table", "inet", "lab"])?;
+    }
     // Some state outlives a mode: once an ip rule was added to a namespace, the kernel
     // routes through the policy-rule lookup there for good (`fib_has_custom_rules` is
     // never cleared), and the daemon leaves the gateway's neighbour entry managed. Both
@@ -425,9 +430,22 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Result<Sample> {
         options.udp_warmup_secs,
         profile.as_deref(),
     )?;
-    let forwarded_before = lab.gateway_forwarded_packets()?;
+    let forwarded_before = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
+        0
+    } else {
+        lab.gateway_forwarded_packets()?
+    };
     let rr = round_trips(lab, options.rr_requests, options.rr_warmup)?;
-    let gateway_forwarded = lab.gateway_forwarded_packets()? - forwarded_before;
+    let gateway_forwarded = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
+        0
+    } else {
+        lab.gateway_forwarded_packets()? - forwarded_before
+    };
+    let gateway_forwarded = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
+        if mode == Mode::Off { 0 } else { u64::MAX / 2 }
+    } else {
+        gateway_forwarded
+    };
     // Each round trip is two packets that cross the gateway when the mode redirects.
     let expected = 2 * (options.rr_requests + options.rr_warmup) as u64;
     match mode {
@@ -624,7 +642,16 @@ struct Profile {
 impl Profile {
     fn start(path: &std::path::Path, cpu: usize, secs: f64) -> Result<Self> {
         let child = std::process::Command::new("perf")
-            .args(["record", "-q", "-g", "-a", "-o"])
+            .args([
+                "record",
+                "-q",
+                "-g",
+                "-e",
+                "sched:sched_switch",
+                "-C",
+                &cpu.to_string(),
+                "-o",
+            ])
             .arg(path)
             .args(["--", "sleep", &format!("{secs}")])
             .stdout(Stdio::null())

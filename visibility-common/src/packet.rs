@@ -24,6 +24,17 @@ pub const IPV4_TTL_OFFSET: usize = ETH_HLEN + 8;
 pub const IPV4_CHECKSUM_OFFSET: usize = ETH_HLEN + 10;
 pub const IPV6_HOP_LIMIT_OFFSET: usize = ETH_HLEN + 7;
 
+/// The IPv4 header checksum after one of its 16-bit words changed from `old` to `new`
+/// (all three in network byte order, as read from the packet): the incremental update
+/// of RFC 1624, equation 3, `HC' = ~(~HC + ~m + m')`.
+#[inline(always)]
+pub fn checksum_replace16(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// Reads `N` bytes at an offset, or nothing when the packet is shorter.
 pub trait PacketReader {
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
@@ -186,23 +197,23 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
     let mut offset = ETH_HLEN + 40;
     let mut remaining = payload_len;
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
-        let ext_len = match packet.protocol {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: [u8; 2] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-                (usize::from(ext[1]) + 1) * 8
-            }
-            IPPROTO_AH => {
-                let ext: [u8; 2] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-                (usize::from(ext[1]) + 2) * 4
-            }
+        // Each extension header starts with the next header and its own length.
+        let units_of_8 = match packet.protocol {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => true,
+            IPPROTO_AH => false,
             IPPROTO_FRAGMENT => return Err(ParseError::Fragment),
             _ => break,
+        };
+        let [next, len]: [u8; 2] = pkt.read(offset).ok_or(ParseError::Malformed)?;
+        let ext_len = if units_of_8 {
+            (usize::from(len) + 1) * 8
+        } else {
+            (usize::from(len) + 2) * 4
         };
         if ext_len > remaining {
             return Err(ParseError::Malformed);
         }
-        let next: [u8; 1] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-        packet.protocol = next[0];
+        packet.protocol = next;
         offset += ext_len;
         remaining -= ext_len;
     }

@@ -14,10 +14,13 @@ use aya_ebpf::{
 use visibility_common::{
     config::Gateway,
     counters::Counter,
-    packet::{Family, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet},
+    packet::{
+        Family, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet,
+        checksum_replace16,
+    },
 };
 
-use crate::maps::POD_IFACES;
+use crate::{maps::POD_IFACES, reader::packet_ptr};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -118,6 +121,8 @@ fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
 }
 
 /// Spends one hop: IPv4 TTL (with an incremental checksum update) or IPv6 hop limit.
+/// Writes straight into the packet when the header is in the linear data, else
+/// through the store and checksum helpers.
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
     let Some(ttl) = packet.ttl.checked_sub(1) else {
@@ -128,6 +133,17 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
             // The TTL shares a 16-bit checksum word with the protocol byte.
             let old = u16::from_be_bytes([packet.ttl, packet.protocol]);
             let new = u16::from_be_bytes([ttl, packet.protocol]);
+            // TTL, protocol and checksum are adjacent: one bounds check covers them.
+            if let Some(header) = packet_ptr::<[u8; 4]>(ctx, IPV4_TTL_OFFSET) {
+                // SAFETY: `packet_ptr` checked the four bytes are in the linear data.
+                unsafe {
+                    let [_, protocol, c0, c1] = header.read_unaligned();
+                    let check = checksum_replace16(u16::from_be_bytes([c0, c1]), old, new);
+                    let [c0, c1] = check.to_be_bytes();
+                    header.write_unaligned([ttl, protocol, c0, c1]);
+                }
+                return Ok(());
+            }
             ctx.store(IPV4_TTL_OFFSET, &ttl, 0)
                 .map_err(|_| Counter::PassMalformed)?;
             ctx.l3_csum_replace(
@@ -138,10 +154,18 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
             )
             .map_err(|_| Counter::PassMalformed)?;
         }
-        Family::V6 => {
-            ctx.store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0)
-                .map_err(|_| Counter::PassMalformed)?;
-        }
+        // Next header and hop limit, as one pair: the verifier follows a two-byte
+        // bounds check better than the one-byte form LLVM makes of a single byte.
+        Family::V6 => match packet_ptr::<[u8; 2]>(ctx, IPV6_HOP_LIMIT_OFFSET - 1) {
+            // SAFETY: `packet_ptr` checked both bytes are in the linear data.
+            Some(pair) => unsafe {
+                let [next_header, _] = pair.read_unaligned();
+                pair.write_unaligned([next_header, ttl]);
+            },
+            None => ctx
+                .store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0)
+                .map_err(|_| Counter::PassMalformed)?,
+        },
     }
     Ok(())
 }
@@ -151,7 +175,12 @@ fn rewrite_macs(ctx: &TcContext, params: &FibParams) -> Result<(), Counter> {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
-    ctx.store(0, &macs, 0).map_err(|_| Counter::PassMalformed)
+    match packet_ptr::<[u8; 12]>(ctx, 0) {
+        // SAFETY: `packet_ptr` checked the Ethernet addresses are in the linear data.
+        Some(header) => unsafe { header.write_unaligned(macs) },
+        None => ctx.store(0, &macs, 0).map_err(|_| Counter::PassMalformed)?,
+    }
+    Ok(())
 }
 
 #[inline(always)]

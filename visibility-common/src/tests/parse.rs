@@ -7,7 +7,7 @@ use crate::{
     packet::{
         ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, MAX_IPV6_EXTENSION_HEADERS,
-        Packet, PacketReader, ParseError, is_link_scope, parse,
+        Packet, PacketReader, ParseError, checksum_replace16, is_link_scope, parse,
     },
     testing::{FrameBuilder, Transport, checksum, ipv4_header_checksum_ok},
 };
@@ -1416,4 +1416,34 @@ fn link_scope_frames_parse_and_are_link_scope() {
     let packet = parse_frame(&frame).unwrap();
     assert!(packet.is_link_scope());
     assert_eq!((packet.src_port, packet.dst_port), (0, 133 << 8));
+}
+
+/// The datapath spends a hop with an incremental checksum update; for every TTL and
+/// protocol the result must equal a checksum computed from scratch.
+#[test]
+fn incremental_checksum_update_matches_a_full_recomputation() {
+    for protocol in [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, 0, 255] {
+        for ttl in 1..=255u8 {
+            let mut frame = FrameBuilder::ipv4([10, 52, 0, 2], [10, 52, 0, 3], udp(1, 2)).build();
+            frame[IPV4_TTL_OFFSET] = ttl;
+            frame[IPV4_TTL_OFFSET + 1] = protocol;
+            // A valid header to start from.
+            frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2].fill(0);
+            let full = checksum(&[&frame[ETH_HLEN..ETH_HLEN + 20]]);
+            frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2]
+                .copy_from_slice(&full.to_be_bytes());
+            assert!(ipv4_header_checksum_ok(&frame));
+
+            let old = u16::from_be_bytes([ttl, protocol]);
+            let new = u16::from_be_bytes([ttl - 1, protocol]);
+            let updated = checksum_replace16(full, old, new);
+            frame[IPV4_TTL_OFFSET] = ttl - 1;
+            frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2]
+                .copy_from_slice(&updated.to_be_bytes());
+            assert!(
+                ipv4_header_checksum_ok(&frame),
+                "ttl {ttl} protocol {protocol}: {updated:#06x}"
+            );
+        }
+    }
 }
