@@ -157,7 +157,7 @@ fn interval(
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
     let (records, evicted) =
-        aggregator.interval(&entries, &clock, clock.boot_now(), NODE_NAME, &name_of);
+        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
     let aggregate = started.elapsed();
     ensure!(evicted == 0, "a fresh aggregator saw {evicted} evictions");
     ensure!(
@@ -186,7 +186,8 @@ fn idle_interval(maps: &Maps, aggregator: &mut Aggregator) -> Result<Duration> {
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    let (records, _) = aggregator.interval(&entries, &clock, clock.boot_now(), NODE_NAME, &name_of);
+    let (records, _) =
+        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
     let elapsed = started.elapsed();
     ensure!(
         records.is_empty(),
@@ -203,7 +204,7 @@ fn all_records(maps: &Maps) -> Vec<FlowRecord> {
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
     Aggregator::default()
-        .interval(&entries, &clock, clock.boot_now(), NODE_NAME, &name_of)
+        .interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of)
         .0
 }
 
@@ -307,7 +308,7 @@ fn main() -> Result<()> {
     let mut filled = 0;
     let mut sink_rows = Vec::new();
     for size in SIZES {
-        let now_ns = Clock::now().boot_now();
+        let now_ns = Clock::now().datapath_now();
         let started = Instant::now();
         for i in filled..size {
             let (key, stats) = flow(i, now_ns);

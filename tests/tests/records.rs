@@ -237,7 +237,8 @@ fn parse_time(text: &str) -> OffsetDateTime {
 fn check_times(record: &Value, not_before: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
     let start = parse_time(record["start_time"].as_str().expect("start_time"));
     let end = parse_time(record["end_time"].as_str().expect("end_time"));
-    // Boot-time nanoseconds become wall-clock time; allow a little for the conversion.
+    // Monotonic (coarse) nanoseconds become wall-clock time; allow a little for the
+    // conversion and the coarse clock's tick.
     let slack = time::Duration::seconds(1);
     let now = OffsetDateTime::now_utc();
     assert!(start <= end, "{record}");

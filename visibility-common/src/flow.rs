@@ -121,7 +121,8 @@ impl Path {
     }
 }
 
-/// Counters of one flow. Times are `CLOCK_BOOTTIME` nanoseconds.
+/// Counters of one flow. Times are `CLOCK_MONOTONIC` nanoseconds, read coarsely (to
+/// the scheduler tick).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {

@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use visibility_common::{
     counters::{Counter, slot},
     flow::{FlowKey, FlowStats, Path},
@@ -59,7 +59,7 @@ fn add(field: &mut u64, value: u64) {
 #[inline(always)]
 pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u32) {
     // SAFETY: time helper, no arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let fresh = FlowStats {
         packets: size.packets,
         bytes: size.bytes,
@@ -84,7 +84,7 @@ pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u
 #[inline(always)]
 pub fn flow_returned(hook: Hook, packet: &Packet, size: Size, ifindex: u32) {
     // SAFETY: time helper, no arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Sent before the daemon started, or evicted since: all we know is the way back.
     let fresh = FlowStats {
         returned_packets: size.packets,

@@ -94,7 +94,7 @@ struct Seen {
 #[derive(Default)]
 pub struct Aggregator {
     previous: HashMap<FlowKey, Seen>,
-    last_read_boot_ns: u64,
+    last_read_ns: u64,
 }
 
 impl Aggregator {
@@ -104,7 +104,7 @@ impl Aggregator {
         &mut self,
         entries: &[(FlowKey, FlowStats)],
         clock: &Clock,
-        now_boot_ns: u64,
+        now_ns: u64,
         node_name: &str,
         interface_name: &impl Fn(u32) -> Option<String>,
     ) -> (Vec<FlowRecord>, u64) {
@@ -127,9 +127,12 @@ impl Aggregator {
                     returned_packets,
                     returned_bytes: delta(stats.returned_bytes, before.map(|b| b.returned_bytes)),
                     // The first packet of this interval: the flow's first, or else no
-                    // earlier than the previous read.
+                    // earlier than the previous read, and never after the last packet
+                    // (the datapath's coarse clock can lag the read's by a tick).
                     first_seen_ns: if before.is_some() {
-                        self.last_read_boot_ns.max(stats.first_seen_ns)
+                        self.last_read_ns
+                            .max(stats.first_seen_ns)
+                            .min(stats.last_seen_ns)
                     } else {
                         stats.first_seen_ns
                     },
@@ -154,7 +157,7 @@ impl Aggregator {
             .filter(|k| !current.contains_key(*k))
             .count() as u64;
         self.previous = current;
-        self.last_read_boot_ns = now_boot_ns;
+        self.last_read_ns = now_ns;
         (records, evicted)
     }
 }
@@ -352,8 +355,13 @@ pub fn spawn_reader(
                 let clock = Clock::now();
                 let names = super::view::interface_names();
                 let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-                let (records, evicted) =
-                    aggregator.interval(&entries, &clock, clock.boot_now(), &node_name, &name_of);
+                let (records, evicted) = aggregator.interval(
+                    &entries,
+                    &clock,
+                    clock.datapath_now(),
+                    &node_name,
+                    &name_of,
+                );
                 sink.send(&records, next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
@@ -412,6 +420,29 @@ mod tests {
             assert_eq!(records.is_empty(), i == 1);
         }
         assert_eq!(total, 25);
+    }
+
+    /// The datapath's coarse clock may stamp a packet up to a tick before the previous
+    /// read; the record must still start no later than it ends.
+    #[test]
+    fn a_record_never_starts_after_it_ends() {
+        let clock = Clock::now();
+        let mut aggregator = Aggregator::default();
+        let names = |_: u32| None;
+        aggregator.interval(&[(key(1), stats(1, 100))], &clock, 1_000, "n", &names);
+        // One more packet, stamped at 990: before the read at 1000.
+        let later = FlowStats {
+            last_seen_ns: 990,
+            ..stats(2, 100)
+        };
+        let (records, _) = aggregator.interval(&[(key(1), later)], &clock, 2_000, "n", &names);
+        assert_eq!(records.len(), 1);
+        assert!(
+            records[0].start_time <= records[0].end_time,
+            "{} > {}",
+            records[0].start_time,
+            records[0].end_time
+        );
     }
 
     #[test]

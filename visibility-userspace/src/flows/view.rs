@@ -7,33 +7,35 @@ use visibility_common::flow::{FlowKey, FlowStats, Path};
 use super::record::{Connection, FlowRecord, tcp_flag_names};
 use crate::{config::parse_protocol, error::InputError, net::addr_from_bytes};
 
-/// Converts the datapath's `CLOCK_BOOTTIME` nanoseconds to wall-clock time.
+/// Converts the datapath's `CLOCK_MONOTONIC` nanoseconds to wall-clock time. (The
+/// datapath reads the coarse variant, which costs no clock-source read per packet and
+/// lags by at most one scheduler tick.)
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     wall_now_ns: i128,
-    boot_now_ns: i128,
+    datapath_now_ns: i128,
 }
 
 impl Clock {
     pub fn now() -> Self {
-        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        let monotonic = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
             .unwrap_or_default();
         let wall = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
         Self {
             wall_now_ns: wall,
-            boot_now_ns: boot,
+            datapath_now_ns: monotonic,
         }
     }
 
-    /// `CLOCK_BOOTTIME` now, in the datapath's unit.
-    pub fn boot_now(&self) -> u64 {
-        u64::try_from(self.boot_now_ns).unwrap_or_default()
+    /// The datapath's clock now.
+    pub fn datapath_now(&self) -> u64 {
+        u64::try_from(self.datapath_now_ns).unwrap_or_default()
     }
 
     /// RFC 3339 with nanoseconds.
-    pub fn format(&self, boot_ns: u64) -> String {
-        let wall = self.wall_now_ns - (self.boot_now_ns - i128::from(boot_ns));
+    pub fn format(&self, datapath_ns: u64) -> String {
+        let wall = self.wall_now_ns - (self.datapath_now_ns - i128::from(datapath_ns));
         time::OffsetDateTime::from_unix_timestamp_nanos(wall)
             .ok()
             .and_then(|t| {
