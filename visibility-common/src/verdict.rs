@@ -71,6 +71,11 @@ pub trait Lookups {
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool;
     /// A gateway is configured for the family.
     fn has_gateway(&self, family: Family) -> bool;
+    /// The packet is a reply of a connection whose Pod-to-Pod leg the node NATs (a
+    /// Service's backend answering its client): it must go back through the node's
+    /// stack so that the NAT is undone. Asked at ingress only, and late, since only
+    /// Pod-to-Pod packets can be such replies.
+    fn is_nat_reply(&self, packet: &Packet) -> bool;
 }
 
 /// An address as the Pod-CIDR trie classifies it.
@@ -104,8 +109,6 @@ pub struct Context {
     pub masquerade_marked: bool,
     /// The packet entered the node on the uplink (at egress: `skb->ingress_ifindex`).
     pub from_uplink: bool,
-    /// The packet is a reply of a connection whose Pod-to-Pod leg the node NATs.
-    pub nat_reply: bool,
 }
 
 /// Decides what `hook` does with `packet`.
@@ -147,7 +150,7 @@ pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) 
                 return Verdict::Pass(Counter::PassExempt);
             }
             if hook == Hook::PodIngress {
-                if ctx.nat_reply {
+                if maps.is_nat_reply(packet) {
                     return Verdict::Pass(Counter::PassNatReply);
                 }
                 // At egress the kernel has forwarded the packet and spent the hop already.

@@ -3,11 +3,12 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use visibility_common::{
     config::Settings,
-    packet::Family,
+    flow::FlowKey,
+    packet::{Family, IPPROTO_TCP, IPPROTO_UDP, Packet},
     verdict::{AddrKind, Lookups},
 };
 
-use crate::maps::{EXEMPT_V4, EXEMPT_V6, POD_CIDRS_V4, POD_CIDRS_V6};
+use crate::maps::{EXEMPT_V4, EXEMPT_V6, NAT_LEGS, POD_CIDRS_V4, POD_CIDRS_V6};
 
 pub struct MapLookups<'a> {
     pub settings: &'a Settings,
@@ -47,5 +48,13 @@ impl Lookups for MapLookups<'_> {
     #[inline(always)]
     fn has_gateway(&self, family: Family) -> bool {
         self.settings.gateway(family).is_configured()
+    }
+
+    #[inline(always)]
+    fn is_nat_reply(&self, packet: &Packet) -> bool {
+        matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
+            && NAT_LEGS
+                .get_ptr(FlowKey::from_packet(packet).reversed())
+                .is_some()
     }
 }

@@ -92,7 +92,7 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
         // Unreachable for an array map; passing is the safe answer anyway.
         return Outcome::pass(Counter::PassDisabled).action;
     };
-    let facts = facts(ctx, hook, &packet, settings);
+    let facts = facts(ctx, &packet, settings);
     let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
     let outcome = apply(ctx, hook, &packet, verdict, settings);
     count(hook, outcome.counter, size);
@@ -132,19 +132,13 @@ fn log_allowed() -> bool {
 
 /// What the verdict needs that is not in a map.
 #[inline(always)]
-fn facts(ctx: &TcContext, hook: Hook, packet: &Packet, settings: &Settings) -> Context {
+fn facts(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Context {
     // SAFETY: the context pointer is valid for the whole program run.
     let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
-    let nat_reply = hook == Hook::PodIngress
-        && matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
-        && NAT_LEGS
-            .get_ptr(FlowKey::from_packet(packet).reversed())
-            .is_some();
     Context {
         masquerade_marked: mark & settings.masquerade_mark != 0,
         from_uplink: ingress_ifindex != 0
             && ingress_ifindex == settings.gateway(packet.family).ifindex,
-        nat_reply,
     }
 }
 

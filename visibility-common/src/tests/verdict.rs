@@ -2,7 +2,7 @@
 //! questions a decision asked.
 
 use alloc::{vec, vec::Vec};
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 
 use crate::{
     config::{ANY, ExemptRule, ExemptRules, MAX_EXEMPT_RULES},
@@ -55,6 +55,7 @@ enum Call {
     AddrKind([u8; 16]),
     IsExempt([u8; 16], u8, u16),
     HasGateway(Family),
+    IsNatReply,
 }
 
 /// Maps as plain lists, the way userspace would fill them.
@@ -65,6 +66,8 @@ struct FakeMaps {
     enabled: bool,
     gateway_v4: bool,
     gateway_v6: bool,
+    /// What the NAT-leg map says of every packet.
+    nat_reply: Cell<bool>,
     calls: RefCell<Vec<Call>>,
 }
 
@@ -100,6 +103,11 @@ impl Lookups for FakeMaps {
             .filter(|(p, _)| p.contains(family, addr))
             .max_by_key(|(p, _)| p.len)
             .is_some_and(|(_, rules)| rules.matches(protocol, port))
+    }
+
+    fn is_nat_reply(&self, _packet: &Packet) -> bool {
+        self.calls.borrow_mut().push(Call::IsNatReply);
+        self.nat_reply.get()
     }
 
     fn has_gateway(&self, family: Family) -> bool {
@@ -288,6 +296,7 @@ fn maps() -> FakeMaps {
         enabled: true,
         gateway_v4: true,
         gateway_v6: true,
+        nat_reply: Cell::new(false),
         calls: RefCell::new(Vec::new()),
     }
 }
@@ -323,26 +332,56 @@ fn with_ttl(mut packet: Packet, ttl: u8) -> Packet {
     packet
 }
 
-const PLAIN: Context = Context {
-    masquerade_marked: false,
-    from_uplink: false,
+/// The facts of a packet that are not addresses: its context, and what the NAT-leg
+/// map says of it.
+#[derive(Clone, Copy, Debug)]
+struct Situation {
+    ctx: Context,
+    nat_reply: bool,
+}
+
+const PLAIN: Situation = Situation {
+    ctx: Context {
+        masquerade_marked: false,
+        from_uplink: false,
+    },
     nat_reply: false,
 };
-const MARKED: Context = Context {
-    masquerade_marked: true,
-    from_uplink: false,
+const MARKED: Situation = Situation {
+    ctx: Context {
+        masquerade_marked: true,
+        from_uplink: false,
+    },
     nat_reply: false,
 };
-const FROM_UPLINK: Context = Context {
-    masquerade_marked: false,
-    from_uplink: true,
+const FROM_UPLINK: Situation = Situation {
+    ctx: Context {
+        masquerade_marked: false,
+        from_uplink: true,
+    },
     nat_reply: false,
 };
-const NAT_REPLY: Context = Context {
-    masquerade_marked: false,
-    from_uplink: false,
+const NAT_REPLY: Situation = Situation {
+    ctx: Context {
+        masquerade_marked: false,
+        from_uplink: false,
+    },
     nat_reply: true,
 };
+/// Every fact at once.
+const EVERYTHING: Situation = Situation {
+    ctx: Context {
+        masquerade_marked: true,
+        from_uplink: true,
+    },
+    nat_reply: true,
+};
+
+/// [`decide`] in a situation.
+fn decide_in(hook: Hook, packet: &Packet, situation: &Situation, maps: &FakeMaps) -> Verdict {
+    maps.nat_reply.set(situation.nat_reply);
+    decide(hook, packet, &situation.ctx, maps)
+}
 
 /// What Pod-to-Pod traffic that nothing exempts becomes at each hook.
 fn normal(hook: Hook) -> Verdict {
@@ -381,17 +420,17 @@ fn pod_to_pod_goes_to_the_gateway_and_comes_back_to_the_pod() {
             with_ttl(pod_to_pod(&a), 255),
         ] {
             assert_eq!(
-                decide(Hook::PodIngress, &p, &PLAIN, &m),
+                decide_in(Hook::PodIngress, &p, &PLAIN, &m),
                 Verdict::ToGateway,
                 "{p:?}"
             );
             assert_eq!(
-                decide(Hook::PodEgress, &p, &PLAIN, &m),
+                decide_in(Hook::PodEgress, &p, &PLAIN, &m),
                 Verdict::ToGateway,
                 "{p:?}"
             );
             assert_eq!(
-                decide(Hook::Uplink, &p, &PLAIN, &m),
+                decide_in(Hook::Uplink, &p, &PLAIN, &m),
                 Verdict::ToPod,
                 "{p:?}"
             );
@@ -421,7 +460,7 @@ fn link_scope_is_passed_at_every_hook_without_any_lookup() {
                     m.forget_calls();
                     let p = packet(family, src, dst, IPPROTO_UDP, 68, 67);
                     assert_eq!(
-                        decide(hook, &p, &ctx, &m),
+                        decide_in(hook, &p, &ctx, &m),
                         Verdict::Pass(Counter::PassLinkScope),
                         "{hook:?} {p:?}"
                     );
@@ -451,11 +490,15 @@ fn traffic_not_between_pods_of_this_node_is_passed() {
                     m.forget_calls();
                     let p = packet(family, src, dst, IPPROTO_TCP, 1234, 80);
                     assert_eq!(
-                        decide(hook, &p, &ctx, &m),
+                        decide_in(hook, &p, &ctx, &m),
                         Verdict::Pass(Counter::PassNotSameNode),
                         "{hook:?} {p:?}"
                     );
-                    assert!(!m.asked(|c| matches!(c, Call::Enabled | Call::HasGateway(_))));
+                    // Nor the NAT-leg map, which only Pod-to-Pod packets need.
+                    assert!(!m.asked(|c| matches!(
+                        c,
+                        Call::Enabled | Call::HasGateway(_) | Call::IsNatReply
+                    )));
                 }
             }
         }
@@ -470,7 +513,7 @@ fn pod_cidrs_of_the_other_family_do_not_count() {
     let p = packet(Family::V6, a4.pod_a, a4.pod_b, IPPROTO_TCP, 1, 2);
     for hook in HOOKS {
         assert_eq!(
-            decide(hook, &p, &PLAIN, &m),
+            decide_in(hook, &p, &PLAIN, &m),
             Verdict::Pass(Counter::PassNotSameNode)
         );
     }
@@ -487,7 +530,7 @@ fn traffic_to_or_from_the_node_is_passed() {
                     m.forget_calls();
                     let p = packet(family, src, dst, IPPROTO_TCP, 1234, 10250);
                     assert_eq!(
-                        decide(hook, &p, &ctx, &m),
+                        decide_in(hook, &p, &ctx, &m),
                         Verdict::Pass(Counter::PassNodeAddress),
                         "{hook:?} {p:?}"
                     );
@@ -509,7 +552,7 @@ fn masquerade_mark_keeps_pod_traffic_local() {
         for hook in POD_HOOKS {
             m.forget_calls();
             assert_eq!(
-                decide(hook, &p, &MARKED, &m),
+                decide_in(hook, &p, &MARKED, &m),
                 Verdict::Pass(Counter::PassMasqueradeMark),
                 "{hook:?}"
             );
@@ -518,7 +561,7 @@ fn masquerade_mark_keeps_pod_traffic_local() {
             );
         }
         // The mark means nothing on what comes back from the gateway.
-        assert_eq!(decide(Hook::Uplink, &p, &MARKED, &m), Verdict::ToPod);
+        assert_eq!(decide_in(Hook::Uplink, &p, &MARKED, &m), Verdict::ToPod);
     }
 }
 
@@ -529,7 +572,7 @@ fn packets_that_came_back_from_the_uplink_are_not_sent_again() {
         let p = pod_to_pod(&addrs(family));
         m.forget_calls();
         assert_eq!(
-            decide(Hook::PodEgress, &p, &FROM_UPLINK, &m),
+            decide_in(Hook::PodEgress, &p, &FROM_UPLINK, &m),
             Verdict::Pass(Counter::PassReturned)
         );
         assert!(
@@ -537,10 +580,13 @@ fn packets_that_came_back_from_the_uplink_are_not_sent_again() {
         );
         // Only egress knows where a packet came in.
         assert_eq!(
-            decide(Hook::PodIngress, &p, &FROM_UPLINK, &m),
+            decide_in(Hook::PodIngress, &p, &FROM_UPLINK, &m),
             Verdict::ToGateway
         );
-        assert_eq!(decide(Hook::Uplink, &p, &FROM_UPLINK, &m), Verdict::ToPod);
+        assert_eq!(
+            decide_in(Hook::Uplink, &p, &FROM_UPLINK, &m),
+            Verdict::ToPod
+        );
     }
 }
 
@@ -554,7 +600,7 @@ fn disabled_passes_pod_traffic_but_still_delivers_returning_packets() {
         for hook in POD_HOOKS {
             m.forget_calls();
             assert_eq!(
-                decide(hook, &p, &PLAIN, &m),
+                decide_in(hook, &p, &PLAIN, &m),
                 Verdict::Pass(Counter::PassDisabled),
                 "{hook:?}"
             );
@@ -562,7 +608,7 @@ fn disabled_passes_pod_traffic_but_still_delivers_returning_packets() {
         }
         // Packets already on their way back must still reach the Pod.
         m.forget_calls();
-        assert_eq!(decide(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
+        assert_eq!(decide_in(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
         assert!(
             !m.asked(|c| *c == Call::Enabled),
             "the uplink does not ask whether visibility is on"
@@ -606,14 +652,14 @@ fn exempt_destinations_stay_local_for_their_protocols_and_ports() {
                 } else {
                     Verdict::ToGateway
                 };
-                assert_eq!(decide(hook, &p, &PLAIN, &m), expected, "{hook:?} {p:?}");
+                assert_eq!(decide_in(hook, &p, &PLAIN, &m), expected, "{hook:?} {p:?}");
                 assert!(m.asked(|c| *c == Call::IsExempt(dst, protocol, dst_port)));
                 if exempt {
                     assert!(!m.asked(|c| matches!(c, Call::HasGateway(_))));
                 }
             }
             // Whatever comes back from the gateway goes to the Pod.
-            assert_eq!(decide(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
+            assert_eq!(decide_in(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
         }
     }
 }
@@ -642,9 +688,9 @@ fn replies_from_exempt_sources_stay_local() {
                 } else {
                     Verdict::ToGateway
                 };
-                assert_eq!(decide(hook, &p, &PLAIN, &m), expected, "{hook:?} {p:?}");
+                assert_eq!(decide_in(hook, &p, &PLAIN, &m), expected, "{hook:?} {p:?}");
             }
-            assert_eq!(decide(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
+            assert_eq!(decide_in(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
         }
     }
 }
@@ -657,7 +703,10 @@ fn exemptions_pair_each_address_with_its_own_port() {
         // To the DNS Pod from port 53 but to another port: neither direction matches.
         let p = packet(family, a.pod_a, a.dns_pod, IPPROTO_UDP, 53, 40_000);
         m.forget_calls();
-        assert_eq!(decide(Hook::PodIngress, &p, &PLAIN, &m), Verdict::ToGateway);
+        assert_eq!(
+            decide_in(Hook::PodIngress, &p, &PLAIN, &m),
+            Verdict::ToGateway
+        );
         assert!(m.asked(|c| *c == Call::IsExempt(a.dns_pod, IPPROTO_UDP, 40_000)));
         assert!(m.asked(|c| *c == Call::IsExempt(a.pod_a, IPPROTO_UDP, 53)));
         assert!(!m.asked(|c| *c == Call::IsExempt(a.dns_pod, IPPROTO_UDP, 53)));
@@ -697,17 +746,23 @@ fn exemptions_use_the_longest_matching_prefix() {
         80,
     );
     assert_eq!(
-        decide(Hook::PodIngress, &p, &PLAIN, &m),
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
         Verdict::Pass(Counter::PassExempt)
     );
     p.dst_port = 81;
-    assert_eq!(decide(Hook::PodIngress, &p, &PLAIN, &m), Verdict::ToGateway);
+    assert_eq!(
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
+        Verdict::ToGateway
+    );
     p.protocol = IPPROTO_UDP;
     p.dst_port = 80;
-    assert_eq!(decide(Hook::PodIngress, &p, &PLAIN, &m), Verdict::ToGateway);
+    assert_eq!(
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
+        Verdict::ToGateway
+    );
     p.dst = v4(10, 0, 1, 21);
     assert_eq!(
-        decide(Hook::PodIngress, &p, &PLAIN, &m),
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
         Verdict::Pass(Counter::PassExempt)
     );
 }
@@ -725,10 +780,13 @@ fn exemptions_of_one_family_do_not_cover_the_other() {
         rules(&[(ANY as u8, ANY)]),
     )];
     let p = pod_to_pod(&a6);
-    assert_eq!(decide(Hook::PodIngress, &p, &PLAIN, &m), Verdict::ToGateway);
+    assert_eq!(
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
+        Verdict::ToGateway
+    );
     let p = pod_to_pod(&addrs(Family::V4));
     assert_eq!(
-        decide(Hook::PodIngress, &p, &PLAIN, &m),
+        decide_in(Hook::PodIngress, &p, &PLAIN, &m),
         Verdict::Pass(Counter::PassExempt)
     );
 }
@@ -739,14 +797,14 @@ fn nat_replies_are_passed_at_ingress_only() {
     for family in FAMILIES {
         let p = pod_to_pod(&addrs(family));
         assert_eq!(
-            decide(Hook::PodIngress, &p, &NAT_REPLY, &m),
+            decide_in(Hook::PodIngress, &p, &NAT_REPLY, &m),
             Verdict::Pass(Counter::PassNatReply)
         );
         assert_eq!(
-            decide(Hook::PodEgress, &p, &NAT_REPLY, &m),
+            decide_in(Hook::PodEgress, &p, &NAT_REPLY, &m),
             Verdict::ToGateway
         );
-        assert_eq!(decide(Hook::Uplink, &p, &NAT_REPLY, &m), Verdict::ToPod);
+        assert_eq!(decide_in(Hook::Uplink, &p, &NAT_REPLY, &m), Verdict::ToPod);
     }
 }
 
@@ -759,19 +817,19 @@ fn expiring_ttl_is_passed_at_ingress_and_uplink_but_not_at_egress() {
             let p = with_ttl(pod_to_pod(&a), ttl);
             m.forget_calls();
             assert_eq!(
-                decide(Hook::PodIngress, &p, &PLAIN, &m),
+                decide_in(Hook::PodIngress, &p, &PLAIN, &m),
                 Verdict::Pass(Counter::PassTtlExpired),
                 "ttl {ttl}"
             );
             assert!(!m.asked(|c| matches!(c, Call::HasGateway(_))));
             m.forget_calls();
             assert_eq!(
-                decide(Hook::Uplink, &p, &PLAIN, &m),
+                decide_in(Hook::Uplink, &p, &PLAIN, &m),
                 Verdict::Pass(Counter::PassTtlExpired),
                 "ttl {ttl}"
             );
             assert_eq!(
-                decide(Hook::PodEgress, &p, &PLAIN, &m),
+                decide_in(Hook::PodEgress, &p, &PLAIN, &m),
                 Verdict::ToGateway,
                 "ttl {ttl}"
             );
@@ -780,7 +838,7 @@ fn expiring_ttl_is_passed_at_ingress_and_uplink_but_not_at_egress() {
             let p = with_ttl(pod_to_pod(&a), ttl);
             for hook in HOOKS {
                 assert_eq!(
-                    decide(hook, &p, &PLAIN, &m),
+                    decide_in(hook, &p, &PLAIN, &m),
                     normal(hook),
                     "{hook:?} ttl {ttl}"
                 );
@@ -810,7 +868,7 @@ fn no_gateway_for_the_family_keeps_pod_traffic_local() {
                     Verdict::Pass(Counter::PassNoGateway)
                 };
                 assert_eq!(
-                    decide(hook, &p, &PLAIN, &m),
+                    decide_in(hook, &p, &PLAIN, &m),
                     expected,
                     "{hook:?} {family:?}"
                 );
@@ -825,7 +883,7 @@ fn no_gateway_for_the_family_keeps_pod_traffic_local() {
                 );
             }
             // Delivering to the Pod needs no gateway.
-            assert_eq!(decide(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
+            assert_eq!(decide_in(Hook::Uplink, &p, &PLAIN, &m), Verdict::ToPod);
         }
     }
 }
@@ -837,7 +895,7 @@ fn uplink_asks_only_what_it_needs() {
         let a = addrs(family);
         m.forget_calls();
         assert_eq!(
-            decide(Hook::Uplink, &pod_to_pod(&a), &PLAIN, &m),
+            decide_in(Hook::Uplink, &pod_to_pod(&a), &PLAIN, &m),
             Verdict::ToPod
         );
         let calls = m.calls();
@@ -856,7 +914,7 @@ fn a_redirected_packet_asks_each_question_once() {
             let a = addrs(family);
             let p = pod_to_pod(&a);
             m.forget_calls();
-            assert_eq!(decide(hook, &p, &PLAIN, &m), Verdict::ToGateway);
+            assert_eq!(decide_in(hook, &p, &PLAIN, &m), Verdict::ToGateway);
             let calls = m.calls();
             for (i, c) in calls.iter().enumerate() {
                 assert!(!calls[..i].contains(c), "{c:?} asked twice");
@@ -892,63 +950,59 @@ fn reasons_are_checked_in_order_at_ingress() {
         m.enabled = false;
         m.gateway_v4 = false;
         m.gateway_v6 = false;
-        let mut ctx = Context {
-            masquerade_marked: true,
-            from_uplink: true,
-            nat_reply: true,
-        };
+        let mut ctx = EVERYTHING;
         let mut p = packet(family, a.link_local, a.remote_pod, IPPROTO_UDP, 40_000, 53);
         p.ttl = 1;
         let hook = Hook::PodIngress;
 
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassLinkScope)
         );
         p.src = a.node_in_cidr;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNotSameNode)
         );
         p.dst = a.dns_pod;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNodeAddress)
         );
         p.src = a.pod_a;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassMasqueradeMark)
         );
-        ctx.masquerade_marked = false;
+        ctx.ctx.masquerade_marked = false;
         // from_uplink means nothing at ingress.
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassDisabled)
         );
         m.enabled = true;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassExempt)
         );
         p.dst = a.pod_b;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNatReply)
         );
         ctx.nat_reply = false;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassTtlExpired)
         );
         p.ttl = 2;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNoGateway)
         );
         m.gateway_v4 = true;
         m.gateway_v6 = true;
-        assert_eq!(decide(hook, &p, &ctx, &m), Verdict::ToGateway);
+        assert_eq!(decide_in(hook, &p, &ctx, &m), Verdict::ToGateway);
     }
 }
 
@@ -960,58 +1014,54 @@ fn reasons_are_checked_in_order_at_egress() {
         m.enabled = false;
         m.gateway_v4 = false;
         m.gateway_v6 = false;
-        let mut ctx = Context {
-            masquerade_marked: true,
-            from_uplink: true,
-            nat_reply: true,
-        };
+        let mut ctx = EVERYTHING;
         let mut p = packet(family, a.pod_a, a.multicast, IPPROTO_UDP, 40_000, 53);
         p.ttl = 0;
         let hook = Hook::PodEgress;
 
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassLinkScope)
         );
         p.dst = a.internet;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNotSameNode)
         );
         p.dst = a.node_in_cidr;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNodeAddress)
         );
         p.dst = a.dns_pod;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassMasqueradeMark)
         );
-        ctx.masquerade_marked = false;
+        ctx.ctx.masquerade_marked = false;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassReturned)
         );
-        ctx.from_uplink = false;
+        ctx.ctx.from_uplink = false;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassDisabled)
         );
         m.enabled = true;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassExempt)
         );
         p.dst = a.pod_b;
         // Neither the NAT reply nor the TTL matters at egress.
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNoGateway)
         );
         m.gateway_v4 = true;
         m.gateway_v6 = true;
-        assert_eq!(decide(hook, &p, &ctx, &m), Verdict::ToGateway);
+        assert_eq!(decide_in(hook, &p, &ctx, &m), Verdict::ToGateway);
     }
 }
 
@@ -1023,37 +1073,33 @@ fn reasons_are_checked_in_order_at_the_uplink() {
         m.enabled = false;
         m.gateway_v4 = false;
         m.gateway_v6 = false;
-        let ctx = Context {
-            masquerade_marked: true,
-            from_uplink: true,
-            nat_reply: true,
-        };
+        let ctx = EVERYTHING;
         let mut p = packet(family, a.multicast, a.internet, IPPROTO_UDP, 40_000, 53);
         p.ttl = 1;
         let hook = Hook::Uplink;
 
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassLinkScope)
         );
         p.src = a.node_in_cidr;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNotSameNode)
         );
         p.dst = a.dns_pod;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassNodeAddress)
         );
         p.src = a.pod_a;
         assert_eq!(
-            decide(hook, &p, &ctx, &m),
+            decide_in(hook, &p, &ctx, &m),
             Verdict::Pass(Counter::PassTtlExpired)
         );
         p.ttl = 2;
         // Disabled, exempt, no gateway and every context flag are all ignored here.
-        assert_eq!(decide(hook, &p, &ctx, &m), Verdict::ToPod);
+        assert_eq!(decide_in(hook, &p, &ctx, &m), Verdict::ToPod);
     }
 }
 
@@ -1153,7 +1199,11 @@ fn parsed_frames_decide_like_hand_made_packets() {
     ];
     for (frame, expected) in cases {
         let p = parse(&frame[..], frame.len()).unwrap();
-        assert_eq!(decide(Hook::PodIngress, &p, &PLAIN, &m), expected, "{p:?}");
+        assert_eq!(
+            decide_in(Hook::PodIngress, &p, &PLAIN, &m),
+            expected,
+            "{p:?}"
+        );
     }
 }
 
@@ -1188,7 +1238,7 @@ fn decisions_count_redirects_by_hook() {
     let m = maps();
     for family in FAMILIES {
         let p = pod_to_pod(&addrs(family));
-        let counted = |hook| decide(hook, &p, &PLAIN, &m).counter(hook);
+        let counted = |hook| decide_in(hook, &p, &PLAIN, &m).counter(hook);
         assert_eq!(counted(Hook::PodIngress), Counter::RedirectedToGateway);
         assert_eq!(counted(Hook::PodEgress), Counter::RedirectedAfterNat);
         assert_eq!(counted(Hook::Uplink), Counter::DeliveredFromGateway);
@@ -1307,7 +1357,7 @@ fn decisions_at_pod_hooks_give_the_path_of_the_flow() {
             ),
             (Hook::Uplink, pod_to_pod(&a), PLAIN, None),
         ] {
-            let counter = decide(hook, &p, &ctx, &m).counter(hook);
+            let counter = decide_in(hook, &p, &ctx, &m).counter(hook);
             assert_eq!(Path::of_sent(counter), path, "{hook:?} {p:?} {ctx:?}");
         }
     }
