@@ -22,16 +22,22 @@
 //! Each mode is checked while it is measured: the gateway must forward the ping-pong's
 //! packets with netd and visibility on, and none with plain routing.
 //!
+//! `--gateway plain` runs the same comparison with a gateway that only routes (no
+//! firewall, no connection tracking), to show how much of the cost is the stand-in
+//! VPC's own work, which on GKE does not run on the node. `--profile DIR` adds one UDP
+//! run per mode under `perf`, and says where the client CPU's time per packet goes.
+//!
 //! Prints one JSON document on standard output (progress goes to standard error):
 //! date, kernel, pinning, every round's numbers, the medians per mode and the daemon's
 //! counters per visibility round. `cargo xtask bench` runs it and renders the table, the
 //! JSON file and the chart.
 //!
 //! **Needs root**, 2 CPUs, iperf3 and taskset, and the release daemon:
-//! `cargo build --release -p visibility-userspace && cargo bench -p visibility-tests --bench compare -- [--quick] [--rounds N]`
+//! `cargo build --release -p visibility-userspace && cargo bench -p visibility-tests --bench compare -- [--quick] [--rounds N] [--gateway firewall|plain] [--profile DIR]`
 
 use std::{
     net::{SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     sync::{
         Arc,
@@ -83,9 +89,43 @@ struct Options {
     rr_requests: usize,
     rr_warmup: usize,
     quick: bool,
-    /// `--perf DIR`: a `perf record` of the client CPU during each UDP window, and its
-    /// report, go to DIR (where the time goes, for a figure that falls short).
-    perf_dir: Option<std::path::PathBuf>,
+    /// `--gateway plain`: the gateway only routes (no nftables firewall, no connection
+    /// tracking), to show how much of the cost is the stand-in VPC's own work.
+    gateway: GatewayKind,
+    /// `--profile DIR`: after the rounds, one more UDP run per mode with `perf`
+    /// recording the client CPU; the recordings and reports go to DIR, and the document
+    /// says where each packet's time goes.
+    profile_dir: Option<PathBuf>,
+}
+
+/// What the gateway namespace, the stand-in for the VPC, does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GatewayKind {
+    /// As in the demo and the tests: routes, with an nftables firewall and conntrack
+    /// accounting (a flow log).
+    Firewall,
+    /// Only routes.
+    Plain,
+}
+
+impl GatewayKind {
+    fn name(self) -> &'static str {
+        match self {
+            GatewayKind::Firewall => "firewall",
+            GatewayKind::Plain => "plain",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            GatewayKind::Firewall => {
+                "gateway namespace routes with an nftables firewall and conntrack accounting"
+            }
+            GatewayKind::Plain => {
+                "gateway namespace only routes: no nftables table, no connection tracking"
+            }
+        }
+    }
 }
 
 impl Options {
@@ -98,7 +138,8 @@ impl Options {
             rr_requests: 20_000,
             rr_warmup: 2_000,
             quick: false,
-            perf_dir: None,
+            gateway: GatewayKind::Firewall,
+            profile_dir: None,
         }
     }
 
@@ -111,7 +152,8 @@ impl Options {
             rr_requests: 2_000,
             rr_warmup: 200,
             quick: true,
-            perf_dir: None,
+            gateway: GatewayKind::Firewall,
+            profile_dir: None,
         }
     }
 
@@ -135,14 +177,21 @@ impl Options {
                         .context("--rounds")?;
                     ensure!(options.rounds >= 1, "--rounds must be at least 1");
                 }
-                "--perf" => {
-                    let dir = iter.next().context("--perf needs a directory")?;
+                "--gateway" => {
+                    options.gateway = match iter.next().map(String::as_str) {
+                        Some("firewall") => GatewayKind::Firewall,
+                        Some("plain") => GatewayKind::Plain,
+                        other => bail!("--gateway takes firewall or plain, not {other:?}"),
+                    };
+                }
+                "--profile" => {
+                    let dir = iter.next().context("--profile needs a directory")?;
                     std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
-                    options.perf_dir = Some(dir.into());
+                    options.profile_dir = Some(dir.into());
                 }
-                other => {
-                    bail!("unknown argument {other:?} (known: --quick, --rounds N, --perf DIR)")
-                }
+                other => bail!(
+                    "unknown argument {other:?} (known: --quick, --rounds N, --gateway firewall|plain, --profile DIR)"
+                ),
             }
         }
         Ok(options)
@@ -192,10 +241,8 @@ fn run() -> Result<()> {
     );
     let mut node = Node::new("bench", 2).context("building the lab")?;
     node.capture_daemon_log();
-    if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
-        node.lab
-            .gateway()
-            .run("nft", ["delete", "table", "inet", "lab"])?;
+    if options.gateway == GatewayKind::Plain {
+        node.lab.make_gateway_plain_router()?;
     }
     // Some state outlives a mode: once an ip rule was added to a namespace, the kernel
     // routes through the policy-rule lookup there for good (`fib_has_custom_rules` is
@@ -238,6 +285,11 @@ fn run() -> Result<()> {
             rounds.push((round, mode, sample, counters));
         }
     }
+
+    let profile = match &options.profile_dir {
+        Some(dir) => profile_modes(&mut node, dir, &options)?,
+        None => Value::Null,
+    };
 
     let mut medians = serde_json::Map::new();
     for mode in MODES {
@@ -313,11 +365,14 @@ fn run() -> Result<()> {
             "family": "ipv4",
             "daemon_args": daemon_args(),
             "primed": "netd and the daemon were switched on and off once before round 1 (policy-rule lookups and the managed gateway neighbour stay for the lab's life)",
-            "lab": "ptp Pods, node with strict rp_filter, gateway namespace with nftables counters and conntrack accounting",
+            "lab": "ptp Pods, node with strict rp_filter",
+            "gateway": options.gateway.name(),
+            "gateway_description": options.gateway.description(),
         },
         "modes": MODES.iter().map(|m| m.name()).collect::<Vec<_>>(),
         "rounds": rounds_json,
         "medians": medians,
+        "profile": profile,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
         "background": background(&processes_before, started.elapsed()),
     });
@@ -365,6 +420,16 @@ fn daemon_args() -> Vec<String> {
 /// Turns `mode` on, measures, turns it off. Returns the figures and, for visibility,
 /// the daemon's counters at the end (those that moved).
 fn measure_mode(node: &mut Node, mode: Mode, options: &Options) -> Result<(Sample, Value)> {
+    with_mode(node, mode, |lab| measure(lab, mode, options))
+}
+
+/// Runs `f` with `mode` on, then turns it off. Also returns, for visibility, the
+/// daemon's counters at the end (those that moved).
+fn with_mode<T>(
+    node: &mut Node,
+    mode: Mode,
+    f: impl FnOnce(&Lab) -> Result<T>,
+) -> Result<(T, Value)> {
     let netd = match mode {
         Mode::Off => None,
         Mode::Netd => Some(Netd::enable(&node.lab)?),
@@ -373,7 +438,7 @@ fn measure_mode(node: &mut Node, mode: Mode, options: &Options) -> Result<(Sampl
             None
         }
     };
-    let result = measure(&node.lab, mode, options);
+    let result = f(&node.lab);
     let counters = if mode == Mode::Visibility {
         let counters = node
             .status()
@@ -395,6 +460,49 @@ fn measure_mode(node: &mut Node, mode: Mode, options: &Options) -> Result<(Sampl
         netd.disable()?;
     }
     Ok((result?, counters))
+}
+
+/// One more UDP run per mode, with `perf` recording the client CPU, which runs the
+/// sender and, with veths, all the forwarding work. For each mode: that CPU's time per
+/// packet received, and how much of it went to the datapath's programs, to netfilter
+/// (only the gateway has rules) and to the policy-rule walk (netd's ip rules).
+fn profile_modes(node: &mut Node, dir: &Path, options: &Options) -> Result<Value> {
+    let mut modes = serde_json::Map::new();
+    for mode in MODES {
+        eprintln!("compare: profiling {} (UDP, CPU {CLIENT_CPU})", mode.name());
+        let recording = dir.join(format!("perf-{}.data", mode.name()));
+        let ((pps, _), _) = with_mode(node, mode, |lab| {
+            udp_pps(
+                lab,
+                options.udp_secs,
+                options.udp_warmup_secs,
+                Some(&recording),
+            )
+        })?;
+        let breakdown = Profile::breakdown(&recording)?;
+        let ns_per_packet = 1e9 / pps;
+        let mut categories = serde_json::Map::new();
+        for (name, share) in &breakdown.categories {
+            categories.insert((*name).to_owned(), json!(share * ns_per_packet));
+        }
+        modes.insert(
+            mode.name().to_owned(),
+            json!({
+                "udp_pps": pps,
+                "cpu_ns_per_packet": ns_per_packet,
+                "idle_share": breakdown.idle,
+                "busy_ns_per_packet": (1.0 - breakdown.idle) * ns_per_packet,
+                "categories_ns_per_packet": categories,
+                "samples": breakdown.samples,
+                "report": recording.with_extension("txt"),
+            }),
+        );
+    }
+    Ok(json!({
+        "cpu": CLIENT_CPU,
+        "method": "perf record -g of the client CPU during one UDP run per mode; a category's time is its inclusive share of the samples times the CPU's time per packet received",
+        "modes": modes,
+    }))
 }
 
 /// The last lines of the daemon's log, for a failed run.
@@ -420,32 +528,10 @@ fn moved_counters(status: &Value) -> Value {
 
 fn measure(lab: &Lab, mode: Mode, options: &Options) -> Result<Sample> {
     let (tcp_gbps, tcp_retransmits) = tcp_throughput(lab, options.tcp_secs)?;
-    let profile = options
-        .perf_dir
-        .as_ref()
-        .map(|dir| dir.join(format!("perf-{}.data", mode.name())));
-    let (udp_pps, udp_sent_pps) = udp_pps(
-        lab,
-        options.udp_secs,
-        options.udp_warmup_secs,
-        profile.as_deref(),
-    )?;
-    let forwarded_before = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
-        0
-    } else {
-        lab.gateway_forwarded_packets()?
-    };
+    let (udp_pps, udp_sent_pps) = udp_pps(lab, options.udp_secs, options.udp_warmup_secs, None)?;
+    let forwarded_before = lab.gateway_transmitted_packets()?;
     let rr = round_trips(lab, options.rr_requests, options.rr_warmup)?;
-    let gateway_forwarded = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
-        0
-    } else {
-        lab.gateway_forwarded_packets()? - forwarded_before
-    };
-    let gateway_forwarded = if std::env::var_os("EXPERIMENT_PLAIN_GATEWAY").is_some() {
-        if mode == Mode::Off { 0 } else { u64::MAX / 2 }
-    } else {
-        gateway_forwarded
-    };
+    let gateway_forwarded = lab.gateway_transmitted_packets()? - forwarded_before;
     // Each round trip is two packets that cross the gateway when the mode redirects.
     let expected = 2 * (options.rr_requests + options.rr_warmup) as u64;
     match mode {
@@ -541,12 +627,7 @@ fn pin_to(cpu: usize) -> Result<()> {
 /// Receiver packets per second and sender packets per second over `secs`, after
 /// `warmup_secs` of the same traffic. With `profile`, the client CPU is recorded with
 /// `perf` over the same window, and the report is written next to the recording.
-fn udp_pps(
-    lab: &Lab,
-    secs: f64,
-    warmup_secs: f64,
-    profile: Option<&std::path::Path>,
-) -> Result<(f64, f64)> {
+fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64, profile: Option<&Path>) -> Result<(f64, f64)> {
     let receiver = lab
         .pod_ns(SERVER_POD)
         .udp_bind(SocketAddr::new(lab.pod_ipv4(SERVER_POD).into(), 0))?;
@@ -636,25 +717,37 @@ fn udp_pps(
 /// A `perf record` of one CPU, with call graphs, for a fixed time.
 struct Profile {
     child: std::process::Child,
-    path: std::path::PathBuf,
+    path: PathBuf,
 }
 
+/// What a recording says: shares of all samples, inclusive of what each part calls.
+struct Breakdown {
+    samples: u64,
+    /// The CPU had nothing to run.
+    idle: f64,
+    categories: Vec<(&'static str, f64)>,
+}
+
+/// Categories of the breakdown: a name and whether a symbol belongs to it.
+const CATEGORIES: [(&str, fn(&str) -> bool); 3] = [
+    ("datapath programs", |symbol| {
+        symbol.starts_with("bpf_prog_")
+            && ["_pod_ingress", "_pod_egress", "_uplink_ingress"]
+                .iter()
+                .any(|hook| symbol.ends_with(hook))
+    }),
+    ("netfilter", |symbol| symbol == "nf_hook_slow"),
+    ("policy rules", |symbol| symbol == "fib_rules_lookup"),
+];
+
 impl Profile {
-    fn start(path: &std::path::Path, cpu: usize, secs: f64) -> Result<Self> {
+    fn start(path: &Path, cpu: usize, secs: f64) -> Result<Self> {
         let child = std::process::Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-g",
-                "-e",
-                "sched:sched_switch",
-                "-C",
-                &cpu.to_string(),
-                "-o",
-            ])
+            .args(["record", "-q", "-g", "-C", &cpu.to_string(), "-o"])
             .arg(path)
             .args(["--", "sleep", &format!("{secs}")])
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .context("starting perf record (is perf installed?)")?;
         Ok(Self {
@@ -667,30 +760,79 @@ impl Profile {
     fn finish(mut self) -> Result<()> {
         let status = self.child.wait().context("perf record")?;
         ensure!(status.success(), "perf record failed: {status}");
-        let report = std::process::Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "--sort",
-                "symbol",
-                "-g",
-                "none",
-                "-i",
-            ])
-            .arg(&self.path)
-            .output()
-            .context("perf report")?;
-        ensure!(report.status.success(), "perf report failed");
+        let report = perf_report(&self.path, "--no-children")?;
         let text_path = self.path.with_extension("txt");
-        std::fs::write(&text_path, &report.stdout)
+        std::fs::write(&text_path, report)
             .with_context(|| format!("writing {}", text_path.display()))?;
-        eprintln!(
-            "compare: profile of CPU {CLIENT_CPU} in {}",
-            text_path.display()
-        );
         Ok(())
     }
+
+    /// Inclusive shares of the recording's samples, by category.
+    fn breakdown(path: &Path) -> Result<Breakdown> {
+        let report = perf_report(path, "--children")?;
+        let samples = report
+            .lines()
+            .find_map(|line| {
+                let rest = line.strip_prefix("# Samples: ")?;
+                let count = rest.split_whitespace().next()?;
+                // perf writes large counts as "12K".
+                match count.strip_suffix('K') {
+                    Some(k) => k.parse::<f64>().ok().map(|k| (k * 1000.0) as u64),
+                    None => count.parse().ok(),
+                }
+            })
+            .unwrap_or(0);
+        // Lines: "  children%  self%  [k] symbol ...".
+        let rows: Vec<(f64, &str)> = report
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let children = words.next()?.strip_suffix('%')?.parse::<f64>().ok()?;
+                let _self = words.next()?;
+                let _kind = words.next()?;
+                Some((children / 100.0, words.next()?))
+            })
+            .collect();
+        ensure!(
+            !rows.is_empty(),
+            "perf report of {} is empty",
+            path.display()
+        );
+        // Symbols do not nest across categories, so their inclusive shares add up.
+        let share = |belongs: fn(&str) -> bool| -> f64 {
+            rows.iter()
+                .filter(|(_, symbol)| belongs(symbol))
+                .map(|(share, _)| share)
+                .fold(0.0, |sum, share| sum + share)
+        };
+        Ok(Breakdown {
+            samples,
+            idle: share(|symbol| symbol == "do_idle"),
+            categories: CATEGORIES
+                .iter()
+                .map(|(name, belongs)| (*name, share(*belongs)))
+                .collect(),
+        })
+    }
+}
+
+/// `perf report` of a recording by symbol, without call chains.
+fn perf_report(path: &Path, children: &str) -> Result<String> {
+    let out = std::process::Command::new("perf")
+        .args([
+            "report", "--stdio", children, "--sort", "symbol", "-g", "none", "-i",
+        ])
+        .arg(path)
+        .stderr(Stdio::null())
+        .output()
+        .context("perf report")?;
+    ensure!(
+        out.status.success(),
+        "perf report of {} failed",
+        path.display()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn join<T>(handle: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {

@@ -1421,6 +1421,31 @@ impl Lab {
         Ok(self.gateway_counter("forwarded")?.0)
     }
 
+    /// Packets the gateway sent out of its interface, from its link statistics: what it
+    /// forwarded (plus its own few neighbour messages). Unlike
+    /// [`Lab::gateway_forwarded_packets`] this also counts on a plain gateway.
+    pub fn gateway_transmitted_packets(&self) -> Result<u64> {
+        let out = self
+            .gateway
+            .run("ip", ["-s", "-j", "link", "show", "dev", GATEWAY_IFNAME])?;
+        let links: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("parsing `ip -s -j link`: {out}"))?;
+        links[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .with_context(|| format!("no tx packet count in {out}"))
+    }
+
+    /// Makes the gateway a plain router: removes its nftables table, so neither a
+    /// firewall nor connection tracking runs there any more. For measurements that leave
+    /// out what the stand-in VPC does with a packet; [`Lab::block`], the flow log and the
+    /// nftables counters no longer work afterwards.
+    pub fn make_gateway_plain_router(&self) -> Result<()> {
+        self.gateway
+            .run("nft", ["delete", "table", "inet", GATEWAY_NFT_TABLE])
+            .context("removing the gateway's nftables table")?;
+        Ok(())
+    }
+
     /// How many packets the gateway dropped because of [`Lab::block`].
     pub fn gateway_dropped_packets(&self) -> Result<u64> {
         Ok(self.gateway_counter("dropped")?.0)

@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// flow_records.
     #[arg(long)]
     no_micro: bool,
+    /// Skip the diagnostics that say where the time goes: the profiled UDP run per mode
+    /// (`perf`, under target/bench/profile/) and the comparison with a plain-router
+    /// gateway.
+    #[arg(long)]
+    no_diagnostics: bool,
 }
 
 /// One figure of the comparison.
@@ -122,15 +127,34 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         compare_args.push("--rounds".into());
         compare_args.push(rounds.to_string());
     }
-    let compare_text = cargo_bench_json(&root, "compare", &compare_args)?;
-    let mut results = Json::parse(&compare_text).with_context(|| {
-        let raw = out_dir.join("compare.raw.txt");
-        let _ = fs::write(&raw, &compare_text);
-        format!(
-            "the compare bench's output is not JSON (saved in {})",
-            raw.display()
-        )
-    })?;
+    let profile_dir = out_dir.join("profile");
+    let main_args: Vec<String> = if args.no_diagnostics {
+        compare_args.clone()
+    } else {
+        let dir = profile_dir.to_string_lossy().into_owned();
+        compare_args
+            .iter()
+            .cloned()
+            .chain(["--profile".to_owned(), dir])
+            .collect()
+    };
+    let mut results = compare(&root, &out_dir, "compare", &main_args)?;
+    let plain = if args.no_diagnostics {
+        None
+    } else {
+        println!("bench: the same comparison with a gateway that only routes");
+        let plain_args: Vec<String> = compare_args
+            .iter()
+            .cloned()
+            .chain(["--gateway".to_owned(), "plain".to_owned()])
+            .collect();
+        Some(compare(
+            &root,
+            &out_dir,
+            "compare-plain-gateway",
+            &plain_args,
+        )?)
+    };
 
     let mut failures = Vec::new();
     let mut micro = Vec::new();
@@ -179,7 +203,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let report = Report::new(&results)?;
-    let table = report.terminal_table();
+    let plain_report = plain.as_ref().map(Report::new).transpose()?;
+    let breakdown = Breakdown::new(results.get("profile"));
+    let mut table = report.terminal_table();
+    if let Some(breakdown) = &breakdown {
+        table.push('\n');
+        table.push_str(&breakdown.terminal());
+    }
+    if let Some(plain) = &plain_report {
+        table.push('\n');
+        table.push_str(&plain.terminal_plain());
+    }
     let attach = micro
         .iter()
         .find(|(name, _)| name == "attach_latency")
@@ -189,6 +223,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         fields.push(("ratios".into(), report.ratios_json()));
         fields.push(("targets".into(), report.targets_json()));
         fields.push(("microbenchmarks".into(), Json::Obj(micro)));
+        if let (Some(plain), Some(plain_report)) = (plain, &plain_report) {
+            let mut plain = plain;
+            if let Json::Obj(plain_fields) = &mut plain {
+                plain_fields.push(("ratios".into(), plain_report.ratios_json()));
+            }
+            fields.push(("plain_gateway".into(), plain));
+        }
     }
     let json_path = out_dir.join("results.json");
     fs::write(&json_path, results.pretty())
@@ -206,7 +247,16 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     println!("wrote {} and {}", json_path.display(), svg_path.display());
     if args.update_readme {
         let readme = root.join("README.md");
-        update_readme(&readme, &report.markdown(&attach))?;
+        let mut section = report.markdown(&attach);
+        if let Some(breakdown) = &breakdown {
+            section.push('\n');
+            section.push_str(&breakdown.markdown());
+        }
+        if let Some(plain) = &plain_report {
+            section.push('\n');
+            section.push_str(&plain.markdown_plain());
+        }
+        update_readme(&readme, &section)?;
         println!("updated the performance section of {}", readme.display());
     }
     println!("bench: done in {:.0}s", started.elapsed().as_secs_f64());
@@ -214,6 +264,20 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("benchmarks failed:\n  {}", failures.join("\n  "));
     }
     Ok(())
+}
+
+/// Runs the compare bench with `args` and parses its JSON document; the raw output is
+/// kept as `<name>.raw.txt` when it is not JSON.
+fn compare(root: &Path, out_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Json> {
+    let text = cargo_bench_json(root, "compare", args)?;
+    Json::parse(&text).with_context(|| {
+        let raw = out_dir.join(format!("{name}.raw.txt"));
+        let _ = fs::write(&raw, &text);
+        format!(
+            "the compare bench's output is not JSON (saved in {})",
+            raw.display()
+        )
+    })
 }
 
 fn workspace_root() -> PathBuf {
@@ -442,12 +506,9 @@ impl Report {
         )
     }
 
-    fn terminal_table(&self) -> String {
-        let mut s = self.header();
-        if let Some(note) = &self.background {
-            let _ = writeln!(s, "WARNING: a busy machine: {note}; the figures are noisy");
-        }
-        s.push('\n');
+    /// The medians per mode and their ratios, as a terminal table.
+    fn terminal_modes(&self) -> String {
+        let mut s = String::new();
         let _ = write!(s, "{:<17}", "mode");
         for figure in &FIGURES {
             let _ = write!(s, "{:>14}", figure.label);
@@ -467,6 +528,64 @@ impl Report {
             }
             s.push('\n');
         }
+        s
+    }
+
+    /// The plain-gateway comparison, for the terminal.
+    fn terminal_plain(&self) -> String {
+        let mut s = format!(
+            "with a gateway that only routes (no firewall, no conntrack; medians of {} round{}):\n",
+            self.rounds,
+            if self.rounds == 1 { "" } else { "s" },
+        );
+        s.push_str(&self.terminal_modes());
+        s
+    }
+
+    /// The medians per mode and their ratios, as a Markdown table.
+    fn markdown_modes(&self) -> String {
+        let mut s = String::new();
+        s.push_str("| mode |");
+        for figure in &FIGURES {
+            let _ = write!(s, " {} |", figure.label);
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---:|".repeat(FIGURES.len()));
+        s.push('\n');
+        for (m, mode) in MODES.iter().enumerate() {
+            let _ = write!(s, "| {mode} |");
+            for (f, figure) in FIGURES.iter().enumerate() {
+                let _ = write!(s, " {} |", format_value(figure.key, self.median(m, f)));
+            }
+            s.push('\n');
+        }
+        for (label, a, b) in self.ratio_rows() {
+            let _ = write!(s, "| {label} |");
+            for f in 0..FIGURES.len() {
+                let _ = write!(s, " {:.2} |", self.ratio(a, b, f));
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// The plain-gateway comparison, for the README.
+    fn markdown_plain(&self) -> String {
+        format!(
+            "**Without the stand-in VPC's own work.** The same comparison with a gateway that only routes (no nftables firewall, no connection tracking; medians of {} round{}). On GKE the VPC's firewall and flow logs do not run on the node:\n\n{}",
+            self.rounds,
+            if self.rounds == 1 { "" } else { "s" },
+            self.markdown_modes()
+        )
+    }
+
+    fn terminal_table(&self) -> String {
+        let mut s = self.header();
+        if let Some(note) = &self.background {
+            let _ = writeln!(s, "WARNING: a busy machine: {note}; the figures are noisy");
+        }
+        s.push('\n');
+        s.push_str(&self.terminal_modes());
         s.push_str(
             "\ntargets (visibility/off, and visibility's cost at most a third of netd's):\n",
         );
@@ -562,7 +681,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "_Measured {day} with `cargo xtask bench`: Linux {}, {}; same-node Pod-to-Pod over IPv4 in the netns lab; client pinned to CPU {}, server to CPU {}; medians of {} round{} alternating off, netd and visibility{}._",
+            "_Measured {day} with `cargo xtask bench`: Linux {}, {}; same-node Pod-to-Pod over IPv4 in the netns lab, whose gateway namespace (the stand-in VPC) routes with an nftables firewall and conntrack accounting; client pinned to CPU {}, server to CPU {}; medians of {} round{} alternating off, netd and visibility{}._",
             self.kernel,
             self.cpus,
             self.client_cpu,
@@ -575,27 +694,7 @@ impl Report {
             let _ = writeln!(s, "\n_A busy machine: {note}._");
         }
         s.push('\n');
-        s.push_str("| mode |");
-        for figure in &FIGURES {
-            let _ = write!(s, " {} |", figure.label);
-        }
-        s.push_str("\n|---|");
-        s.push_str(&"---:|".repeat(FIGURES.len()));
-        s.push('\n');
-        for (m, mode) in MODES.iter().enumerate() {
-            let _ = write!(s, "| {mode} |");
-            for (f, figure) in FIGURES.iter().enumerate() {
-                let _ = write!(s, " {} |", format_value(figure.key, self.median(m, f)));
-            }
-            s.push('\n');
-        }
-        for (label, a, b) in self.ratio_rows() {
-            let _ = write!(s, "| {label} |");
-            for f in 0..FIGURES.len() {
-                let _ = write!(s, " {:.2} |", self.ratio(a, b, f));
-            }
-            s.push('\n');
-        }
+        s.push_str(&self.markdown_modes());
         s.push('\n');
         s.push_str("| target | measured | verdict |\n|---|---:|---|\n");
         for (f, figure) in FIGURES.iter().enumerate() {
@@ -777,6 +876,91 @@ impl Report {
             lx += 110.0;
         }
         s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// Where the client CPU's time per packet goes, from the compare bench's profiled UDP
+/// run per mode.
+struct Breakdown {
+    cpu: f64,
+    /// Per mode: busy ns per packet, idle share, and the categories' ns per packet.
+    modes: Vec<(&'static str, f64, f64, Vec<(String, f64)>)>,
+}
+
+impl Breakdown {
+    fn new(profile: &Json) -> Option<Self> {
+        let modes = MODES
+            .iter()
+            .map(|mode| {
+                let m = profile.get("modes").get(mode);
+                let categories = match m.get("categories_ns_per_packet") {
+                    Json::Obj(fields) => fields
+                        .iter()
+                        .filter_map(|(name, value)| Some((name.clone(), value.num()?)))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Some((
+                    *mode,
+                    m.get("busy_ns_per_packet").num()?,
+                    m.get("idle_share").num()?,
+                    categories,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            cpu: profile.get("cpu").num()?,
+            modes,
+        })
+    }
+
+    fn category_names(&self) -> Vec<&str> {
+        self.modes
+            .first()
+            .map(|(_, _, _, categories)| categories.iter().map(|(n, _)| n.as_str()).collect())
+            .unwrap_or_default()
+    }
+
+    fn terminal(&self) -> String {
+        let mut s = format!(
+            "where CPU {} (sender, and with veths all forwarding) spends each UDP packet, ns (perf):\n",
+            self.cpu
+        );
+        let _ = write!(s, "{:<17}{:>12}", "mode", "busy");
+        for name in self.category_names() {
+            let _ = write!(s, "{name:>20}");
+        }
+        let _ = writeln!(s, "{:>8}", "idle");
+        for (mode, busy, idle, categories) in &self.modes {
+            let _ = write!(s, "{mode:<17}{busy:>12.0}");
+            for (_, ns) in categories {
+                let _ = write!(s, "{ns:>20.0}");
+            }
+            let _ = writeln!(s, "{:>7.0}%", idle * 100.0);
+        }
+        s
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = format!(
+            "**Where the time goes.** One more UDP run per mode under `perf`, recording CPU {}: it runs the sender and, since veths hand packets on in the sending CPU's softirq, all forwarding work, the gateway's included. Nanoseconds of that CPU per packet received; a part includes the functions it calls:\n\n| mode | busy |",
+            self.cpu
+        );
+        let names = self.category_names();
+        for name in &names {
+            let _ = write!(s, " {name} |");
+        }
+        s.push_str(" idle |\n|---|---:|");
+        s.push_str(&"---:|".repeat(names.len() + 1));
+        s.push('\n');
+        for (mode, busy, idle, categories) in &self.modes {
+            let _ = write!(s, "| {mode} | {busy:.0} |");
+            for (_, ns) in categories {
+                let _ = write!(s, " {ns:.0} |");
+            }
+            let _ = writeln!(s, " {:.0}% |", idle * 100.0);
+        }
         s
     }
 }
@@ -1151,6 +1335,11 @@ mod tests {
                   "visibility": {"tcp_gbps": 17.2, "udp_pps": 160000, "rr_mean_us": 62.0, "rr_p99_us": 99.0}
                 },
                 "background": {"share_of_all_cpus": 0.3, "top": [{"process": "qemu-system-x86", "cpu_seconds": 61.2}]},
+                "profile": {"cpu": 0, "modes": {
+                  "off": {"busy_ns_per_packet": 4550.2, "idle_share": 0.16, "categories_ns_per_packet": {"datapath programs": 0, "netfilter": 0, "policy rules": 339.2}},
+                  "netd": {"busy_ns_per_packet": 7433.6, "idle_share": 0.157, "categories_ns_per_packet": {"datapath programs": 0, "netfilter": 631.0, "policy rules": 809.9}},
+                  "visibility": {"busy_ns_per_packet": 6226.8, "idle_share": 0.183, "categories_ns_per_packet": {"datapath programs": 709.3, "netfilter": 572.9, "policy rules": 0}}
+                }},
                 "escapes": "a\"b\\c\u00e9\ud83d\ude00", "list": [1, -2.5e3, true, null, []]}"#,
         )
         .unwrap()
@@ -1204,6 +1393,40 @@ mod tests {
         let svg = report.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<rect").count(), 1 + 12 + 3);
+    }
+
+    #[test]
+    fn the_breakdown_shows_each_modes_parts_and_the_plain_table_its_ratios() {
+        let json = sample();
+        let breakdown = Breakdown::new(json.get("profile")).unwrap();
+        let md = breakdown.markdown();
+        assert!(
+            md.contains("| mode | busy | datapath programs | netfilter | policy rules | idle |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| visibility | 6227 | 709 | 573 | 0 | 18% |"),
+            "{md}"
+        );
+        let terminal = breakdown.terminal();
+        assert!(
+            terminal
+                .lines()
+                .any(|l| l.starts_with("netd") && l.contains("810")),
+            "{terminal}"
+        );
+        // Without a profile there is no breakdown.
+        assert!(Breakdown::new(&Json::Null).is_none());
+
+        let plain = Report::new(&json).unwrap().markdown_plain();
+        assert!(
+            plain.starts_with("**Without the stand-in VPC's own work.**"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("| visibility/off | 0.98 | 0.87 | 1.02 | 1.17 |"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -13,6 +13,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("conntrack", "reads the gateway's flow log"),
     ("iputils-ping", "ICMP in the labs"),
     ("iperf3", "throughput benchmarks"),
+    (
+        "linux-perf",
+        "where the time goes, in the benchmarks' profiled runs",
+    ),
     ("bpftool", "inspecting programs and links in tests"),
     ("prometheus", "promtool, to check the metrics endpoint"),
     ("qemu-system-x86", "VM kernel tests"),
