@@ -884,8 +884,17 @@ impl Report {
 /// run per mode.
 struct Breakdown {
     cpu: f64,
-    /// Per mode: busy ns per packet, idle share, and the categories' ns per packet.
-    modes: Vec<(&'static str, f64, f64, Vec<(String, f64)>)>,
+    modes: Vec<ModeBreakdown>,
+}
+
+struct ModeBreakdown {
+    mode: &'static str,
+    /// Nanoseconds per packet the CPU was not idle.
+    busy: f64,
+    /// Share of the time the CPU had nothing to run.
+    idle: f64,
+    /// Nanoseconds per packet in each part.
+    categories: Vec<(String, f64)>,
 }
 
 impl Breakdown {
@@ -901,12 +910,12 @@ impl Breakdown {
                         .collect(),
                     _ => Vec::new(),
                 };
-                Some((
-                    *mode,
-                    m.get("busy_ns_per_packet").num()?,
-                    m.get("idle_share").num()?,
+                Some(ModeBreakdown {
+                    mode,
+                    busy: m.get("busy_ns_per_packet").num()?,
+                    idle: m.get("idle_share").num()?,
                     categories,
-                ))
+                })
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Self {
@@ -918,7 +927,7 @@ impl Breakdown {
     fn category_names(&self) -> Vec<&str> {
         self.modes
             .first()
-            .map(|(_, _, _, categories)| categories.iter().map(|(n, _)| n.as_str()).collect())
+            .map(|m| m.categories.iter().map(|(n, _)| n.as_str()).collect())
             .unwrap_or_default()
     }
 
@@ -932,12 +941,12 @@ impl Breakdown {
             let _ = write!(s, "{name:>20}");
         }
         let _ = writeln!(s, "{:>8}", "idle");
-        for (mode, busy, idle, categories) in &self.modes {
-            let _ = write!(s, "{mode:<17}{busy:>12.0}");
-            for (_, ns) in categories {
+        for m in &self.modes {
+            let _ = write!(s, "{:<17}{:>12.0}", m.mode, m.busy);
+            for (_, ns) in &m.categories {
                 let _ = write!(s, "{ns:>20.0}");
             }
-            let _ = writeln!(s, "{:>7.0}%", idle * 100.0);
+            let _ = writeln!(s, "{:>7.0}%", m.idle * 100.0);
         }
         s
     }
@@ -954,12 +963,12 @@ impl Breakdown {
         s.push_str(" idle |\n|---|---:|");
         s.push_str(&"---:|".repeat(names.len() + 1));
         s.push('\n');
-        for (mode, busy, idle, categories) in &self.modes {
-            let _ = write!(s, "| {mode} | {busy:.0} |");
-            for (_, ns) in categories {
+        for m in &self.modes {
+            let _ = write!(s, "| {} | {:.0} |", m.mode, m.busy);
+            for (_, ns) in &m.categories {
                 let _ = write!(s, " {ns:.0} |");
             }
-            let _ = writeln!(s, " {:.0}% |", idle * 100.0);
+            let _ = writeln!(s, " {:.0}% |", m.idle * 100.0);
         }
         s
     }
