@@ -5,7 +5,7 @@
 //! **Needs root** (a lab's network namespaces, loading BPF). Without root it says so and
 //! exits successfully.
 //!
-//! Run: `cargo bench -p visibility-tests --bench program_cost`
+//! Run: `cargo bench -p visibility-tests --bench program_cost [-- --json]`
 //!
 //! Each sample is about a million runs; the table shows the median of five samples (and
 //! their spread). Programs that spend a hop change the packet on every run, and the
@@ -249,33 +249,53 @@ fn main() -> Result<()> {
     }
     let baseline_ns = rows[0].1[SAMPLES / 2];
 
-    println!();
-    println!(
-        "BPF_PROG_TEST_RUN, median of {SAMPLES} samples of ~{RUNS} runs each ({} CPUs, kernel {})",
+    // With --json (as `cargo xtask bench` runs it) the table goes to standard error and
+    // standard output carries a JSON document of the same rows.
+    let json = std::env::args().any(|arg| arg == "--json");
+    let mut table = format!(
+        "\nBPF_PROG_TEST_RUN, median of {SAMPLES} samples of ~{RUNS} runs each ({} CPUs, kernel {})\n\n",
         std::thread::available_parallelism().map_or(0, usize::from),
         kernel_release()
     );
-    println!();
-    println!(
-        "{:<15} {:<45} {:>10} {:>17} {:>10}",
+    table.push_str(&format!(
+        "{:<15} {:<45} {:>10} {:>17} {:>10}\n",
         "program", "case", "ns/packet", "min..max", "x baseline"
-    );
+    ));
+    let mut json_rows = Vec::new();
     for (case, samples) in &rows {
         let median = samples[SAMPLES / 2];
-        println!(
-            "{:<15} {:<45} {:>10.1} {:>17} {:>10.2}",
+        table.push_str(&format!(
+            "{:<15} {:<45} {:>10.1} {:>17} {:>10.2}\n",
             case.program(),
             case.what,
             median,
             format!("{:.1}..{:.1}", samples[0], samples[SAMPLES - 1]),
             median / baseline_ns
-        );
+        ));
+        json_rows.push(serde_json::json!({
+            "program": case.program(),
+            "case": case.what,
+            "ns_per_packet": median,
+            "min_ns": samples[0],
+            "max_ns": samples[SAMPLES - 1],
+        }));
     }
-    println!();
-    println!(
-        "(runs that spend a hop: batches of {HOP_BATCH}; the kernel reports whole ns per batch; {:.1} s in all)",
+    table.push_str(&format!(
+        "\n(runs that spend a hop: batches of {HOP_BATCH}; the kernel reports whole ns per batch; {:.1} s in all)\n",
         started.elapsed().as_secs_f64()
-    );
+    ));
+    if json {
+        eprint!("{table}");
+        let document = serde_json::json!({
+            "kernel": kernel_release(),
+            "samples": SAMPLES,
+            "runs_per_sample": RUNS,
+            "rows": json_rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        print!("{table}");
+    }
     Ok(())
 }
 

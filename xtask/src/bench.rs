@@ -33,7 +33,9 @@ const README_END: &str = "<!-- bench:end -->";
 /// The modes, in the order they run within a round.
 const MODES: [&str; 3] = ["off", "netd", "visibility"];
 /// Colleagues' microbenchmarks, run when their targets exist.
-const MICROBENCHES: [&str; 2] = ["program_cost", "flow_records"];
+/// Microbenchmarks after attach_latency, and whether each prints a JSON document with
+/// `--json` (its figures then reach the report).
+const MICROBENCHES: [(&str, bool); 2] = [("program_cost", true), ("flow_records", false)];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -174,28 +176,32 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             }
         };
         micro.push(("attach_latency".to_owned(), attach));
-        for name in MICROBENCHES {
+        for (name, prints_json) in MICROBENCHES {
             let status = match bench_target_exists(&root, name) {
                 Err(why) => {
                     println!("bench: skipping {name}: {why}");
                     skipped(&why)
                 }
                 Ok(()) => {
-                    let mut cmd = Command::new("cargo");
-                    cmd.current_dir(&root).args([
-                        "bench",
-                        "-p",
-                        "visibility-tests",
-                        "--bench",
-                        name,
-                    ]);
-                    match run(&mut cmd) {
-                        Ok(()) => Json::Obj(vec![("status".into(), Json::Str("ran".into()))]),
-                        Err(error) => {
-                            failures.push(format!("{name}: {error:#}"));
-                            Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
-                        }
-                    }
+                    let ran = if prints_json {
+                        cargo_bench_json(&root, name, &["--json".to_owned()])
+                            .and_then(|text| Json::parse(&text))
+                    } else {
+                        let mut cmd = Command::new("cargo");
+                        cmd.current_dir(&root).args([
+                            "bench",
+                            "-p",
+                            "visibility-tests",
+                            "--bench",
+                            name,
+                        ]);
+                        run(&mut cmd)
+                            .map(|()| Json::Obj(vec![("status".into(), Json::Str("ran".into()))]))
+                    };
+                    ran.unwrap_or_else(|error| {
+                        failures.push(format!("{name}: {error:#}"));
+                        Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
+                    })
                 }
             };
             micro.push((name.to_owned(), status));
@@ -204,21 +210,34 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     let report = Report::new(&results)?;
     let plain_report = plain.as_ref().map(Report::new).transpose()?;
-    let breakdown = Breakdown::new(results.get("profile"));
+    // The diagnostics, for the terminal and for the README.
+    let diagnostics: Vec<(String, String)> = Breakdown::new(results.get("profile"))
+        .map(|b| (b.terminal(), b.markdown()))
+        .into_iter()
+        .chain(
+            plain_report
+                .as_ref()
+                .map(|p| (p.terminal_plain(), p.markdown_plain())),
+        )
+        .collect();
     let mut table = report.terminal_table();
-    if let Some(breakdown) = &breakdown {
+    for (terminal, _) in &diagnostics {
         table.push('\n');
-        table.push_str(&breakdown.terminal());
+        table.push_str(terminal);
     }
-    if let Some(plain) = &plain_report {
-        table.push('\n');
-        table.push_str(&plain.terminal_plain());
-    }
-    let attach = micro
-        .iter()
-        .find(|(name, _)| name == "attach_latency")
-        .map(|(_, json)| json.clone())
-        .unwrap_or(Json::Null);
+    let micro_of = |wanted: &str| {
+        micro
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .map_or(Json::Null, |(_, json)| json.clone())
+    };
+    let micro_lines: Vec<String> = [
+        program_cost_line(&micro_of("program_cost")),
+        attach_line(&micro_of("attach_latency")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if let Json::Obj(fields) = &mut results {
         fields.push(("ratios".into(), report.ratios_json()));
         fields.push(("targets".into(), report.targets_json()));
@@ -240,21 +259,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     println!();
     print!("{table}");
-    if let Some(line) = attach_line(&attach) {
+    for line in &micro_lines {
         println!("{line}");
     }
     println!();
     println!("wrote {} and {}", json_path.display(), svg_path.display());
     if args.update_readme {
         let readme = root.join("README.md");
-        let mut section = report.markdown(&attach);
-        if let Some(breakdown) = &breakdown {
+        let mut section = report.markdown(&micro_lines);
+        for (_, markdown) in &diagnostics {
             section.push('\n');
-            section.push_str(&breakdown.markdown());
-        }
-        if let Some(plain) = &plain_report {
-            section.push('\n');
-            section.push_str(&plain.markdown_plain());
+            section.push_str(markdown);
         }
         update_readme(&readme, &section)?;
         println!("updated the performance section of {}", readme.display());
@@ -340,6 +355,30 @@ fn bench_target_exists(root: &Path, name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// "per-packet program cost (BPF_PROG_TEST_RUN medians): ..." from program_cost's JSON.
+fn program_cost_line(program_cost: &Json) -> Option<String> {
+    let Json::Arr(rows) = program_cost.get("rows") else {
+        return None;
+    };
+    let cases: Vec<String> = rows
+        .iter()
+        .filter_map(|row| {
+            Some(format!(
+                "{} {} {:.0} ns",
+                row.get("program").str()?,
+                row.get("case").str()?,
+                row.get("ns_per_packet").num()?
+            ))
+        })
+        .collect();
+    (!cases.is_empty()).then(|| {
+        format!(
+            "per-packet program cost (BPF_PROG_TEST_RUN medians): {}",
+            cases.join("; ")
+        )
+    })
 }
 
 fn attach_line(attach: &Json) -> Option<String> {
@@ -506,25 +545,37 @@ impl Report {
         )
     }
 
+    /// The rows of the medians table: each mode's medians, then the ratios between
+    /// modes (with `ratio_decimals`), as text cells after a label.
+    fn mode_rows(&self, ratio_decimals: usize) -> Vec<(String, Vec<String>)> {
+        let medians = MODES.iter().enumerate().map(|(m, mode)| {
+            let cells = FIGURES
+                .iter()
+                .enumerate()
+                .map(|(f, figure)| format_value(figure.key, self.median(m, f)))
+                .collect();
+            ((*mode).to_owned(), cells)
+        });
+        let ratios = self.ratio_rows().into_iter().map(|(label, a, b)| {
+            let cells = (0..FIGURES.len())
+                .map(|f| format!("{:.*}", ratio_decimals, self.ratio(a, b, f)))
+                .collect();
+            (label.to_owned(), cells)
+        });
+        medians.chain(ratios).collect()
+    }
+
     /// The medians per mode and their ratios, as a terminal table.
     fn terminal_modes(&self) -> String {
-        let mut s = String::new();
-        let _ = write!(s, "{:<17}", "mode");
+        let mut s = format!("{:<17}", "mode");
         for figure in &FIGURES {
             let _ = write!(s, "{:>14}", figure.label);
         }
         s.push('\n');
-        for (m, mode) in MODES.iter().enumerate() {
-            let _ = write!(s, "{mode:<17}");
-            for (f, figure) in FIGURES.iter().enumerate() {
-                let _ = write!(s, "{:>14}", format_value(figure.key, self.median(m, f)));
-            }
-            s.push('\n');
-        }
-        for (label, a, b) in self.ratio_rows() {
+        for (label, cells) in self.mode_rows(3) {
             let _ = write!(s, "{label:<17}");
-            for f in 0..FIGURES.len() {
-                let _ = write!(s, "{:>14.3}", self.ratio(a, b, f));
+            for cell in cells {
+                let _ = write!(s, "{cell:>14}");
             }
             s.push('\n');
         }
@@ -544,27 +595,13 @@ impl Report {
 
     /// The medians per mode and their ratios, as a Markdown table.
     fn markdown_modes(&self) -> String {
-        let mut s = String::new();
-        s.push_str("| mode |");
+        let mut s = String::from("| mode |");
         for figure in &FIGURES {
             let _ = write!(s, " {} |", figure.label);
         }
-        s.push_str("\n|---|");
-        s.push_str(&"---:|".repeat(FIGURES.len()));
-        s.push('\n');
-        for (m, mode) in MODES.iter().enumerate() {
-            let _ = write!(s, "| {mode} |");
-            for (f, figure) in FIGURES.iter().enumerate() {
-                let _ = write!(s, " {} |", format_value(figure.key, self.median(m, f)));
-            }
-            s.push('\n');
-        }
-        for (label, a, b) in self.ratio_rows() {
-            let _ = write!(s, "| {label} |");
-            for f in 0..FIGURES.len() {
-                let _ = write!(s, " {:.2} |", self.ratio(a, b, f));
-            }
-            s.push('\n');
+        let _ = writeln!(s, "\n|---|{}", "---:|".repeat(FIGURES.len()));
+        for (label, cells) in self.mode_rows(2) {
+            let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
         }
         s
     }
@@ -675,8 +712,8 @@ impl Report {
         )
     }
 
-    /// The README's performance section.
-    fn markdown(&self, attach: &Json) -> String {
+    /// The README's performance section; `micro_lines` are the microbenchmarks' lines.
+    fn markdown(&self, micro_lines: &[String]) -> String {
         let day = self.date.get(..10).unwrap_or(&self.date);
         let mut s = String::new();
         let _ = writeln!(
@@ -727,10 +764,13 @@ impl Report {
                 self.third_of_netd(f).word()
             );
         }
-        if let Some(line) = attach_line(attach) {
-            s.push('\n');
-            s.push_str(&line.replacen("attach latency", "Attach latency", 1));
-            s.push_str(".\n");
+        for line in micro_lines {
+            let mut chars = line.chars();
+            let capitalised: String = chars
+                .next()
+                .map(|first| first.to_uppercase().chain(chars).collect())
+                .unwrap_or_default();
+            let _ = writeln!(s, "\n{capitalised}.");
         }
         s
     }
@@ -1439,6 +1479,27 @@ mod tests {
     }
 
     #[test]
+    fn program_cost_rows_become_one_line() {
+        let json = Json::parse(
+            r#"{"rows": [{"program": "pod_ingress", "case": "redirected, IPv4 UDP pod to pod", "ns_per_packet": 261.8},
+                         {"program": "uplink_ingress", "case": "returned, IPv4 UDP to its pod", "ns_per_packet": 248.3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            program_cost_line(&json).unwrap(),
+            "per-packet program cost (BPF_PROG_TEST_RUN medians): pod_ingress redirected, IPv4 UDP pod to pod 262 ns; uplink_ingress returned, IPv4 UDP to its pod 248 ns"
+        );
+        assert_eq!(program_cost_line(&Json::Null), None);
+        let md = Report::new(&sample())
+            .unwrap()
+            .markdown(&[program_cost_line(&json).unwrap()]);
+        assert!(
+            md.contains("\nPer-packet program cost (BPF_PROG_TEST_RUN medians): pod_ingress"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn readme_section_is_replaced_between_the_markers_only() {
         let text = "# T\n\nintro\n<!-- bench:start -->\nold\ntable\n<!-- bench:end -->\nrest\n";
         let out = replace_marked(text, "| new |\n").unwrap();
@@ -1454,7 +1515,7 @@ mod tests {
             replace_marked(&fresh, "x").unwrap(),
             "<!-- bench:start -->\nx\n<!-- bench:end -->\n"
         );
-        let md = Report::new(&sample()).unwrap().markdown(&Json::Null);
+        let md = Report::new(&sample()).unwrap().markdown(&[]);
         assert!(md.contains("| visibility/netd |"), "{md}");
         assert!(
             md.contains("| UDP pps visibility/off ≥ 0.86 | 0.87 | PASS |"),
