@@ -728,8 +728,11 @@ struct Breakdown {
     categories: Vec<(&'static str, f64)>,
 }
 
+/// Whether a symbol of a profile belongs to a category.
+type Belongs = fn(&str) -> bool;
+
 /// Categories of the breakdown: a name and whether a symbol belongs to it.
-const CATEGORIES: [(&str, fn(&str) -> bool); 3] = [
+const CATEGORIES: [(&str, Belongs); 3] = [
     ("datapath programs", |symbol| {
         symbol.starts_with("bpf_prog_")
             && ["_pod_ingress", "_pod_egress", "_uplink_ingress"]
@@ -800,7 +803,7 @@ impl Profile {
             path.display()
         );
         // Symbols do not nest across categories, so their inclusive shares add up.
-        let share = |belongs: fn(&str) -> bool| -> f64 {
+        let share = |belongs: Belongs| -> f64 {
             rows.iter()
                 .filter(|(_, symbol)| belongs(symbol))
                 .map(|(share, _)| share)
