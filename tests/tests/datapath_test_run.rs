@@ -19,10 +19,14 @@
 //! Run: `cargo test -p visibility-tests --test datapath_test_run` (the first build compiles
 //! the eBPF object with nightly).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use visibility::{datapath::ProgramKind, maps::Exemption};
 use visibility_common::{
+    ROUTE_CACHE_TTL_NS,
     counters::{Counter, CounterValue},
     flow::{FlowKey, FlowStats, Path},
     packet::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, parse},
@@ -32,11 +36,11 @@ use visibility_common::{
 use visibility_tests::{
     datapath_harness::{
         CounterSnapshot, DatapathLab, MASQUERADE_MARK, Mac, RunOutput, SkbCtx, TC_ACT_OK,
-        TC_ACT_REDIRECT, hook_of,
+        TC_ACT_REDIRECT, hook_of, set_neighbour,
     },
     lab::{
-        IpFamily, NODE_IPV4, NODE_IPV6, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6,
-        pod_ipv4, pod_ipv6,
+        GATEWAY_IPV4, GATEWAY_IPV6, IpFamily, NODE_IPV4, NODE_IPV6, NODE_UPLINK, POD_CIDR_V4,
+        POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, pod_ipv4, pod_ipv6,
     },
 };
 
@@ -1353,5 +1357,79 @@ fn odd_frames_are_never_redirected_nor_changed_unless_valid() {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Route caches: FIB answers reused for ROUTE_CACHE_TTL_NS, per CPU
+// ---------------------------------------------------------------------------------------
+
+/// Keeps this test's thread on one CPU, so that every run meets the same per-CPU cache.
+fn stay_on_one_cpu() {
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
+        .expect("pinning the test thread to CPU 0");
+}
+
+/// Longer than the datapath keeps a FIB answer.
+fn past_route_cache() {
+    std::thread::sleep(Duration::from_nanos(ROUTE_CACHE_TTL_NS) + Duration::from_millis(50));
+}
+
+const NEW_MAC: Mac = [0x02, 0x00, 0x5e, 0x10, 0x00, 0x01];
+
+/// Runs `kind` on `frame` (a redirect is expected) and returns the destination MAC.
+fn destination_mac(h: &DatapathLab, what: &str, kind: ProgramKind, frame: &[u8]) -> Mac {
+    let out = check(h, what, kind, frame, ctx_for(h, kind), redirect_at(kind));
+    source_macs(&out.data).0
+}
+
+#[test]
+fn a_new_gateway_mac_reaches_the_datapath_within_the_route_cache_time() {
+    stay_on_one_cpu();
+    let h = setup("gwcache");
+    for (family, gateway) in [
+        (IpFamily::V4, IpAddr::from(GATEWAY_IPV4)),
+        (IpFamily::V6, IpAddr::from(GATEWAY_IPV6)),
+    ] {
+        let what = format!("{family:?}");
+        let input = pod_frame(family, SRC, DST, udp(40000, 5000)).build();
+        let kind = ProgramKind::PodIngress;
+        let mac = destination_mac(&h, &what, kind, &input);
+        assert_eq!(mac, h.gateway_mac(), "{what}: the gateway's MAC");
+
+        set_neighbour(h.lab().node(), gateway, &NEW_MAC, NODE_UPLINK).unwrap();
+        let mac = destination_mac(&h, &what, kind, &input);
+        assert_eq!(mac, h.gateway_mac(), "{what}: the cached MAC, right after");
+        past_route_cache();
+        let mac = destination_mac(&h, &what, kind, &input);
+        assert_eq!(mac, NEW_MAC, "{what}: the new MAC, once the cache is old");
+    }
+}
+
+#[test]
+fn a_new_pod_mac_reaches_the_datapath_within_the_route_cache_time() {
+    stay_on_one_cpu();
+    let h = setup("podcache");
+    h.set_pod_neighbours(DST, true).unwrap();
+    for family in FAMILIES {
+        let what = format!("{family:?} back from the gateway");
+        let back = from_gateway(&h, pod_frame(family, SRC, DST, udp(40000, 5000)));
+        let kind = ProgramKind::UplinkIngress;
+        let mac = destination_mac(&h, &what, kind, &back);
+        assert_eq!(mac, h.pod_mac(DST).unwrap(), "{what}: the Pod's MAC");
+
+        let (pod, dev) = (pod_ip(DST, family), h.lab().pod_host_ifname(DST));
+        set_neighbour(h.lab().node(), pod, &NEW_MAC, dev).unwrap();
+        let mac = destination_mac(&h, &what, kind, &back);
+        assert_eq!(
+            mac,
+            h.pod_mac(DST).unwrap(),
+            "{what}: the cached MAC, right after"
+        );
+        past_route_cache();
+        let mac = destination_mac(&h, &what, kind, &back);
+        assert_eq!(mac, NEW_MAC, "{what}: the new MAC, once the cache is old");
     }
 }

@@ -6,7 +6,10 @@ use crate::{
 };
 
 /// One direction of a conversation.
-#[repr(C)]
+///
+/// Aligned to 8 bytes (its size is a multiple of 8, so the layout is the same): the
+/// datapath copies keys, and the BPF target copies an under-aligned value byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     /// IPv4 in the first four bytes, the rest zero.

@@ -53,6 +53,11 @@ pub mod program_names {
     pub const BENCH_BASELINE: &str = "bench_baseline";
 }
 
+/// How long a CPU of the datapath reuses a FIB answer (a gateway's MACs, or a Pod's
+/// interface and MACs) before it asks the FIB again. A new MAC or route reaches the
+/// datapath within this time; a change of the configured gateway, at once.
+pub const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
+
 /// Default number of entries of the flow map; userspace may change it at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
 /// Number of entries of the NAT-leg map.

@@ -70,6 +70,10 @@ pub enum ParseError {
 }
 
 /// What the datapath needs to know about one packet.
+///
+/// Aligned to 8 bytes so that the BPF target copies the addresses a word at a time,
+/// not byte by byte.
+#[repr(align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     pub family: Family,

@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use visibility_common::{
     counters::{Counter, slot},
     flow::{FlowKey, FlowStats, Path},
@@ -55,11 +55,10 @@ fn add(field: &mut u64, value: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
 }
 
-/// Counts a packet a Pod sent, on the path its verdict chose.
+/// Counts a packet a Pod sent, on the path its verdict chose, at `now` (coarse
+/// monotonic nanoseconds).
 #[inline(always)]
-pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u32) {
-    // SAFETY: time helper, no arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u32, now: u64) {
     let fresh = FlowStats {
         packets: size.packets,
         bytes: size.bytes,
@@ -80,11 +79,9 @@ pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u
     });
 }
 
-/// Counts a packet that came back from the gateway and was handed to a Pod.
+/// Counts a packet that came back from the gateway and was handed to a Pod, at `now`.
 #[inline(always)]
-pub fn flow_returned(hook: Hook, packet: &Packet, size: Size, ifindex: u32) {
-    // SAFETY: time helper, no arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+pub fn flow_returned(hook: Hook, packet: &Packet, size: Size, ifindex: u32, now: u64) {
     // Sent before the daemon started, or evicted since: all we know is the way back.
     let fresh = FlowStats {
         returned_packets: size.packets,

@@ -23,7 +23,7 @@ mod maps;
 mod reader;
 mod redirect;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext};
 use visibility_common::{
     config::Settings,
     counters::Counter,
@@ -94,12 +94,15 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     let facts = facts(ctx, &packet, settings);
     let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
-    let outcome = apply(ctx, hook, &packet, verdict, settings);
+    // SAFETY: time helper, no arguments. The coarse clock (a tick's resolution) is
+    // enough for flow times and the gateway route's age, and reads no clock source.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let outcome = apply(ctx, hook, &packet, verdict, settings, now);
     count(hook, outcome.counter, size);
     if outcome.via_neighbour {
         count(hook, Counter::NeighbourResolution, size);
     }
-    account_flow(ctx, hook, &packet, &outcome, size);
+    account_flow(ctx, hook, &packet, &outcome, size, now);
     if outcome.counter == Counter::PassRouteLookupFailed && log_allowed() {
         aya_log_ebpf::warn!(
             ctx,
@@ -151,14 +154,15 @@ fn apply(
     packet: &Packet,
     verdict: Verdict,
     settings: &Settings,
+    now: u64,
 ) -> Outcome {
     let counter = verdict.counter(hook);
     match verdict {
         Verdict::Pass(_) => Outcome::pass(counter),
         Verdict::ToGateway => {
             let gateway = settings.gateway(packet.family);
-            let outcome =
-                redirect::to_gateway(ctx, packet, gateway, hook == Hook::PodIngress, counter);
+            let spend_hop = hook == Hook::PodIngress;
+            let outcome = redirect::to_gateway(ctx, packet, gateway, spend_hop, counter, now);
             if hook == Hook::PodEgress && outcome.counter == counter {
                 remember_nat_leg(packet);
             }
@@ -167,7 +171,7 @@ fn apply(
         Verdict::ToPod => {
             // SAFETY: the context pointer is valid for the whole program run.
             let uplink = unsafe { (*ctx.skb.skb).ifindex };
-            redirect::to_pod(ctx, packet, uplink)
+            redirect::to_pod(ctx, packet, uplink, now)
         }
     }
 }
@@ -183,14 +187,21 @@ fn remember_nat_leg(packet: &Packet) {
 }
 
 #[inline(always)]
-fn account_flow(ctx: &TcContext, hook: Hook, packet: &Packet, outcome: &Outcome, size: Size) {
+fn account_flow(
+    ctx: &TcContext,
+    hook: Hook,
+    packet: &Packet,
+    outcome: &Outcome,
+    size: Size,
+    now: u64,
+) {
     // SAFETY: the context pointer is valid for the whole program run.
     let (ifindex, ingress_ifindex) =
         unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     match hook {
         Hook::PodIngress => {
             if let Some(path) = Path::of_sent(outcome.counter) {
-                flow_sent(hook, packet, path, size, ifindex);
+                flow_sent(hook, packet, path, size, ifindex, now);
             }
         }
         // Only the NAT-ed legs: everything else at egress was counted where it was sent.
@@ -202,12 +213,13 @@ fn account_flow(ctx: &TcContext, hook: Hook, packet: &Packet, outcome: &Outcome,
                     Path::ViaGatewayAfterNat,
                     size,
                     ingress_ifindex,
+                    now,
                 );
             }
         }
         Hook::Uplink => {
             if outcome.counter == Counter::DeliveredFromGateway {
-                flow_returned(hook, packet, size, outcome.ifindex);
+                flow_returned(hook, packet, size, outcome.ifindex, now);
             }
         }
     }

@@ -1,9 +1,9 @@
-//! Every map of the datapath, in one place. All are pinned by name, so a restarted
-//! daemon adopts the running state instead of starting from empty maps.
+//! Every map of the datapath, in one place. All but a per-CPU cache are pinned by name,
+//! so a restarted daemon adopts the running state instead of starting from empty maps.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use visibility_common::{
     DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES, NAT_LEG_CAPACITY,
@@ -12,6 +12,8 @@ use visibility_common::{
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats},
 };
+
+use crate::redirect::{GatewayRoute, PodRoute, PodRouteKey};
 
 #[map(name = "VIS_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
@@ -51,3 +53,16 @@ pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLO
 /// logs once a second, not once a packet.
 #[map(name = "VIS_LOG_LIMIT")]
 pub static LOG_LIMIT: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Each CPU's last FIB answer for each family's gateway (index: [`GatewayRoute::slot`]),
+/// so that a redirected packet needs no FIB lookup of its own. A cache, rebuilt from
+/// the FIB within [`visibility_common::ROUTE_CACHE_TTL_NS`]: it is not pinned.
+#[map(name = "VIS_GW_ROUTES")]
+pub static GATEWAY_ROUTES: PerCpuArray<GatewayRoute> = PerCpuArray::with_max_entries(2, 0);
+
+/// Each CPU's last FIB answers for the Pods that packets from the gateway were handed
+/// to: their interface and MACs. A cache like [`GATEWAY_ROUTES`], one entry per Pod
+/// address; LRU, so Pods that come and go never fill it.
+#[map(name = "VIS_POD_ROUTES")]
+pub static POD_ROUTES: LruPerCpuHashMap<PodRouteKey, PodRoute> =
+    LruPerCpuHashMap::with_max_entries(MAX_POD_IFACES, 0);

@@ -12,6 +12,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use visibility_common::{
+    ROUTE_CACHE_TTL_NS,
     config::Gateway,
     counters::Counter,
     packet::{
@@ -20,7 +21,10 @@ use visibility_common::{
     },
 };
 
-use crate::{maps::POD_IFACES, reader::packet_ptr};
+use crate::{
+    maps::{GATEWAY_ROUTES, POD_IFACES, POD_ROUTES},
+    reader::packet_ptr,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -170,17 +174,111 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
     Ok(())
 }
 
+/// Destination and source MAC, in the order of the Ethernet header.
+type Macs = [u8; 12];
+
 #[inline(always)]
-fn rewrite_macs(ctx: &TcContext, params: &FibParams) -> Result<(), Counter> {
+fn fib_macs(params: &FibParams) -> Macs {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
-    match packet_ptr::<[u8; 12]>(ctx, 0) {
+    macs
+}
+
+#[inline(always)]
+fn rewrite_macs(ctx: &TcContext, macs: &Macs) -> Result<(), Counter> {
+    match packet_ptr::<Macs>(ctx, 0) {
         // SAFETY: `packet_ptr` checked the Ethernet addresses are in the linear data.
-        Some(header) => unsafe { header.write_unaligned(macs) },
-        None => ctx.store(0, &macs, 0).map_err(|_| Counter::PassMalformed)?,
+        Some(header) => unsafe { header.write_unaligned(*macs) },
+        None => ctx.store(0, macs, 0).map_err(|_| Counter::PassMalformed)?,
     }
     Ok(())
+}
+
+/// FIB answers are reused for [`ROUTE_CACHE_TTL_NS`]: for a family's gateway, and for
+/// a Pod's address. The kernel's neighbour and routing tables stay the source of truth.
+/// Only resolved answers are kept, so an unresolved neighbour is seen, and resolved by
+/// the kernel, on every packet. A FIB lookup per packet would cost about a quarter of
+/// what the datapath spends on a packet.
+
+/// One CPU's last FIB answer for one family's gateway: the value of
+/// [`crate::maps::GATEWAY_ROUTES`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GatewayRoute {
+    /// When the FIB answered (coarse monotonic nanoseconds); 0 before the first time.
+    checked_ns: u64,
+    /// The gateway the answer is for.
+    gateway: Gateway,
+    macs: Macs,
+}
+
+impl GatewayRoute {
+    /// The map index of a family's entry.
+    pub const fn slot(family: Family) -> u32 {
+        match family {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
+
+    #[inline(always)]
+    fn is_fresh(&self, gateway: &Gateway, now: u64) -> bool {
+        now.wrapping_sub(self.checked_ns) < ROUTE_CACHE_TTL_NS
+            && gateway_words(&self.gateway) == gateway_words(gateway)
+    }
+}
+
+/// A gateway as five words, so that comparing two is five loads, not twenty.
+#[inline(always)]
+fn gateway_words(gateway: &Gateway) -> [u32; 5] {
+    // SAFETY: `Gateway` is `repr(C)`, 20 bytes without padding (a u32 and 16 bytes),
+    // and every bit pattern is a valid `[u32; 5]`.
+    unsafe { core::mem::transmute::<Gateway, [u32; 5]>(*gateway) }
+}
+
+/// The MACs toward the gateway: from this CPU's cache while it is fresh, else from a
+/// FIB lookup on the uplink. `Ok(None)` when the gateway's neighbour is unresolved.
+#[inline(always)]
+fn gateway_macs(
+    ctx: &TcContext,
+    packet: &Packet,
+    gateway: &Gateway,
+    now: u64,
+) -> Result<Option<Macs>, Counter> {
+    let cached = GATEWAY_ROUTES.get_ptr_mut(GatewayRoute::slot(packet.family));
+    // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
+    if let Some(route) = cached.map(|route| unsafe { &mut *route })
+        && route.is_fresh(gateway, now)
+    {
+        return Ok(Some(route.macs));
+    }
+    // The gateway is on the uplink's link, so an output lookup on the uplink finds
+    // its neighbour entry, link-local IPv6 gateways included.
+    let mut params = fib_params(packet.family, gateway.ifindex, &packet.src, &gateway.addr);
+    let rc = lookup(
+        ctx,
+        &mut params,
+        BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_DIRECT,
+    );
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Ok(None);
+    }
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return Err(Counter::PassRouteLookupFailed);
+    }
+    let macs = fib_macs(&params);
+    if let Some(route) = cached {
+        // SAFETY: as above.
+        unsafe {
+            *route = GatewayRoute {
+                checked_ns: now,
+                gateway: *gateway,
+                macs,
+            }
+        };
+    }
+    Ok(Some(macs))
 }
 
 #[inline(always)]
@@ -214,7 +312,8 @@ fn redirect_via_neighbour(ifindex: u32, neighbour: Option<(Family, &[u8; 16])>) 
 /// Sends the packet out of the family's uplink toward its gateway, as a router would:
 /// the gateway's MAC as destination, the uplink's as source, and with `spend_hop` one
 /// hop less. The kernel has already spent the hop of packets it forwarded itself.
-/// `counter` is the slot a successful redirect is counted in.
+/// `counter` is the slot a successful redirect is counted in; `now` is the coarse
+/// clock, for the age of the cached gateway route.
 #[inline(always)]
 pub fn to_gateway(
     ctx: &TcContext,
@@ -222,32 +321,26 @@ pub fn to_gateway(
     gateway: &Gateway,
     spend_hop: bool,
     counter: Counter,
+    now: u64,
 ) -> Outcome {
-    // The gateway is on the uplink's link, so an output lookup on the uplink finds
-    // its neighbour entry, link-local IPv6 gateways included.
-    let mut params = fib_params(packet.family, gateway.ifindex, &packet.src, &gateway.addr);
-    let rc = lookup(
-        ctx,
-        &mut params,
-        BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_DIRECT,
-    );
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        return Outcome::pass(Counter::PassRouteLookupFailed);
-    }
+    let macs = match gateway_macs(ctx, packet, gateway, now) {
+        Ok(macs) => macs,
+        Err(reason) => return Outcome::pass(reason),
+    };
     if spend_hop && let Err(reason) = decrement_ttl(ctx, packet) {
         return Outcome::pass(reason);
     }
     let ifindex = gateway.ifindex;
-    // A packet the kernel forwarded (egress) keeps its route to the Pod: queued for
-    // the gateway's neighbour, it would go out with the Pod's MAC once resolved.
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) && !spend_hop {
-        return Outcome::pass(Counter::PassGatewayUnresolved);
-    }
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    let Some(macs) = macs else {
+        // A packet the kernel forwarded (egress) keeps its route to the Pod: queued for
+        // the gateway's neighbour, it would go out with the Pod's MAC once resolved.
+        if !spend_hop {
+            return Outcome::pass(Counter::PassGatewayUnresolved);
+        }
         let action = redirect_via_neighbour(ifindex, Some((packet.family, &gateway.addr)));
         return Outcome::redirected(counter, action, true, ifindex);
-    }
-    if let Err(reason) = rewrite_macs(ctx, &params) {
+    };
+    if let Err(reason) = rewrite_macs(ctx, &macs) {
         return Outcome::pass(reason);
     }
     // SAFETY: plain helper call.
@@ -255,11 +348,51 @@ pub fn to_gateway(
     Outcome::redirected(counter, action, false, ifindex)
 }
 
-/// Hands a packet that came back from the gateway to the destination Pod, as the
-/// node's routing table says, without going through the node's stack again: strict
-/// reverse-path filtering and a second conntrack entry would otherwise get in the way.
+/// Key of [`crate::maps::POD_ROUTES`]: a Pod's address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PodRouteKey {
+    addr: [u8; 16],
+    family: u8,
+    _pad: [u8; 3],
+}
+
+/// One CPU's last resolved FIB answer for a Pod's address, with what the redirect
+/// needs: the value of [`crate::maps::POD_ROUTES`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PodRoute {
+    /// When the FIB answered (coarse monotonic nanoseconds).
+    checked_ns: u64,
+    /// The node's interface toward the Pod.
+    ifindex: u32,
+    macs: Macs,
+    /// 1 when that interface is a Pod veth, whose peer the packet can be handed to.
+    is_veth: u8,
+    _pad: [u8; 7],
+}
+
+/// Where a packet for a Pod leaves: from this CPU's cache while it is fresh, else from
+/// a FIB lookup as if the packet were routed from the uplink. `Ok(Err(ifindex))` when
+/// the Pod's neighbour on that interface is unresolved.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
+fn pod_route(
+    ctx: &TcContext,
+    packet: &Packet,
+    uplink: u32,
+    now: u64,
+) -> Result<Result<PodRoute, u32>, Counter> {
+    let key = PodRouteKey {
+        addr: packet.dst,
+        family: packet.family as u8,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once; a CPU only writes its own copy.
+    if let Some(route) = unsafe { POD_ROUTES.get(key) }
+        && now.wrapping_sub(route.checked_ns) < ROUTE_CACHE_TTL_NS
+    {
+        return Ok(Ok(*route));
+    }
     let mut params = fib_params(packet.family, uplink, &packet.src, &packet.dst);
     let rc = lookup(ctx, &mut params, BPF_FIB_LOOKUP_DIRECT);
     let target = params.ifindex;
@@ -267,28 +400,57 @@ pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32) -> Outcome {
         rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
     // A route back out of the uplink would loop; leave such packets to the kernel.
     if !found || target == uplink {
-        return Outcome::pass(Counter::PassRouteLookupFailed);
+        return Err(Counter::PassRouteLookupFailed);
     }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return Ok(Err(target));
+    }
+    // SAFETY: map lookup by value.
+    let is_veth = unsafe { POD_IFACES.get(target) }.is_some_and(|iface| iface.is_veth != 0);
+    let route = PodRoute {
+        checked_ns: now,
+        ifindex: target,
+        macs: fib_macs(&params),
+        is_veth: u8::from(is_veth),
+        _pad: [0; 7],
+    };
+    // Best effort: without the entry the next packet asks the FIB again.
+    let _ = POD_ROUTES.insert(key, route, 0);
+    Ok(Ok(route))
+}
+
+/// Hands a packet that came back from the gateway to the destination Pod, as the
+/// node's routing table says, without going through the node's stack again: strict
+/// reverse-path filtering and a second conntrack entry would otherwise get in the way.
+/// `now` is the coarse clock, for the age of the cached route.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32, now: u64) -> Outcome {
+    let route = match pod_route(ctx, packet, uplink, now) {
+        Ok(route) => route,
+        Err(reason) => return Outcome::pass(reason),
+    };
     if let Err(reason) = decrement_ttl(ctx, packet) {
         return Outcome::pass(reason);
     }
     let counter = Counter::DeliveredFromGateway;
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        return Outcome::redirected(counter, redirect_via_neighbour(target, None), true, target);
-    }
-    if let Err(reason) = rewrite_macs(ctx, &params) {
-        return Outcome::pass(reason);
-    }
-    // SAFETY: map lookup by value.
-    let is_veth = unsafe { POD_IFACES.get(target) }.is_some_and(|iface| iface.is_veth != 0);
-    // SAFETY: plain helper calls.
-    let action = unsafe {
-        if is_veth {
-            // Straight into the Pod's namespace, skipping the host veth's queue.
-            bpf_redirect_peer(target, 0)
-        } else {
-            bpf_redirect(target, 0)
+    let route = match route {
+        Ok(route) => route,
+        Err(target) => {
+            let action = redirect_via_neighbour(target, None);
+            return Outcome::redirected(counter, action, true, target);
         }
     };
-    Outcome::redirected(counter, action, false, target)
+    if let Err(reason) = rewrite_macs(ctx, &route.macs) {
+        return Outcome::pass(reason);
+    }
+    // SAFETY: plain helper calls.
+    let action = unsafe {
+        if route.is_veth != 0 {
+            // Straight into the Pod's namespace, skipping the host veth's queue.
+            bpf_redirect_peer(route.ifindex, 0)
+        } else {
+            bpf_redirect(route.ifindex, 0)
+        }
+    };
+    Outcome::redirected(counter, action, false, route.ifindex)
 }
