@@ -23,8 +23,9 @@
 //! packets with netd and visibility on, and none with plain routing.
 //!
 //! `--gateway plain` runs the same comparison with a gateway that only routes (no
-//! firewall, no connection tracking), to show how much of the cost is the stand-in
-//! VPC's own work, which on GKE does not run on the node. `--profile DIR` adds one UDP
+//! firewall, no connection tracking), and `--gateway offloaded` with one that routes in
+//! TC, ahead of its IP stack ([`GatewayRouter`]), to show how much of the cost is the
+//! stand-in VPC's own work, which on GKE does not run on the node. `--profile DIR` adds one UDP
 //! run per mode under `perf`, and says where the client CPU's time per packet goes.
 //!
 //! Prints one JSON document on standard output (progress goes to standard error):
@@ -33,7 +34,7 @@
 //! JSON file and the chart.
 //!
 //! **Needs root**, 2 CPUs, iperf3 and taskset, and the release daemon:
-//! `cargo build --release -p visibility-userspace && cargo bench -p visibility-tests --bench compare -- [--quick] [--rounds N] [--gateway firewall|plain] [--profile DIR]`
+//! `cargo build --release -p visibility-userspace && cargo bench -p visibility-tests --bench compare -- [--quick] [--rounds N] [--gateway firewall|plain|offloaded] [--profile DIR]`
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -49,6 +50,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 use visibility_tests::{
+    datapath_harness::GatewayRouter,
     lab::{Background, Lab, POD_CIDR_V4, POD_CIDR_V6},
     netd::Netd,
     node::{Node, poll},
@@ -89,7 +91,7 @@ struct Options {
     rr_requests: usize,
     rr_warmup: usize,
     quick: bool,
-    /// `--gateway plain`: the gateway only routes (no nftables firewall, no connection
+    /// `--gateway plain|offloaded`: what the stand-in VPC does with a packet (see
     /// tracking), to show how much of the cost is the stand-in VPC's own work.
     gateway: GatewayKind,
     /// `--profile DIR`: after the rounds, one more UDP run per mode with `perf`
@@ -106,6 +108,9 @@ enum GatewayKind {
     Firewall,
     /// Only routes.
     Plain,
+    /// Routes in TC ([`GatewayRouter`]), so its IP stack never runs: the nearest this
+    /// machine comes to a VPC whose work happens off the node.
+    Offloaded,
 }
 
 impl GatewayKind {
@@ -113,6 +118,7 @@ impl GatewayKind {
         match self {
             GatewayKind::Firewall => "firewall",
             GatewayKind::Plain => "plain",
+            GatewayKind::Offloaded => "offloaded",
         }
     }
 
@@ -123,6 +129,9 @@ impl GatewayKind {
             }
             GatewayKind::Plain => {
                 "gateway namespace only routes: no nftables table, no connection tracking"
+            }
+            GatewayKind::Offloaded => {
+                "gateway namespace routes in TC (FIB lookup, MACs, one hop): its IP stack never runs, as if the VPC worked off the node"
             }
         }
     }
@@ -181,7 +190,10 @@ impl Options {
                     options.gateway = match iter.next().map(String::as_str) {
                         Some("firewall") => GatewayKind::Firewall,
                         Some("plain") => GatewayKind::Plain,
-                        other => bail!("--gateway takes firewall or plain, not {other:?}"),
+                        Some("offloaded") => GatewayKind::Offloaded,
+                        other => {
+                            bail!("--gateway takes firewall, plain or offloaded, not {other:?}")
+                        }
                     };
                 }
                 "--profile" => {
@@ -190,7 +202,7 @@ impl Options {
                     options.profile_dir = Some(dir.into());
                 }
                 other => bail!(
-                    "unknown argument {other:?} (known: --quick, --rounds N, --gateway firewall|plain, --profile DIR)"
+                    "unknown argument {other:?} (known: --quick, --rounds N, --gateway firewall|plain|offloaded, --profile DIR)"
                 ),
             }
         }
@@ -241,9 +253,13 @@ fn run() -> Result<()> {
     );
     let mut node = Node::new("bench", 2).context("building the lab")?;
     node.capture_daemon_log();
-    if options.gateway == GatewayKind::Plain {
+    if options.gateway != GatewayKind::Firewall {
         node.lab.make_gateway_plain_router()?;
     }
+    let _router = match options.gateway {
+        GatewayKind::Offloaded => Some(GatewayRouter::attach(&node.lab)?),
+        GatewayKind::Firewall | GatewayKind::Plain => None,
+    };
     // Some state outlives a mode: once an ip rule was added to a namespace, the kernel
     // routes through the policy-rule lookup there for good (`fib_has_custom_rules` is
     // never cleared), and the daemon leaves the gateway's neighbour entry managed. Both

@@ -18,19 +18,17 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{LpmTrie, lpm_trie::Key},
     programs::SchedClassifier,
 };
-use visibility::datapath::{EBPF_OBJECT, ProgramKind};
+use visibility::datapath::ProgramKind;
 use visibility_common::{
     counters::Counter, map_names, program_names, testing::FrameBuilder, testing::Transport,
     verdict::Hook,
 };
 use visibility_tests::{
     datapath_harness::{
-        DatapathLab, PinDirGuard, SkbCtx, TC_ACT_OK, TC_ACT_REDIRECT, hook_of,
-        retry_interrupted_load, time_runs, unique_pin_path,
+        DatapathLab, SkbCtx, SoloProgram, TC_ACT_OK, TC_ACT_REDIRECT, hook_of, time_runs,
     },
     lab::{POD_CIDR_V4, pod_ipv4},
 };
@@ -92,29 +90,15 @@ fn udp_frame(src: [u8; 4], dst: [u8; 4]) -> FrameBuilder {
         .ttl(255)
 }
 
-/// `bench_baseline`, loaded on its own with its maps pinned in a scratch directory
-/// (its maps are declared pinned by name), and the lab's Pod CIDR in its map.
-struct Baseline {
-    ebpf: Ebpf,
-    // Dropped after the object.
-    _pins: PinDirGuard,
-}
+/// `bench_baseline`, loaded on its own, with the lab's Pod CIDR in its map.
+struct Baseline(SoloProgram);
 
 impl Baseline {
     fn load() -> Result<Self> {
-        retry_interrupted_load(Self::load_once)
-    }
-
-    fn load_once() -> Result<Self> {
-        let pins = PinDirGuard::new(unique_pin_path("baseline"));
-        std::fs::create_dir_all(pins.path())
-            .with_context(|| format!("creating {}", pins.path().display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.path())
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+        let mut solo = SoloProgram::load(program_names::BENCH_BASELINE)?;
         let cidr: ipnet::Ipv4Net = POD_CIDR_V4.parse()?;
-        let map = ebpf
+        let map = solo
+            .ebpf_mut()
             .map_mut(map_names::POD_CIDRS_V4)
             .context("no Pod CIDR map")?;
         let mut pods: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(map)?;
@@ -123,20 +107,11 @@ impl Baseline {
             1,
             0,
         )?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(program_names::BENCH_BASELINE)
-            .context("no bench_baseline program")?
-            .try_into()?;
-        program.load()?;
-        Ok(Self { ebpf, _pins: pins })
+        Ok(Self(solo))
     }
 
     fn program(&self) -> Result<&SchedClassifier> {
-        Ok(self
-            .ebpf
-            .program(program_names::BENCH_BASELINE)
-            .context("no bench_baseline program")?
-            .try_into()?)
+        self.0.program()
     }
 }
 

@@ -29,12 +29,13 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use aya::{
+    Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use ipnet::IpNet;
 use visibility::{
-    datapath::{Datapath, LoadOptions, Origin, PinDir, ProgramKind, remove_pins},
+    datapath::{Datapath, EBPF_OBJECT, LoadOptions, Origin, PinDir, ProgramKind, remove_pins},
     maps::Maps,
     net::addr_bytes,
 };
@@ -44,6 +45,7 @@ use visibility_common::{
     flow::{FlowKey, FlowStats},
     map_names,
     packet::Family,
+    program_names,
     verdict::Hook,
 };
 
@@ -167,6 +169,116 @@ impl Drop for PinDirGuard {
     fn drop(&mut self) {
         if let Err(e) = remove_pins(&self.pins, |_| None) {
             eprintln!("removing {}: {e}", self.pins.path().display());
+        }
+    }
+}
+
+/// One program of the eBPF object, loaded on its own: the object's maps (declared
+/// pinned by name) go to a scratch pin directory of its own. Dropping it unloads the
+/// program and removes the directory.
+pub struct SoloProgram {
+    ebpf: Ebpf,
+    name: &'static str,
+    // Dropped after the object.
+    guard: PinDirGuard,
+}
+
+impl SoloProgram {
+    /// Loads program `name` (one of [`visibility_common::program_names`]).
+    pub fn load(name: &'static str) -> Result<Self> {
+        require_root()?;
+        retry_interrupted_load(|| Self::load_once(name))
+    }
+
+    fn load_once(name: &'static str) -> Result<Self> {
+        let guard = PinDirGuard::new(unique_pin_path(name));
+        fs::create_dir_all(guard.path())
+            .with_context(|| format!("creating {}", guard.path().display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(guard.path())
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no {name} program"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        Ok(Self { ebpf, name, guard })
+    }
+
+    pub fn program(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(self.name)
+            .with_context(|| format!("no {} program", self.name))?
+            .try_into()?)
+    }
+
+    /// The object, to fill its maps.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        self.guard.pins()
+    }
+}
+
+/// `lab_router` on the lab gateway's interface: the gateway namespace, the stand-in
+/// VPC, forwards in TC (a FIB lookup, new MACs, one hop spent) and its IP stack never
+/// sees the traffic it routes back to the node. The nearest a machine that runs the
+/// node and the gateway on the same CPUs comes to a VPC whose work happens off the
+/// node: only the veth crossings into the gateway and back, and this program, remain.
+/// Dropping it removes the filter (and its clsact qdisc) and the program.
+pub struct GatewayRouter {
+    gateway: Netns,
+    // Dropped after the filter is gone.
+    _program: SoloProgram,
+}
+
+impl GatewayRouter {
+    /// Attaches the router to the gateway's interface, ahead of its IP stack.
+    pub fn attach(lab: &Lab) -> Result<Self> {
+        let mut program = SoloProgram::load(program_names::LAB_ROUTER)?;
+        let pinned = program.pins().path().join(program_names::LAB_ROUTER);
+        let classifier: &mut SchedClassifier = program
+            .ebpf_mut()
+            .program_mut(program_names::LAB_ROUTER)
+            .context("no lab_router program")?
+            .try_into()?;
+        classifier.pin(&pinned).context("pinning lab_router")?;
+        let gateway = lab.gateway().clone();
+        gateway.run("tc", ["qdisc", "add", "dev", GATEWAY_IFNAME, "clsact"])?;
+        let router = Self {
+            gateway,
+            _program: program,
+        };
+        router.gateway.run(
+            "tc",
+            [
+                "filter",
+                "add",
+                "dev",
+                GATEWAY_IFNAME,
+                "ingress",
+                "bpf",
+                "direct-action",
+                "object-pinned",
+                &pinned.to_string_lossy(),
+            ],
+        )?;
+        Ok(router)
+    }
+}
+
+impl Drop for GatewayRouter {
+    fn drop(&mut self) {
+        if self.gateway.exists()
+            && let Err(e) = self
+                .gateway
+                .run("tc", ["qdisc", "del", "dev", GATEWAY_IFNAME, "clsact"])
+        {
+            eprintln!("removing the gateway's lab_router: {e:#}");
         }
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
+use visibility_tests::datapath_harness::GatewayRouter;
 use visibility_tests::lab::{
     Flow, IpFamily, Lab, NODE_UPLINK, POD_GATEWAY_V4, POD_GATEWAY_V6, POD_IFNAME, Reply, TcpServer,
     UdpServer, udp_recv,
@@ -60,6 +61,7 @@ per_family! {
     disable_keeps_traffic_local_and_enable_restores_it;
     exempt_range_stays_on_the_node;
     node_and_pod_traffic_stays_local;
+    an_offloaded_gateway_routes_ahead_of_its_stack;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -749,4 +751,34 @@ fn loose_rp_filter_smoke() {
         }
     }
     assert!(counter(&node, "uplink_ingress", "delivered_from_gateway") > 0);
+}
+
+/// The benchmark's offloaded gateway ([`GatewayRouter`]): Pod-to-Pod traffic still takes
+/// the gateway, which sends it back, but the gateway's IP stack (whose nftables forward
+/// chain counts every packet it forwards) sees none of it.
+fn an_offloaded_gateway_routes_ahead_of_its_stack(family: IpFamily) {
+    let node = started_node("offload", family);
+    let lab = &node.lab;
+    let router = GatewayRouter::attach(lab).unwrap();
+    let (stack_before, sent_before) = (
+        lab.gateway_forwarded_packets().unwrap(),
+        lab.gateway_transmitted_packets().unwrap(),
+    );
+    let exchanges = 3;
+    for _ in 0..exchanges {
+        tcp_echo(lab, 0, 1, family, WORKS).unwrap();
+    }
+    let through_stack = lab.gateway_forwarded_packets().unwrap() - stack_before;
+    let sent_back = lab.gateway_transmitted_packets().unwrap() - sent_before;
+    assert_eq!(through_stack, 0, "the gateway's stack forwarded packets");
+    // Each exchange: handshake, request, reply and close, both ways through the gateway.
+    assert!(
+        sent_back >= 6 * exchanges,
+        "the gateway sent back only {sent_back} packets"
+    );
+
+    // Without the router the gateway's stack forwards again.
+    drop(router);
+    tcp_echo(lab, 0, 1, family, WORKS).unwrap();
+    assert!(lab.gateway_forwarded_packets().unwrap() > stack_before);
 }

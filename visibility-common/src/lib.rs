@@ -51,6 +51,9 @@ pub mod program_names {
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
     /// Benchmark baseline, never attached: parse and Pod CIDR lookup only.
     pub const BENCH_BASELINE: &str = "bench_baseline";
+    /// The benchmark lab's gateway fast path, never attached by the daemon: a router
+    /// in TC (FIB lookup, MACs, one hop) that stands in for a VPC off the node.
+    pub const LAB_ROUTER: &str = "lab_router";
 }
 
 /// How long a CPU of the datapath reuses a FIB answer (a gateway's MACs, or a Pod's

@@ -73,6 +73,19 @@ pub fn bench_baseline(ctx: TcContext) -> i32 {
     Outcome::pass(Counter::PassNotIp).action
 }
 
+/// The benchmark lab's stand-in for a VPC that does its work off the node, never
+/// attached by the daemon. On the gateway namespace's interface it routes what the
+/// gateway's FIB forwards straight back out, so the gateway's IP stack never runs;
+/// everything else (ARP, the gateway's own traffic, packets without a hop to spare)
+/// goes to that stack.
+#[classifier]
+pub fn lab_router(ctx: TcContext) -> i32 {
+    match parse(&SkbReader(&ctx), ctx.len() as usize) {
+        Ok(packet) => redirect::route(&ctx, &packet),
+        Err(_) => redirect::PASS,
+    }
+}
+
 #[inline(always)]
 fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let packet = match parse(&SkbReader(ctx), ctx.len() as usize) {

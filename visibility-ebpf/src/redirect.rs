@@ -31,7 +31,7 @@ const AF_INET6: u8 = 10;
 /// `BPF_F_PSEUDO_HDR` is not needed: the TTL is not part of any pseudo-header.
 const CSUM_SIZE_16: u64 = 2;
 
-const PASS: i32 = TC_ACT_OK;
+pub const PASS: i32 = TC_ACT_OK;
 
 /// What happened to a packet. Every field is set on every path: the verifier rejects
 /// programs that spill registers LLVM left undefined, which enum payloads invite.
@@ -453,4 +453,24 @@ pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32, now: u64) -> Outcom
         }
     };
     Outcome::redirected(counter, action, false, route.ifindex)
+}
+
+/// Forwards a packet as a router would, when the FIB has a route for it out of an
+/// interface with a resolved neighbour: one hop spent, MACs from the FIB, sent out
+/// with `bpf_redirect`. Returns the program's action; anything else is passed.
+#[inline(always)]
+pub fn route(ctx: &TcContext, packet: &Packet) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let mut params = fib_params(packet.family, ingress, &packet.src, &packet.dst);
+    // The stack answers a packet that cannot take another hop.
+    if packet.ttl <= 1
+        || lookup(ctx, &mut params, 0) != i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+        || decrement_ttl(ctx, packet).is_err()
+        || rewrite_macs(ctx, &fib_macs(&params)).is_err()
+    {
+        return PASS;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(params.ifindex, 0) as i32 }
 }
