@@ -61,6 +61,11 @@ pub mod program_names {
 /// datapath within this time; a change of the configured gateway, at once.
 pub const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
 
+/// Entries of the datapath's per-CPU cache of Pod routes: more than a node has Pods (at
+/// most 256 on GKE) while staying small, since each entry is kept once per CPU. An
+/// evicted Pod's next packet asks the FIB again.
+pub const POD_ROUTE_CACHE_CAPACITY: u32 = 1024;
+
 /// Default number of entries of the flow map; userspace may change it at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
 /// Number of entries of the NAT-leg map.

@@ -108,7 +108,7 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
     let facts = facts(ctx, &packet, settings);
     let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
     // SAFETY: time helper, no arguments. The coarse clock (a tick's resolution) is
-    // enough for flow times and the gateway route's age, and reads no clock source.
+    // enough for flow times and the cached routes' age, and reads no clock source.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let outcome = apply(ctx, hook, &packet, verdict, settings, now);
     count(hook, outcome.counter, size);

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use visibility_common::{
     DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES, NAT_LEG_CAPACITY,
-    POD_TRIE_CAPACITY,
+    POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats},
@@ -62,7 +62,8 @@ pub static GATEWAY_ROUTES: PerCpuArray<GatewayRoute> = PerCpuArray::with_max_ent
 
 /// Each CPU's last FIB answers for the Pods that packets from the gateway were handed
 /// to: their interface and MACs. A cache like [`GATEWAY_ROUTES`], one entry per Pod
-/// address; LRU, so Pods that come and go never fill it.
+/// address; LRU, so Pods that come and go never fill it. Per CPU, so that a refresh
+/// on one CPU never changes a value another CPU is reading.
 #[map(name = "VIS_POD_ROUTES")]
 pub static POD_ROUTES: LruPerCpuHashMap<PodRouteKey, PodRoute> =
-    LruPerCpuHashMap::with_max_entries(MAX_POD_IFACES, 0);
+    LruPerCpuHashMap::with_max_entries(POD_ROUTE_CACHE_CAPACITY, 0);

@@ -195,11 +195,11 @@ fn rewrite_macs(ctx: &TcContext, macs: &Macs) -> Result<(), Counter> {
     Ok(())
 }
 
-/// FIB answers are reused for [`ROUTE_CACHE_TTL_NS`]: for a family's gateway, and for
-/// a Pod's address. The kernel's neighbour and routing tables stay the source of truth.
-/// Only resolved answers are kept, so an unresolved neighbour is seen, and resolved by
-/// the kernel, on every packet. A FIB lookup per packet would cost about a quarter of
-/// what the datapath spends on a packet.
+// FIB answers are reused for `ROUTE_CACHE_TTL_NS`, per CPU: for a family's gateway,
+// and for a Pod's address. The kernel's neighbour and routing tables stay the source of
+// truth. Only resolved answers are kept, so an unresolved neighbour is seen, and
+// resolved by the kernel, on every packet. A FIB lookup per packet would cost about a
+// quarter of what the datapath spends on a packet.
 
 /// One CPU's last FIB answer for one family's gateway: the value of
 /// [`crate::maps::GATEWAY_ROUTES`].
@@ -367,7 +367,8 @@ pub struct PodRoute {
     /// The node's interface toward the Pod.
     ifindex: u32,
     macs: Macs,
-    /// 1 when that interface is a Pod veth, whose peer the packet can be handed to.
+    /// 1 when that interface was a Pod veth (in the Pod-interface map) when the FIB
+    /// answered: its peer can be handed the packet.
     is_veth: u8,
     _pad: [u8; 7],
 }
