@@ -60,14 +60,31 @@ pub struct BenchArgs {
     no_diagnostics: bool,
 }
 
-/// The comparisons after the main one (whose gateway has a firewall and conntrack, as
-/// in the demo): the `--gateway` kind of the compare bench, and what that gateway does.
-const GATEWAY_VARIANTS: [(&str, &str); 2] = [
-    ("plain", "only routes"),
-    (
-        "offloaded",
-        "routes in TC, ahead of its IP stack (the VPC's work off the node)",
-    ),
+/// A comparison after the main one, whose gateway has a firewall and conntrack as in
+/// the demo: the stand-in VPC doing less of its work on the node's CPUs.
+struct GatewayVariant {
+    /// The compare bench's `--gateway` kind.
+    name: &'static str,
+    /// What the gateway does, for the terminal.
+    does: &'static str,
+    /// The README's title and explanation.
+    title: &'static str,
+    explanation: &'static str,
+}
+
+const GATEWAY_VARIANTS: [GatewayVariant; 2] = [
+    GatewayVariant {
+        name: "plain",
+        does: "only routes (no firewall, no conntrack)",
+        title: "Without the stand-in VPC's firewall.",
+        explanation: "only routes (no nftables firewall, no connection tracking). On GKE the VPC's firewall and flow logs do not run on the node",
+    },
+    GatewayVariant {
+        name: "offloaded",
+        does: "routes in TC, ahead of its IP stack (the VPC's work off the node)",
+        title: "With the stand-in VPC's work off the gateway's stack.",
+        explanation: "routes in TC, ahead of its IP stack (`lab_router`: a FIB lookup, new MACs, one hop spent, sent back out), so that of the gateway only two veth crossings and that program remain on CPU 0: the nearest this machine comes to GKE, where the VPC's routing, firewall and flow logs run off the node",
+    },
 ];
 
 /// One figure of the comparison.
@@ -151,19 +168,20 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .collect()
     };
     let mut results = compare(&root, &out_dir, "compare", &main_args)?;
-    // The same comparison with the stand-in VPC doing less of its work on the node's
-    // CPUs: (gateway kind, what it is).
     let mut variants = Vec::new();
     if !args.no_diagnostics {
-        for (gateway, description) in GATEWAY_VARIANTS {
-            println!("bench: the same comparison with a gateway that {description}");
+        for variant in &GATEWAY_VARIANTS {
+            println!(
+                "bench: the same comparison with a gateway that {}",
+                variant.does
+            );
             let variant_args: Vec<String> = compare_args
                 .iter()
                 .cloned()
-                .chain(["--gateway".to_owned(), gateway.to_owned()])
+                .chain(["--gateway".to_owned(), variant.name.to_owned()])
                 .collect();
-            let name = format!("compare-{gateway}-gateway");
-            variants.push((gateway, compare(&root, &out_dir, &name, &variant_args)?));
+            let name = format!("compare-{}-gateway", variant.name);
+            variants.push((variant, compare(&root, &out_dir, &name, &variant_args)?));
         }
     }
 
@@ -220,7 +238,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let report = Report::new(&results)?;
     let variant_reports = variants
         .iter()
-        .map(|(gateway, json)| Ok((*gateway, Report::new(json)?)))
+        .map(|(variant, json)| Ok((*variant, Report::new(json)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // The diagnostics, for the terminal and for the README.
     let diagnostics: Vec<(String, String)> = Breakdown::new(results.get("profile"))
@@ -229,7 +247,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .chain(
             variant_reports
                 .iter()
-                .map(|(gateway, r)| (r.terminal_variant(gateway), r.markdown_variant(gateway))),
+                .map(|(variant, r)| (r.terminal_variant(variant), r.markdown_variant(variant))),
         )
         .collect();
     let mut table = report.terminal_table();
@@ -254,14 +272,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         fields.push(("ratios".into(), report.ratios_json()));
         fields.push(("targets".into(), report.targets_json()));
         fields.push(("microbenchmarks".into(), Json::Obj(micro)));
-        for ((gateway, mut variant), (_, variant_report)) in
-            variants.into_iter().zip(&variant_reports)
+        for ((variant, mut json), (_, variant_report)) in variants.into_iter().zip(&variant_reports)
         {
-            if let Json::Obj(variant_fields) = &mut variant {
+            if let Json::Obj(variant_fields) = &mut json {
                 variant_fields.push(("ratios".into(), variant_report.ratios_json()));
                 variant_fields.push(("targets".into(), variant_report.targets_json()));
             }
-            fields.push((format!("{gateway}_gateway"), variant));
+            fields.push((format!("{}_gateway", variant.name), json));
         }
     }
     let json_path = out_dir.join("results.json");
@@ -412,23 +429,6 @@ fn attach_line(attach: &Json) -> Option<String> {
         attach.get("new").num().unwrap_or(0.0),
         attach.get("present").num().unwrap_or(0.0),
     ))
-}
-
-/// How the report speaks of a gateway variant: what it does (terminal), and the
-/// README's title and explanation.
-fn variant_text(gateway: &str) -> (&'static str, &'static str, &'static str) {
-    match gateway {
-        "offloaded" => (
-            "routes in TC, ahead of its IP stack",
-            "With the stand-in VPC's work off the gateway's stack.",
-            "routes in TC, ahead of its IP stack (`lab_router`: a FIB lookup, new MACs, one hop spent, sent back out), so that of the gateway only two veth crossings and that program remain on CPU 0: the nearest this machine comes to GKE, where the VPC's routing, firewall and flow logs run off the node",
-        ),
-        _ => (
-            "only routes (no firewall, no conntrack)",
-            "Without the stand-in VPC's firewall.",
-            "only routes (no nftables firewall, no connection tracking). On GKE the VPC's firewall and flow logs do not run on the node",
-        ),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -613,12 +613,12 @@ impl Report {
         s
     }
 
-    /// A comparison with another gateway (one of [`GATEWAY_VARIANTS`]), for the
-    /// terminal: its medians, ratios and targets.
-    fn terminal_variant(&self, gateway: &str) -> String {
+    /// A comparison with another gateway, for the terminal: its medians, ratios and
+    /// targets.
+    fn terminal_variant(&self, variant: &GatewayVariant) -> String {
         let mut s = format!(
             "with a gateway that {} (medians of {} round{}):\n",
-            variant_text(gateway).0,
+            variant.does,
             self.rounds,
             if self.rounds == 1 { "" } else { "s" },
         );
@@ -642,10 +642,11 @@ impl Report {
 
     /// A comparison with another gateway, for the README: what the gateway does, the
     /// medians, ratios and targets.
-    fn markdown_variant(&self, gateway: &str) -> String {
-        let (_, title, explanation) = variant_text(gateway);
+    fn markdown_variant(&self, variant: &GatewayVariant) -> String {
         format!(
-            "**{title}** The same comparison with a gateway that {explanation} (medians of {} round{}):\n\n{}\n{}",
+            "**{}** The same comparison with a gateway that {} (medians of {} round{}):\n\n{}\n{}",
+            variant.title,
+            variant.explanation,
             self.rounds,
             if self.rounds == 1 { "" } else { "s" },
             self.markdown_modes(),
@@ -1517,14 +1518,15 @@ mod tests {
         assert!(Breakdown::new(&Json::Null).is_none());
 
         let report = Report::new(&json).unwrap();
-        for (gateway, title) in [
+        for (name, title) in [
             ("plain", "**Without the stand-in VPC's firewall.**"),
             (
                 "offloaded",
                 "**With the stand-in VPC's work off the gateway's stack.**",
             ),
         ] {
-            let md = report.markdown_variant(gateway);
+            let variant = GATEWAY_VARIANTS.iter().find(|v| v.name == name).unwrap();
+            let md = report.markdown_variant(variant);
             assert!(md.starts_with(title), "{md}");
             assert!(
                 md.contains("| visibility/off | 0.98 | 0.87 | 1.02 | 1.17 |"),
@@ -1534,7 +1536,7 @@ mod tests {
                 md.contains("| UDP pps visibility/off ≥ 0.86 | 0.87 | PASS |"),
                 "{md}"
             );
-            let terminal = report.terminal_variant(gateway);
+            let terminal = report.terminal_variant(variant);
             assert!(terminal.contains("targets (visibility/off"), "{terminal}");
         }
     }
