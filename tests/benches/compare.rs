@@ -25,8 +25,9 @@
 //! `--gateway plain` runs the same comparison with a gateway that only routes (no
 //! firewall, no connection tracking), and `--gateway offloaded` with one that routes in
 //! TC, ahead of its IP stack ([`GatewayRouter`]), to show how much of the cost is the
-//! stand-in VPC's own work, which on GKE does not run on the node. `--profile DIR` adds one UDP
-//! run per mode under `perf`, and says where the client CPU's time per packet goes.
+//! stand-in VPC's own work, which on GKE does not run on the node. `--profile DIR` adds
+//! one UDP run per mode under `perf`, and says where the client CPU's time per packet
+//! goes.
 //!
 //! Prints one JSON document on standard output (progress goes to standard error):
 //! date, kernel, pinning, every round's numbers, the medians per mode and the daemon's
@@ -92,7 +93,7 @@ struct Options {
     rr_warmup: usize,
     quick: bool,
     /// `--gateway plain|offloaded`: what the stand-in VPC does with a packet (see
-    /// tracking), to show how much of the cost is the stand-in VPC's own work.
+    /// [`GatewayKind`]), to show how much of the cost is the stand-in VPC's own work.
     gateway: GatewayKind,
     /// `--profile DIR`: after the rounds, one more UDP run per mode with `perf`
     /// recording the client CPU; the recordings and reports go to DIR, and the document
