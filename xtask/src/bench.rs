@@ -435,6 +435,35 @@ fn attach_line(attach: &Json) -> Option<String> {
 // The report
 // ---------------------------------------------------------------------------------------
 
+/// visibility/off for each figure in each round of the compare bench's `rounds`, in
+/// round order; rounds that lack either mode are left out.
+fn round_ratios(rounds: &Json) -> Vec<[f64; 4]> {
+    let Json::Arr(rows) = rounds else {
+        return Vec::new();
+    };
+    let of = |round: f64, mode: &str| {
+        rows.iter().find(|row| {
+            row.get("round").num() == Some(round) && row.get("mode").str() == Some(mode)
+        })
+    };
+    let mut numbers: Vec<f64> = rows
+        .iter()
+        .filter_map(|row| row.get("round").num())
+        .collect();
+    numbers.dedup();
+    numbers
+        .into_iter()
+        .filter_map(|round| {
+            let (vis, off) = (of(round, MODES[2])?, of(round, MODES[0])?);
+            let mut ratios = [f64::NAN; 4];
+            for (ratio, figure) in ratios.iter_mut().zip(&FIGURES) {
+                *ratio = vis.get(figure.key).num()? / off.get(figure.key).num()?;
+            }
+            Some(ratios)
+        })
+        .collect()
+}
+
 /// A target's verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Verdict {
@@ -466,6 +495,9 @@ struct Report {
     background: Option<String>,
     /// medians[mode][figure]
     medians: Vec<[f64; 4]>,
+    /// visibility/off in each round (the modes alternate, so a round's ratio compares
+    /// measurements minutes apart at most): the spread says how noisy the machine was.
+    round_ratios: Vec<[f64; 4]>,
 }
 
 impl Report {
@@ -507,7 +539,20 @@ impl Report {
                 .unwrap_or(1.0),
             background: background_note(results.get("background")),
             medians,
+            round_ratios: round_ratios(results.get("rounds")),
         })
+    }
+
+    /// The lowest and highest visibility/off of one figure over the rounds, as
+    /// ` (rounds LOW{sep}HIGH)`; empty with fewer than two rounds.
+    fn round_range(&self, figure: usize, sep: &str) -> String {
+        let values = self.round_ratios.iter().map(|r| r[figure]);
+        let low = values.clone().fold(f64::INFINITY, f64::min);
+        let high = values.fold(f64::NEG_INFINITY, f64::max);
+        if self.round_ratios.len() < 2 || !low.is_finite() || !high.is_finite() {
+            return String::new();
+        }
+        format!(" (rounds {low:.2}{sep}{high:.2})")
     }
 
     fn median(&self, mode: usize, figure: usize) -> f64 {
@@ -674,9 +719,10 @@ impl Report {
             let r = self.ratio(2, 0, f);
             let absolute = match (figure.target, self.absolute(f)) {
                 (Some(target), Some(verdict)) => format!(
-                    "visibility/off {r:.3} {} {target:.2}  {:<5}",
+                    "visibility/off {r:.3} {} {target:.2}  {:<5}{}",
                     if figure.higher_is_better { ">=" } else { "<=" },
-                    verdict.word()
+                    verdict.word(),
+                    self.round_range(f, ".."),
                 ),
                 _ => format!("visibility/off {r:.3} {:<15}", "(no target)"),
             };
@@ -796,7 +842,7 @@ impl Report {
             if let (Some(target), Some(verdict)) = (figure.target, self.absolute(f)) {
                 let _ = writeln!(
                     s,
-                    "| {} visibility/off {} {target} | {:.2} | {} |",
+                    "| {} visibility/off {} {target} | {:.2}{} | {} |",
                     figure.short,
                     if figure.higher_is_better {
                         "≥"
@@ -804,6 +850,7 @@ impl Report {
                         "≤"
                     },
                     self.ratio(2, 0, f),
+                    self.round_range(f, "–"),
                     verdict.word()
                 );
             }
@@ -1539,6 +1586,48 @@ mod tests {
             let terminal = report.terminal_variant(variant);
             assert!(terminal.contains("targets (visibility/off"), "{terminal}");
         }
+    }
+
+    #[test]
+    fn the_targets_show_how_far_the_rounds_spread() {
+        let mut json = sample();
+        let rounds = Json::parse(
+            r#"[{"round": 1, "mode": "off", "tcp_gbps": 10, "udp_pps": 100000, "rr_mean_us": 50, "rr_p99_us": 80},
+                {"round": 1, "mode": "visibility", "tcp_gbps": 9, "udp_pps": 85000, "rr_mean_us": 52, "rr_p99_us": 90},
+                {"round": 2, "mode": "off", "tcp_gbps": 10, "udp_pps": 100000, "rr_mean_us": 50, "rr_p99_us": 80},
+                {"round": 2, "mode": "netd", "tcp_gbps": 9, "udp_pps": 60000, "rr_mean_us": 60, "rr_p99_us": 90},
+                {"round": 2, "mode": "visibility", "tcp_gbps": 11, "udp_pps": 92000, "rr_mean_us": 55, "rr_p99_us": 70}]"#,
+        )
+        .unwrap();
+        if let Json::Obj(fields) = &mut json {
+            fields.push(("rounds".into(), rounds));
+        }
+        let report = Report::new(&json).unwrap();
+        let terminal = report.terminal_targets();
+        assert!(
+            terminal.contains("0.874 >= 0.86  PASS  (rounds 0.85..0.92)"),
+            "{terminal}"
+        );
+        assert!(terminal.contains("(rounds 0.90..1.10)"), "{terminal}");
+        let md = report.markdown_targets();
+        assert!(
+            md.contains("| UDP pps visibility/off ≥ 0.86 | 0.87 (rounds 0.85–0.92) | PASS |"),
+            "{md}"
+        );
+        // One round says nothing about the spread.
+        let one = Json::parse(r#"[{"round": 1, "mode": "off", "tcp_gbps": 10, "udp_pps": 1, "rr_mean_us": 1, "rr_p99_us": 1},
+                                  {"round": 1, "mode": "visibility", "tcp_gbps": 9, "udp_pps": 1, "rr_mean_us": 1, "rr_p99_us": 1}]"#).unwrap();
+        assert_eq!(round_ratios(&one).len(), 1);
+        let mut json = sample();
+        if let Json::Obj(fields) = &mut json {
+            fields.push(("rounds".into(), one));
+        }
+        assert!(
+            !Report::new(&json)
+                .unwrap()
+                .terminal_targets()
+                .contains("rounds")
+        );
     }
 
     #[test]
