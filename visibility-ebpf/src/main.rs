@@ -107,9 +107,15 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
     };
     let facts = facts(ctx, &packet, settings);
     let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
-    // SAFETY: time helper, no arguments. The coarse clock (a tick's resolution) is
-    // enough for flow times and the cached routes' age, and reads no clock source.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // Redirects (route caches, flows) and pod ingress (flows of passed packets too, see
+    // `account_flow`) need the time; what the other hooks pass needs none.
+    let now = if hook == Hook::PodIngress || !matches!(verdict, Verdict::Pass(_)) {
+        // SAFETY: time helper, no arguments. The coarse clock (a tick's resolution) is
+        // enough for flow times and the cached routes' age, and reads no clock source.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        0
+    };
     let outcome = apply(ctx, hook, &packet, verdict, settings, now);
     count(hook, outcome.counter, size);
     if outcome.via_neighbour {

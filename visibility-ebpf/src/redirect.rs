@@ -248,7 +248,7 @@ fn gateway_macs(
 ) -> Result<Option<Macs>, Counter> {
     let cached = GATEWAY_ROUTES.get_ptr_mut(GatewayRoute::slot(packet.family));
     // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
-    if let Some(route) = cached.map(|route| unsafe { &mut *route })
+    if let Some(route) = cached.map(|route| unsafe { &*route })
         && route.is_fresh(gateway, now)
     {
         return Ok(Some(route.macs));
