@@ -52,7 +52,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 use visibility_tests::{
     datapath_harness::GatewayRouter,
-    lab::{Background, Lab, POD_CIDR_V4, POD_CIDR_V6},
+    lab::{Background, Lab, POD_CIDR_V4, POD_CIDR_V6, pin_to_cpu},
     netd::Netd,
     node::{Node, poll},
 };
@@ -634,13 +634,6 @@ fn tcp_throughput(lab: &Lab, secs: u32) -> Result<(f64, Option<u64>)> {
 // UDP packets per second
 // ---------------------------------------------------------------------------------------
 
-fn pin_to(cpu: usize) -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-        .with_context(|| format!("pinning to CPU {cpu}"))
-}
-
 /// Receiver packets per second and sender packets per second over `secs`, after
 /// `warmup_secs` of the same traffic. With `profile`, the client CPU is recorded with
 /// `perf` over the same window, and the report is written next to the recording.
@@ -665,7 +658,7 @@ fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64, profile: Option<&Path>) -> Re
         std::thread::Builder::new()
             .name("udp-receiver".into())
             .spawn(move || -> Result<()> {
-                pin_to(SERVER_CPU)?;
+                pin_to_cpu(SERVER_CPU)?;
                 let mut buf = [0u8; 2048];
                 let mut count = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -690,7 +683,7 @@ fn udp_pps(lab: &Lab, secs: f64, warmup_secs: f64, profile: Option<&Path>) -> Re
     let sending = {
         let (stop, sent) = (stop.clone(), sent.clone());
         lab.pod_ns(CLIENT_POD).spawn(move || -> Result<()> {
-            pin_to(CLIENT_CPU)?;
+            pin_to_cpu(CLIENT_CPU)?;
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.connect(to)?;
             let payload = [0x5au8; UDP_PAYLOAD];
@@ -878,7 +871,7 @@ fn round_trips(lab: &Lab, requests: usize, warmup: usize) -> Result<RoundTrips> 
         std::thread::Builder::new()
             .name("rr-server".into())
             .spawn(move || -> Result<()> {
-                pin_to(SERVER_CPU)?;
+                pin_to_cpu(SERVER_CPU)?;
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) {
                     match server.recv_from(&mut buf) {
@@ -901,7 +894,7 @@ fn round_trips(lab: &Lab, requests: usize, warmup: usize) -> Result<RoundTrips> 
     let client = lab
         .pod_ns(CLIENT_POD)
         .spawn(move || -> Result<(Vec<u64>, u64)> {
-            pin_to(CLIENT_CPU)?;
+            pin_to_cpu(CLIENT_CPU)?;
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.connect(to)?;
             socket.set_read_timeout(Some(Duration::from_millis(500)))?;

@@ -197,22 +197,29 @@ impl SoloProgram {
         let guard = PinDirGuard::new(unique_pin_path(name));
         fs::create_dir_all(guard.path())
             .with_context(|| format!("creating {}", guard.path().display()))?;
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .default_map_pin_directory(guard.path())
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .with_context(|| format!("no {name} program"))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        Ok(Self { ebpf, name, guard })
+        let mut solo = Self { ebpf, name, guard };
+        solo.program_mut()?
+            .load()
+            .with_context(|| format!("loading {name}"))?;
+        Ok(solo)
     }
 
     pub fn program(&self) -> Result<&SchedClassifier> {
         Ok(self
             .ebpf
             .program(self.name)
+            .with_context(|| format!("no {} program", self.name))?
+            .try_into()?)
+    }
+
+    pub fn program_mut(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(self.name)
             .with_context(|| format!("no {} program", self.name))?
             .try_into()?)
     }
@@ -244,12 +251,10 @@ impl GatewayRouter {
     pub fn attach(lab: &Lab) -> Result<Self> {
         let mut program = SoloProgram::load(program_names::LAB_ROUTER)?;
         let pinned = program.pins().path().join(program_names::LAB_ROUTER);
-        let classifier: &mut SchedClassifier = program
-            .ebpf_mut()
-            .program_mut(program_names::LAB_ROUTER)
-            .context("no lab_router program")?
-            .try_into()?;
-        classifier.pin(&pinned).context("pinning lab_router")?;
+        program
+            .program_mut()?
+            .pin(&pinned)
+            .context("pinning lab_router")?;
         let gateway = lab.gateway().clone();
         gateway.run("tc", ["qdisc", "add", "dev", GATEWAY_IFNAME, "clsact"])?;
         let router = Self {

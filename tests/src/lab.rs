@@ -509,6 +509,15 @@ fn read_to_end_until(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instan
     }
 }
 
+/// Keeps the calling thread on CPU `cpu` (benchmarks pin client and server; tests pin
+/// themselves to meet one CPU's per-CPU maps on every run).
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning to CPU {cpu}"))
+}
+
 /// Receives one datagram on `socket`, waiting up to `timeout`. Returns it and its sender.
 pub fn udp_recv(socket: &UdpSocket, timeout: Duration) -> Result<(Vec<u8>, SocketAddr)> {
     let deadline = Instant::now() + timeout;

@@ -40,7 +40,7 @@ use visibility_tests::{
     },
     lab::{
         GATEWAY_IPV4, GATEWAY_IPV6, IpFamily, NODE_IPV4, NODE_IPV6, NODE_UPLINK, POD_CIDR_V4,
-        POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, pod_ipv4, pod_ipv6,
+        POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, pin_to_cpu, pod_ipv4, pod_ipv6,
     },
 };
 
@@ -1366,10 +1366,7 @@ fn odd_frames_are_never_redirected_nor_changed_unless_valid() {
 
 /// Keeps this test's thread on one CPU, so that every run meets the same per-CPU cache.
 fn stay_on_one_cpu() {
-    let mut cpus = nix::sched::CpuSet::new();
-    cpus.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
-        .expect("pinning the test thread to CPU 0");
+    pin_to_cpu(0).expect("pinning the test thread to CPU 0");
 }
 
 /// Longer than the datapath keeps a FIB answer.
