@@ -10,7 +10,9 @@
 //! run if this one was killed), attaches nothing, and fills the map from user space with
 //! synthetic flows (three in four IPv4, one in four IPv6).
 //!
-//! Run: `cargo bench -p visibility-tests --bench flow_records`
+//! Run: `cargo bench -p visibility-tests --bench flow_records [-- --json]`; with `--json`
+//! (as `cargo xtask bench` runs it) the tables go to standard error and a JSON document
+//! with the same figures to standard output.
 //!
 //! Columns: `read` is one full read of the map; `aggregate` one `Aggregator::interval`
 //! over it with a fresh aggregator, so every flow yields a record (the worst interval:
@@ -261,8 +263,18 @@ fn through_the_sink(records: &[FlowRecord]) -> Result<(Duration, u64, u64, Durat
 }
 
 fn main() -> Result<()> {
+    let json = std::env::args().any(|arg| arg == "--json");
+    let mut table: Box<dyn std::io::Write> = if json {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
     if !nix::unistd::geteuid().is_root() {
-        println!("flow_records: needs root (BPF, bpffs); skipped");
+        const WHY: &str = "needs root (BPF, bpffs)";
+        writeln!(table, "flow_records: {WHY}; skipped")?;
+        if json {
+            println!("{}", serde_json::json!({ "skipped": WHY }));
+        }
         return Ok(());
     }
     remove_stale_pins();
@@ -289,10 +301,12 @@ fn main() -> Result<()> {
             .context("the flow map as a hash map")?;
     let mut out = File::options().write(true).open("/dev/null")?;
 
-    println!(
+    writeln!(
+        table,
         "flow records: one interval over N flows (median of {SAMPLES}); flow map capacity {CAPACITY}\n"
-    );
-    println!(
+    )?;
+    writeln!(
+        table,
         "{:>9}  {:>8}  {:>9}  {:>12}  {:>8}  {:>17}  {:>10}  {:>8}  {:>9}  {:>9}",
         "flows",
         "fill s",
@@ -304,9 +318,10 @@ fn main() -> Result<()> {
         "idle ms",
         "RSS MiB",
         "HWM MiB"
-    );
+    )?;
     let mut filled = 0;
     let mut sink_rows = Vec::new();
+    let mut json_rows = Vec::new();
     for size in SIZES {
         let now_ns = Clock::now().datapath_now();
         let started = Instant::now();
@@ -344,43 +359,77 @@ fn main() -> Result<()> {
             .zip(&emits)
             .map(|(a, e)| *a + *e)
             .collect();
-        println!(
+        let (read, aggregate, emit) =
+            (ms(median(reads)), ms(median(aggregates)), ms(median(emits)));
+        let total = ms(median(totals));
+        writeln!(
+            table,
             "{:>9}  {:>8.2}  {:>9.1}  {:>12.1}  {:>8.1}  {:>17.1}  {:>10.1}  {:>8.1}  {:>9.0}  {:>9.0}",
             size,
             fill.as_secs_f64(),
-            ms(median(reads)),
-            ms(median(aggregates)),
-            ms(median(emits)),
+            read,
+            aggregate,
+            emit,
             ms(median(aggregate_emit)),
-            ms(median(totals)),
+            total,
             ms(idle),
             rss,
             hwm
-        );
+        )?;
         drop(aggregator);
 
         let records = all_records(&maps);
-        sink_rows.push((size, through_the_sink(&records)?));
+        let (send, queued, dropped, drained) = through_the_sink(&records)?;
+        sink_rows.push((size, send, queued, dropped, drained));
+        json_rows.push(serde_json::json!({
+            "flows": size,
+            "read_ms": read,
+            "aggregate_ms": aggregate,
+            "emit_ms": emit,
+            "total_ms": total,
+            "idle_ms": ms(idle),
+            "rss_mib": rss,
+            "hwm_mib": hwm,
+            "sink": {
+                "send_ms": ms(send),
+                "queued": queued,
+                "dropped": dropped,
+                "drained_ms": ms(drained),
+            },
+        }));
     }
-    println!(
+    writeln!(
+        table,
         "\nfill: inserting the new flows from user space, one BPF_MAP_UPDATE_ELEM each (not part of an interval)."
-    );
-    println!(
+    )?;
+    writeln!(
+        table,
         "\nThe daemon's own sink (Sink::send of one interval's records at once; writer to a file on /dev/shm):\n"
-    );
-    println!(
+    )?;
+    writeln!(
+        table,
         "{:>9}  {:>8}  {:>9}  {:>9}  {:>10}",
         "records", "send ms", "queued", "dropped", "drained ms"
-    );
-    for (size, (send, emitted, dropped, drained)) in sink_rows {
-        println!(
+    )?;
+    for (size, send, queued, dropped, drained) in sink_rows {
+        writeln!(
+            table,
             "{:>9}  {:>8.1}  {:>9}  {:>9}  {:>10.1}",
             size,
             ms(send),
-            emitted,
+            queued,
             dropped,
             ms(drained)
-        );
+        )?;
+    }
+    if json {
+        let document = serde_json::json!({
+            "method": "one flow-record interval over a full flow map, every flow moved: read (BPF_MAP_LOOKUP_BATCH), aggregate into records, emit (one JSON line per record, to /dev/null); times are medians of `samples`; RSS and HWM of the process afterwards, with the aggregator's state alive; `sink` hands one interval's records to the daemon's own sink at once",
+            "flow_map_capacity": CAPACITY,
+            "samples": SAMPLES,
+            "sizes": json_rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
     }
     drop(flows);
     drop(maps);

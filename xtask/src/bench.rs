@@ -7,7 +7,9 @@
 //! * `tests/benches/compare.rs` runs off, netd and visibility alternating in rounds, with
 //!   the client on CPU 0 and the server on CPU 1, and prints JSON;
 //! * `tests/benches/attach_latency.rs` times new Pods' attachment with 250 present;
-//! * `program_cost` and `flow_records` run when they exist.
+//! * `tests/benches/program_cost.rs` runs each program with `BPF_PROG_TEST_RUN`;
+//! * `tests/benches/flow_records.rs` times one flow-record interval and measures the
+//!   memory at 10k, 100k and 1M flows.
 //!
 //! This module builds the release daemon, runs them through cargo, and renders the
 //! outputs: a table on the terminal with the ratios and the targets,
@@ -25,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use serde_json::{Map, Value, json};
 
 use crate::run::{display, output, run};
 
@@ -32,10 +35,21 @@ const README_START: &str = "<!-- bench:start -->";
 const README_END: &str = "<!-- bench:end -->";
 /// The modes, in the order they run within a round.
 const MODES: [&str; 3] = ["off", "netd", "visibility"];
-/// Colleagues' microbenchmarks, run when their targets exist.
-/// Microbenchmarks after attach_latency, and whether each prints a JSON document with
-/// `--json` (its figures then reach the report).
-const MICROBENCHES: [(&str, bool); 2] = [("program_cost", true), ("flow_records", false)];
+/// The microbenchmarks, run after the comparisons, and their arguments: each prints a
+/// JSON document with `--json`.
+fn microbenches(quick: bool) -> [(&'static str, Vec<String>); 3] {
+    let json = || vec!["--json".to_owned()];
+    let mut attach = json();
+    if quick {
+        // A smaller lab of Pod interfaces.
+        attach.push("--quick".to_owned());
+    }
+    [
+        ("attach_latency", attach),
+        ("program_cost", json()),
+        ("flow_records", json()),
+    ]
+}
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -186,53 +200,19 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let mut failures = Vec::new();
-    let mut micro = Vec::new();
-    if args.no_micro {
-        micro.push(("attach_latency".to_owned(), skipped("--no-micro")));
-    } else {
-        let attach_args: Vec<String> = std::iter::once("--json".to_owned())
-            .chain(args.quick.then(|| "--quick".to_owned()))
-            .collect();
-        let attach = match cargo_bench_json(&root, "attach_latency", &attach_args)
-            .and_then(|text| Json::parse(&text))
-        {
-            Ok(json) => json,
-            Err(error) => {
-                failures.push(format!("attach_latency: {error:#}"));
-                Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
-            }
+    let mut micro = Map::new();
+    for (name, bench_args) in microbenches(args.quick) {
+        let result = if args.no_micro {
+            skipped("--no-micro")
+        } else {
+            cargo_bench_json(&root, name, &bench_args)
+                .and_then(|text| parse_json(&text))
+                .unwrap_or_else(|error| {
+                    failures.push(format!("{name}: {error:#}"));
+                    json!({ "failed": format!("{error:#}") })
+                })
         };
-        micro.push(("attach_latency".to_owned(), attach));
-        for (name, prints_json) in MICROBENCHES {
-            let status = match bench_target_exists(&root, name) {
-                Err(why) => {
-                    println!("bench: skipping {name}: {why}");
-                    skipped(&why)
-                }
-                Ok(()) => {
-                    let ran = if prints_json {
-                        cargo_bench_json(&root, name, &["--json".to_owned()])
-                            .and_then(|text| Json::parse(&text))
-                    } else {
-                        let mut cmd = Command::new("cargo");
-                        cmd.current_dir(&root).args([
-                            "bench",
-                            "-p",
-                            "visibility-tests",
-                            "--bench",
-                            name,
-                        ]);
-                        run(&mut cmd)
-                            .map(|()| Json::Obj(vec![("status".into(), Json::Str("ran".into()))]))
-                    };
-                    ran.unwrap_or_else(|error| {
-                        failures.push(format!("{name}: {error:#}"));
-                        Json::Obj(vec![("failed".into(), Json::Str(format!("{error:#}")))])
-                    })
-                }
-            };
-            micro.push((name.to_owned(), status));
-        }
+        micro.insert(name.to_owned(), result);
     }
 
     let report = Report::new(&results)?;
@@ -241,7 +221,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .map(|(variant, json)| Ok((*variant, Report::new(json)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // The diagnostics, for the terminal and for the README.
-    let diagnostics: Vec<(String, String)> = Breakdown::new(results.get("profile"))
+    let diagnostics: Vec<(String, String)> = Breakdown::new(&results["profile"])
         .map(|b| (b.terminal(), b.markdown()))
         .into_iter()
         .chain(
@@ -255,34 +235,30 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         table.push('\n');
         table.push_str(terminal);
     }
-    let micro_of = |wanted: &str| {
-        micro
-            .iter()
-            .find(|(name, _)| name == wanted)
-            .map_or(Json::Null, |(_, json)| json.clone())
-    };
+    let micro_of = |wanted: &str| micro.get(wanted).cloned().unwrap_or(Value::Null);
     let micro_lines: Vec<String> = [
         program_cost_line(&micro_of("program_cost")),
         attach_line(&micro_of("attach_latency")),
+        flow_records_line(&micro_of("flow_records")),
     ]
     .into_iter()
     .flatten()
     .collect();
-    if let Json::Obj(fields) = &mut results {
-        fields.push(("ratios".into(), report.ratios_json()));
-        fields.push(("targets".into(), report.targets_json()));
-        fields.push(("microbenchmarks".into(), Json::Obj(micro)));
+    if let Value::Object(fields) = &mut results {
+        fields.insert("ratios".into(), report.ratios_json());
+        fields.insert("targets".into(), report.targets_json());
+        fields.insert("microbenchmarks".into(), Value::Object(micro));
         for ((variant, mut json), (_, variant_report)) in variants.into_iter().zip(&variant_reports)
         {
-            if let Json::Obj(variant_fields) = &mut json {
-                variant_fields.push(("ratios".into(), variant_report.ratios_json()));
-                variant_fields.push(("targets".into(), variant_report.targets_json()));
+            if let Value::Object(variant_fields) = &mut json {
+                variant_fields.insert("ratios".into(), variant_report.ratios_json());
+                variant_fields.insert("targets".into(), variant_report.targets_json());
             }
-            fields.push((format!("{}_gateway", variant.name), json));
+            fields.insert(format!("{}_gateway", variant.name), json);
         }
     }
     let json_path = out_dir.join("results.json");
-    fs::write(&json_path, results.pretty())
+    fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = out_dir.join("results.svg");
     fs::write(&svg_path, report.svg())
@@ -314,9 +290,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// Runs the compare bench with `args` and parses its JSON document; the raw output is
 /// kept as `<name>.raw.txt` when it is not JSON.
-fn compare(root: &Path, out_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Json> {
+fn compare(root: &Path, out_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Value> {
     let text = cargo_bench_json(root, "compare", args)?;
-    Json::parse(&text).with_context(|| {
+    parse_json(&text).with_context(|| {
         let raw = out_dir.join(format!("{name}.raw.txt"));
         let _ = fs::write(&raw, &text);
         format!(
@@ -324,6 +300,11 @@ fn compare(root: &Path, out_dir: &Path, name: &str, args: &[String]) -> anyhow::
             raw.display()
         )
     })
+}
+
+/// A benchmark's JSON document.
+fn parse_json(text: &str) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(text)?)
 }
 
 fn workspace_root() -> PathBuf {
@@ -346,8 +327,8 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-fn skipped(why: &str) -> Json {
-    Json::Obj(vec![("skipped".into(), Json::Str(why.to_owned()))])
+fn skipped(why: &str) -> Value {
+    json!({ "skipped": why })
 }
 
 /// Runs `cargo bench -p visibility-tests --bench NAME -- ARGS`, with its standard error
@@ -370,27 +351,9 @@ fn cargo_bench_json(root: &Path, name: &str, args: &[String]) -> anyhow::Result<
     String::from_utf8(out.stdout).with_context(|| format!("{name}: output is not UTF-8"))
 }
 
-/// Whether `tests/benches/NAME.rs` and its `[[bench]]` entry exist.
-fn bench_target_exists(root: &Path, name: &str) -> Result<(), String> {
-    let source = root.join("tests/benches").join(format!("{name}.rs"));
-    if !source.exists() {
-        return Err(format!("{} does not exist", source.display()));
-    }
-    let manifest = fs::read_to_string(root.join("tests/Cargo.toml")).unwrap_or_default();
-    let declared = manifest
-        .lines()
-        .any(|l| l.replace(' ', "") == format!("name=\"{name}\""));
-    if !declared {
-        return Err(format!(
-            "no [[bench]] name = \"{name}\" in tests/Cargo.toml"
-        ));
-    }
-    Ok(())
-}
-
 /// "per-packet program cost (BPF_PROG_TEST_RUN medians): ..." from program_cost's JSON.
-fn program_cost_line(program_cost: &Json) -> Option<String> {
-    let Json::Arr(rows) = program_cost.get("rows") else {
+fn program_cost_line(program_cost: &Value) -> Option<String> {
+    let Value::Array(rows) = &program_cost["rows"] else {
         return None;
     };
     let cases: Vec<String> = rows
@@ -398,9 +361,9 @@ fn program_cost_line(program_cost: &Json) -> Option<String> {
         .filter_map(|row| {
             Some(format!(
                 "{} {} {:.0} ns",
-                row.get("program").str()?,
-                row.get("case").str()?,
-                row.get("ns_per_packet").num()?
+                row["program"].as_str()?,
+                row["case"].as_str()?,
+                row["ns_per_packet"].as_f64()?
             ))
         })
         .collect();
@@ -412,12 +375,12 @@ fn program_cost_line(program_cost: &Json) -> Option<String> {
     })
 }
 
-fn attach_line(attach: &Json) -> Option<String> {
-    let p50 = attach.get("p50_ms").num()?;
-    let p99 = attach.get("p99_ms").num()?;
+fn attach_line(attach: &Value) -> Option<String> {
+    let p50 = attach["p50_ms"].as_f64()?;
+    let p99 = attach["p99_ms"].as_f64()?;
     let parts = match (
-        attach.get("route_to_first_program_p50_ms").num(),
-        attach.get("first_to_second_program_p50_ms").num(),
+        attach["route_to_first_program_p50_ms"].as_f64(),
+        attach["first_to_second_program_p50_ms"].as_f64(),
     ) {
         (Some(first), Some(second)) => format!(
             "; p50 split: route -> first program {first:.1} ms, first -> second {second:.1} ms"
@@ -426,9 +389,34 @@ fn attach_line(attach: &Json) -> Option<String> {
     };
     Some(format!(
         "attach latency: {} new Pods with {} Pod interfaces present: p50 {p50:.1} ms, p99 {p99:.1} ms (route appears -> both programs attached{parts})",
-        attach.get("new").num().unwrap_or(0.0),
-        attach.get("present").num().unwrap_or(0.0),
+        attach["new"].as_f64().unwrap_or(0.0),
+        attach["present"].as_f64().unwrap_or(0.0),
     ))
+}
+
+/// "flow-record interval ...: 10k flows 12 ms (read 2 ms), RSS 20 MiB; ..." from
+/// flow_records' JSON.
+fn flow_records_line(flow_records: &Value) -> Option<String> {
+    let sizes: Vec<String> = flow_records["sizes"]
+        .as_array()?
+        .iter()
+        .filter_map(|size| {
+            Some(format!(
+                "{} flows {:.0} ms (read {:.0} ms, emit {:.0} ms), RSS {:.0} MiB",
+                size["flows"].as_u64()?,
+                size["total_ms"].as_f64()?,
+                size["read_ms"].as_f64()?,
+                size["emit_ms"].as_f64()?,
+                size["rss_mib"].as_f64()?,
+            ))
+        })
+        .collect();
+    (!sizes.is_empty()).then(|| {
+        format!(
+            "flow records, one interval in which every flow moved (read the flow map, build a record per flow, emit it as a JSON line): {}",
+            sizes.join("; ")
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -437,18 +425,17 @@ fn attach_line(attach: &Json) -> Option<String> {
 
 /// visibility/off for each figure in each round of the compare bench's `rounds`, in
 /// round order; rounds that lack either mode are left out.
-fn round_ratios(rounds: &Json) -> Vec<[f64; 4]> {
-    let Json::Arr(rows) = rounds else {
+fn round_ratios(rounds: &Value) -> Vec<[f64; 4]> {
+    let Value::Array(rows) = rounds else {
         return Vec::new();
     };
     let of = |round: f64, mode: &str| {
-        rows.iter().find(|row| {
-            row.get("round").num() == Some(round) && row.get("mode").str() == Some(mode)
-        })
+        rows.iter()
+            .find(|row| row["round"].as_f64() == Some(round) && row["mode"].as_str() == Some(mode))
     };
     let mut numbers: Vec<f64> = rows
         .iter()
-        .filter_map(|row| row.get("round").num())
+        .filter_map(|row| row["round"].as_f64())
         .collect();
     numbers.dedup();
     numbers
@@ -457,7 +444,7 @@ fn round_ratios(rounds: &Json) -> Vec<[f64; 4]> {
             let (vis, off) = (of(round, MODES[2])?, of(round, MODES[0])?);
             let mut ratios = [f64::NAN; 4];
             for (ratio, figure) in ratios.iter_mut().zip(&FIGURES) {
-                *ratio = vis.get(figure.key).num()? / off.get(figure.key).num()?;
+                *ratio = vis[figure.key].as_f64()? / off[figure.key].as_f64()?;
             }
             Some(ratios)
         })
@@ -501,45 +488,36 @@ struct Report {
 }
 
 impl Report {
-    fn new(results: &Json) -> anyhow::Result<Self> {
+    fn new(results: &Value) -> anyhow::Result<Self> {
         let medians = MODES
             .iter()
             .map(|mode| {
-                let m = results.get("medians").get(mode);
+                let m = &results["medians"][*mode];
                 let mut values = [f64::NAN; 4];
                 for (value, figure) in values.iter_mut().zip(&FIGURES) {
-                    *value = m
-                        .get(figure.key)
-                        .num()
+                    *value = m[figure.key]
+                        .as_f64()
                         .with_context(|| format!("no median {mode}.{}", figure.key))?;
                 }
                 Ok(values)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let config = results.get("config");
+        let config = &results["config"];
         Ok(Self {
-            date: results.get("date").str().unwrap_or_default().to_owned(),
-            kernel: results.get("kernel").str().unwrap_or_default().to_owned(),
+            date: results["date"].as_str().unwrap_or_default().to_owned(),
+            kernel: results["kernel"].as_str().unwrap_or_default().to_owned(),
             cpus: format!(
                 "{} CPUs ({})",
-                results.get("cpus").num().unwrap_or(0.0),
-                results.get("cpu_model").str().unwrap_or("?")
+                results["cpus"].as_f64().unwrap_or(0.0),
+                results["cpu_model"].as_str().unwrap_or("?")
             ),
-            rounds: config.get("rounds").num().unwrap_or(0.0) as usize,
-            quick: config.get("quick") == &Json::Bool(true),
-            client_cpu: results
-                .get("pinning")
-                .get("client_cpu")
-                .num()
-                .unwrap_or(0.0),
-            server_cpu: results
-                .get("pinning")
-                .get("server_cpu")
-                .num()
-                .unwrap_or(1.0),
-            background: background_note(results.get("background")),
+            rounds: config["rounds"].as_f64().unwrap_or(0.0) as usize,
+            quick: config["quick"].as_bool() == Some(true),
+            client_cpu: results["pinning"]["client_cpu"].as_f64().unwrap_or(0.0),
+            server_cpu: results["pinning"]["server_cpu"].as_f64().unwrap_or(1.0),
+            background: background_note(&results["background"]),
             medians,
-            round_ratios: round_ratios(results.get("rounds")),
+            round_ratios: round_ratios(&results["rounds"]),
         })
     }
 
@@ -745,61 +723,40 @@ impl Report {
         s
     }
 
-    fn ratios_json(&self) -> Json {
-        Json::Obj(
-            self.ratio_rows()
-                .iter()
-                .map(|(label, a, b)| {
-                    (
-                        label.replace('/', "_over_"),
-                        Json::Obj(
-                            FIGURES
-                                .iter()
-                                .enumerate()
-                                .map(|(f, figure)| {
-                                    (figure.key.to_owned(), Json::Num(self.ratio(*a, *b, f)))
-                                })
-                                .collect(),
-                        ),
-                    )
-                })
-                .collect(),
-        )
-    }
-
-    fn targets_json(&self) -> Json {
-        Json::Arr(
-            FIGURES
+    fn ratios_json(&self) -> Value {
+        let rows = self.ratio_rows().map(|(label, a, b)| {
+            let ratios = FIGURES
                 .iter()
                 .enumerate()
-                .map(|(f, figure)| {
-                    let mut fields = vec![
-                        ("figure".to_owned(), Json::Str(figure.key.to_owned())),
-                        (
-                            "visibility_over_off".to_owned(),
-                            Json::Num(self.ratio(2, 0, f)),
-                        ),
-                        ("visibility_cost".to_owned(), Json::Num(self.cost(2, f))),
-                        ("netd_cost".to_owned(), Json::Num(self.cost(1, f))),
-                        (
-                            "third_of_netd".to_owned(),
-                            Json::Str(self.third_of_netd(f).word().to_owned()),
-                        ),
-                    ];
-                    if let (Some(target), Some(verdict)) = (figure.target, self.absolute(f)) {
-                        fields.push((
-                            "absolute_target".to_owned(),
-                            Json::Str(format!(
-                                "visibility/off {} {target}",
-                                if figure.higher_is_better { ">=" } else { "<=" }
-                            )),
-                        ));
-                        fields.push(("absolute".to_owned(), Json::Str(verdict.word().to_owned())));
-                    }
-                    Json::Obj(fields)
-                })
-                .collect(),
-        )
+                .map(|(f, figure)| (figure.key.to_owned(), json!(self.ratio(a, b, f))))
+                .collect();
+            (label.replace('/', "_over_"), Value::Object(ratios))
+        });
+        Value::Object(rows.into_iter().collect())
+    }
+
+    fn targets_json(&self) -> Value {
+        FIGURES
+            .iter()
+            .enumerate()
+            .map(|(f, figure)| {
+                let mut target = json!({
+                    "figure": figure.key,
+                    "visibility_over_off": self.ratio(2, 0, f),
+                    "visibility_cost": self.cost(2, f),
+                    "netd_cost": self.cost(1, f),
+                    "third_of_netd": self.third_of_netd(f).word(),
+                });
+                if let (Some(limit), Some(verdict)) = (figure.target, self.absolute(f)) {
+                    target["absolute_target"] = json!(format!(
+                        "visibility/off {} {limit}",
+                        if figure.higher_is_better { ">=" } else { "<=" }
+                    ));
+                    target["absolute"] = json!(verdict.word());
+                }
+                target
+            })
+            .collect()
     }
 
     /// The README's performance section; `micro_lines` are the microbenchmarks' lines.
@@ -1035,28 +992,30 @@ struct ModeBreakdown {
 }
 
 impl Breakdown {
-    fn new(profile: &Json) -> Option<Self> {
+    fn new(profile: &Value) -> Option<Self> {
         let modes = MODES
             .iter()
             .map(|mode| {
-                let m = profile.get("modes").get(mode);
-                let categories = match m.get("categories_ns_per_packet") {
-                    Json::Obj(fields) => fields
-                        .iter()
-                        .filter_map(|(name, value)| Some((name.clone(), value.num()?)))
-                        .collect(),
-                    _ => Vec::new(),
-                };
+                let m = &profile["modes"][*mode];
+                let categories = m["categories_ns_per_packet"]
+                    .as_object()
+                    .map(|fields| {
+                        fields
+                            .iter()
+                            .filter_map(|(name, value)| Some((name.clone(), value.as_f64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 Some(ModeBreakdown {
                     mode,
-                    busy: m.get("busy_ns_per_packet").num()?,
-                    idle: m.get("idle_share").num()?,
+                    busy: m["busy_ns_per_packet"].as_f64()?,
+                    idle: m["idle_share"].as_f64()?,
                     categories,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Self {
-            cpu: profile.get("cpu").num()?,
+            cpu: profile["cpu"].as_f64()?,
             modes,
         })
     }
@@ -1113,17 +1072,17 @@ impl Breakdown {
 
 /// "other processes used 23% of the CPUs (qemu-system-x86 61 s, ...)" when they used more
 /// than 5%.
-fn background_note(background: &Json) -> Option<String> {
-    let share = background.get("share_of_all_cpus").num()?;
+fn background_note(background: &Value) -> Option<String> {
+    let share = background["share_of_all_cpus"].as_f64()?;
     if share <= 0.05 {
         return None;
     }
-    let top: Vec<String> = match background.get("top") {
-        Json::Arr(items) => items
+    let top: Vec<String> = match &background["top"] {
+        Value::Array(items) => items
             .iter()
             .filter_map(|item| {
-                let seconds = item.get("cpu_seconds").num().filter(|s| *s >= 0.5)?;
-                Some(format!("{} {seconds:.0} s", item.get("process").str()?))
+                let seconds = item["cpu_seconds"].as_f64().filter(|s| *s >= 0.5)?;
+                Some(format!("{} {seconds:.0} s", item["process"].as_str()?))
             })
             .take(3)
             .collect(),
@@ -1190,288 +1149,12 @@ fn replace_marked(text: &str, section: &str) -> anyhow::Result<String> {
     ))
 }
 
-// ---------------------------------------------------------------------------------------
-// A small JSON reader and writer (xtask has no serde, on purpose: it builds first)
-// ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-static NULL: Json = Json::Null;
-
-impl Json {
-    fn get(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(fields) => fields
-                .iter()
-                .find(|(k, _)| k == key)
-                .map_or(&NULL, |(_, v)| v),
-            _ => &NULL,
-        }
-    }
-
-    fn num(&self) -> Option<f64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    fn str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn parse(text: &str) -> anyhow::Result<Json> {
-        let mut parser = Parser {
-            bytes: text.as_bytes(),
-            at: 0,
-        };
-        let value = parser.value()?;
-        parser.skip_ws();
-        if parser.at != parser.bytes.len() {
-            bail!("trailing characters at byte {}", parser.at);
-        }
-        Ok(value)
-    }
-
-    fn pretty(&self) -> String {
-        let mut out = String::new();
-        self.write(&mut out, 0);
-        out.push('\n');
-        out
-    }
-
-    fn write(&self, out: &mut String, indent: usize) {
-        let pad = |out: &mut String, n: usize| out.push_str(&"  ".repeat(n));
-        match self {
-            Json::Null => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Num(n) if !n.is_finite() => out.push_str("null"),
-            Json::Num(n) if n.fract() == 0.0 && n.abs() < 1e15 => {
-                let _ = write!(out, "{}", *n as i64);
-            }
-            Json::Num(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Json::Str(s) => write_string(out, s),
-            Json::Arr(items) if items.is_empty() => out.push_str("[]"),
-            Json::Arr(items) => {
-                out.push_str("[\n");
-                for (i, item) in items.iter().enumerate() {
-                    pad(out, indent + 1);
-                    item.write(out, indent + 1);
-                    out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
-                }
-                pad(out, indent);
-                out.push(']');
-            }
-            Json::Obj(fields) if fields.is_empty() => out.push_str("{}"),
-            Json::Obj(fields) => {
-                out.push_str("{\n");
-                for (i, (key, value)) in fields.iter().enumerate() {
-                    pad(out, indent + 1);
-                    write_string(out, key);
-                    out.push_str(": ");
-                    value.write(out, indent + 1);
-                    out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
-                }
-                pad(out, indent);
-                out.push('}');
-            }
-        }
-    }
-}
-
-fn write_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-struct Parser<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl Parser<'_> {
-    fn skip_ws(&mut self) {
-        while self
-            .bytes
-            .get(self.at)
-            .is_some_and(|b| b.is_ascii_whitespace())
-        {
-            self.at += 1;
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.at).copied()
-    }
-
-    fn expect(&mut self, literal: &str) -> anyhow::Result<()> {
-        if self.bytes[self.at..].starts_with(literal.as_bytes()) {
-            self.at += literal.len();
-            Ok(())
-        } else {
-            bail!("expected {literal:?} at byte {}", self.at)
-        }
-    }
-
-    fn value(&mut self) -> anyhow::Result<Json> {
-        self.skip_ws();
-        match self.peek() {
-            Some(b'n') => self.expect("null").map(|()| Json::Null),
-            Some(b't') => self.expect("true").map(|()| Json::Bool(true)),
-            Some(b'f') => self.expect("false").map(|()| Json::Bool(false)),
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.at += 1;
-                let mut items = Vec::new();
-                self.skip_ws();
-                if self.peek() == Some(b']') {
-                    self.at += 1;
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value()?);
-                    self.skip_ws();
-                    match self.peek() {
-                        Some(b',') => self.at += 1,
-                        Some(b']') => {
-                            self.at += 1;
-                            return Ok(Json::Arr(items));
-                        }
-                        _ => bail!("expected , or ] at byte {}", self.at),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.at += 1;
-                let mut fields = Vec::new();
-                self.skip_ws();
-                if self.peek() == Some(b'}') {
-                    self.at += 1;
-                    return Ok(Json::Obj(fields));
-                }
-                loop {
-                    self.skip_ws();
-                    let key = self.string()?;
-                    self.skip_ws();
-                    self.expect(":")?;
-                    let value = self.value()?;
-                    fields.push((key, value));
-                    self.skip_ws();
-                    match self.peek() {
-                        Some(b',') => self.at += 1,
-                        Some(b'}') => {
-                            self.at += 1;
-                            return Ok(Json::Obj(fields));
-                        }
-                        _ => bail!("expected , or }} at byte {}", self.at),
-                    }
-                }
-            }
-            Some(b'-' | b'0'..=b'9') => {
-                let start = self.at;
-                while self
-                    .peek()
-                    .is_some_and(|b| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
-                {
-                    self.at += 1;
-                }
-                let text = std::str::from_utf8(&self.bytes[start..self.at])?;
-                Ok(Json::Num(text.parse().with_context(|| {
-                    format!("bad number {text:?} at byte {start}")
-                })?))
-            }
-            Some(other) => bail!("unexpected {:?} at byte {}", other as char, self.at),
-            None => bail!("unexpected end of input"),
-        }
-    }
-
-    fn hex4(&mut self) -> anyhow::Result<u32> {
-        let digits = self
-            .bytes
-            .get(self.at..self.at + 4)
-            .context("truncated \\u escape")?;
-        self.at += 4;
-        Ok(u32::from_str_radix(std::str::from_utf8(digits)?, 16)?)
-    }
-
-    fn string(&mut self) -> anyhow::Result<String> {
-        self.expect("\"")?;
-        let mut out = String::new();
-        loop {
-            let start = self.at;
-            while self.peek().is_some_and(|b| b != b'"' && b != b'\\') {
-                self.at += 1;
-            }
-            out.push_str(std::str::from_utf8(&self.bytes[start..self.at])?);
-            match self.peek() {
-                Some(b'"') => {
-                    self.at += 1;
-                    return Ok(out);
-                }
-                Some(b'\\') => {
-                    let escape = *self.bytes.get(self.at + 1).context("truncated escape")?;
-                    self.at += 2;
-                    match escape {
-                        b'"' => out.push('"'),
-                        b'\\' => out.push('\\'),
-                        b'/' => out.push('/'),
-                        b'b' => out.push('\u{8}'),
-                        b'f' => out.push('\u{c}'),
-                        b'n' => out.push('\n'),
-                        b'r' => out.push('\r'),
-                        b't' => out.push('\t'),
-                        b'u' => {
-                            let mut code = self.hex4()?;
-                            if (0xd800..0xdc00).contains(&code) {
-                                self.expect("\\u")?;
-                                let low = self.hex4()?;
-                                code = 0x10000
-                                    + ((code - 0xd800) << 10)
-                                    + (low.wrapping_sub(0xdc00) & 0x3ff);
-                            }
-                            out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
-                        }
-                        other => bail!("bad escape \\{}", other as char),
-                    }
-                }
-                _ => bail!("unterminated string"),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample() -> Json {
-        Json::parse(
+    fn sample() -> Value {
+        parse_json(
             r#"{"date": "2025-01-02T03:04:05Z", "kernel": "6.18.0", "cpus": 2,
                 "cpu_model": "AMD EPYC", "config": {"rounds": 3, "quick": false},
                 "pinning": {"client_cpu": 0, "server_cpu": 1},
@@ -1485,29 +1168,9 @@ mod tests {
                   "off": {"busy_ns_per_packet": 4550.2, "idle_share": 0.16, "categories_ns_per_packet": {"datapath programs": 0, "netfilter": 0, "policy rules": 339.2}},
                   "netd": {"busy_ns_per_packet": 7433.6, "idle_share": 0.157, "categories_ns_per_packet": {"datapath programs": 0, "netfilter": 631.0, "policy rules": 809.9}},
                   "visibility": {"busy_ns_per_packet": 6226.8, "idle_share": 0.183, "categories_ns_per_packet": {"datapath programs": 709.3, "netfilter": 572.9, "policy rules": 0}}
-                }},
-                "escapes": "a\"b\\c\u00e9\ud83d\ude00", "list": [1, -2.5e3, true, null, []]}"#,
+                }}}"#,
         )
         .unwrap()
-    }
-
-    #[test]
-    fn json_round_trips() {
-        let json = sample();
-        assert_eq!(json.get("escapes").str(), Some("a\"b\\cé😀"));
-        assert_eq!(
-            json.get("list"),
-            &Json::Arr(vec![
-                Json::Num(1.0),
-                Json::Num(-2500.0),
-                Json::Bool(true),
-                Json::Null,
-                Json::Arr(vec![])
-            ])
-        );
-        assert_eq!(Json::parse(&json.pretty()).unwrap(), json);
-        assert!(Json::parse("{\"a\": 1} x").is_err());
-        assert!(Json::parse("[1, 2").is_err());
     }
 
     #[test]
@@ -1544,7 +1207,7 @@ mod tests {
     #[test]
     fn the_breakdown_shows_each_modes_parts_and_each_gateway_variant_its_ratios_and_targets() {
         let json = sample();
-        let breakdown = Breakdown::new(json.get("profile")).unwrap();
+        let breakdown = Breakdown::new(&json["profile"]).unwrap();
         let md = breakdown.markdown();
         assert!(
             md.contains("| mode | busy | datapath programs | netfilter | policy rules | idle |"),
@@ -1562,7 +1225,7 @@ mod tests {
             "{terminal}"
         );
         // Without a profile there is no breakdown.
-        assert!(Breakdown::new(&Json::Null).is_none());
+        assert!(Breakdown::new(&Value::Null).is_none());
 
         let report = Report::new(&json).unwrap();
         for (name, title) in [
@@ -1591,7 +1254,7 @@ mod tests {
     #[test]
     fn the_targets_show_how_far_the_rounds_spread() {
         let mut json = sample();
-        let rounds = Json::parse(
+        let rounds = parse_json(
             r#"[{"round": 1, "mode": "off", "tcp_gbps": 10, "udp_pps": 100000, "rr_mean_us": 50, "rr_p99_us": 80},
                 {"round": 1, "mode": "visibility", "tcp_gbps": 9, "udp_pps": 85000, "rr_mean_us": 52, "rr_p99_us": 90},
                 {"round": 2, "mode": "off", "tcp_gbps": 10, "udp_pps": 100000, "rr_mean_us": 50, "rr_p99_us": 80},
@@ -1599,9 +1262,7 @@ mod tests {
                 {"round": 2, "mode": "visibility", "tcp_gbps": 11, "udp_pps": 92000, "rr_mean_us": 55, "rr_p99_us": 70}]"#,
         )
         .unwrap();
-        if let Json::Obj(fields) = &mut json {
-            fields.push(("rounds".into(), rounds));
-        }
+        json["rounds"] = rounds;
         let report = Report::new(&json).unwrap();
         let terminal = report.terminal_targets();
         assert!(
@@ -1615,13 +1276,11 @@ mod tests {
             "{md}"
         );
         // One round says nothing about the spread.
-        let one = Json::parse(r#"[{"round": 1, "mode": "off", "tcp_gbps": 10, "udp_pps": 1, "rr_mean_us": 1, "rr_p99_us": 1},
+        let one = parse_json(r#"[{"round": 1, "mode": "off", "tcp_gbps": 10, "udp_pps": 1, "rr_mean_us": 1, "rr_p99_us": 1},
                                   {"round": 1, "mode": "visibility", "tcp_gbps": 9, "udp_pps": 1, "rr_mean_us": 1, "rr_p99_us": 1}]"#).unwrap();
         assert_eq!(round_ratios(&one).len(), 1);
         let mut json = sample();
-        if let Json::Obj(fields) = &mut json {
-            fields.push(("rounds".into(), one));
-        }
+        json["rounds"] = one;
         assert!(
             !Report::new(&json)
                 .unwrap()
@@ -1632,7 +1291,7 @@ mod tests {
 
     #[test]
     fn program_cost_rows_become_one_line() {
-        let json = Json::parse(
+        let json = parse_json(
             r#"{"rows": [{"program": "pod_ingress", "case": "redirected, IPv4 UDP pod to pod", "ns_per_packet": 261.8},
                          {"program": "uplink_ingress", "case": "returned, IPv4 UDP to its pod", "ns_per_packet": 248.3}]}"#,
         )
@@ -1641,7 +1300,7 @@ mod tests {
             program_cost_line(&json).unwrap(),
             "per-packet program cost (BPF_PROG_TEST_RUN medians): pod_ingress redirected, IPv4 UDP pod to pod 262 ns; uplink_ingress returned, IPv4 UDP to its pod 248 ns"
         );
-        assert_eq!(program_cost_line(&Json::Null), None);
+        assert_eq!(program_cost_line(&Value::Null), None);
         let md = Report::new(&sample())
             .unwrap()
             .markdown(&[program_cost_line(&json).unwrap()]);
@@ -1649,6 +1308,20 @@ mod tests {
             md.contains("\nPer-packet program cost (BPF_PROG_TEST_RUN medians): pod_ingress"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn flow_record_sizes_become_one_line() {
+        let json: Value = serde_json::from_str(
+            r#"{"sizes": [{"flows": 10000, "total_ms": 21.4, "read_ms": 3.2, "emit_ms": 9.6, "rss_mib": 18.2},
+                          {"flows": 1000000, "total_ms": 2712.0, "read_ms": 401.0, "emit_ms": 1200.4, "rss_mib": 912.0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            flow_records_line(&json).unwrap(),
+            "flow records, one interval in which every flow moved (read the flow map, build a record per flow, emit it as a JSON line): 10000 flows 21 ms (read 3 ms, emit 10 ms), RSS 18 MiB; 1000000 flows 2712 ms (read 401 ms, emit 1200 ms), RSS 912 MiB"
+        );
+        assert_eq!(flow_records_line(&json!({ "skipped": "needs root" })), None);
     }
 
     #[test]

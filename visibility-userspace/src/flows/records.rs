@@ -4,7 +4,7 @@
 //! records (and counts them); it never stalls the daemon, let alone the datapath.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
@@ -88,12 +88,17 @@ struct Seen {
     returned_packets: u64,
     returned_bytes: u64,
     first_seen_ns: u64,
+    /// The number of the read that saw it last.
+    read: u64,
 }
 
 /// Turns successive reads of the flow map into per-interval records.
 #[derive(Default)]
 pub struct Aggregator {
+    /// Every flow of the last read, updated in place, so that an interval costs one
+    /// hash lookup per flow and holds one table, not two.
     previous: HashMap<FlowKey, Seen>,
+    reads: u64,
     last_read_ns: u64,
 }
 
@@ -108,14 +113,28 @@ impl Aggregator {
         node_name: &str,
         interface_name: &impl Fn(u32) -> Option<String>,
     ) -> (Vec<FlowRecord>, u64) {
-        let mut current = HashMap::with_capacity(entries.len());
+        self.reads += 1;
+        let read = self.reads;
         let mut records = Vec::new();
         for (key, stats) in entries {
-            // A flow evicted and seen again since the last read starts from zero.
-            let before = self
-                .previous
-                .get(key)
-                .filter(|p| p.first_seen_ns == stats.first_seen_ns);
+            let seen = Seen {
+                packets: stats.packets,
+                bytes: stats.bytes,
+                returned_packets: stats.returned_packets,
+                returned_bytes: stats.returned_bytes,
+                first_seen_ns: stats.first_seen_ns,
+                read,
+            };
+            let before = match self.previous.entry(*key) {
+                Entry::Occupied(mut slot) => Some(slot.insert(seen)),
+                Entry::Vacant(slot) => {
+                    slot.insert(seen);
+                    None
+                }
+            }
+            // A flow evicted and seen again since the last read starts from zero. (A
+            // key the batch read returned twice finds this read's own values: no delta.)
+            .filter(|p| p.first_seen_ns == stats.first_seen_ns);
             let delta = |now: u64, then: Option<u64>| now.saturating_sub(then.unwrap_or(0));
             let packets = delta(stats.packets, before.map(|b| b.packets));
             let returned_packets =
@@ -140,23 +159,11 @@ impl Aggregator {
                 };
                 records.extend(record(key, &interval, clock, node_name, interface_name));
             }
-            current.insert(
-                *key,
-                Seen {
-                    packets: stats.packets,
-                    bytes: stats.bytes,
-                    returned_packets: stats.returned_packets,
-                    returned_bytes: stats.returned_bytes,
-                    first_seen_ns: stats.first_seen_ns,
-                },
-            );
         }
-        let evicted = self
-            .previous
-            .keys()
-            .filter(|k| !current.contains_key(*k))
-            .count() as u64;
-        self.previous = current;
+        // What this read did not see, the map's LRU evicted.
+        let known = self.previous.len();
+        self.previous.retain(|_, seen| seen.read == read);
+        let evicted = (known - self.previous.len()) as u64;
         self.last_read_ns = now_ns;
         (records, evicted)
     }
@@ -461,6 +468,30 @@ mod tests {
             aggregator.interval(&[(key(1), stats(2, 99))], &clock, 1, "n", &names);
         assert_eq!(evicted, 1);
         assert_eq!(records[0].packets_sent, 2);
+        // The evicted flow is forgotten: back in the map, all its packets are new.
+        let (records, evicted) =
+            aggregator.interval(&[(key(2), stats(7, 1))], &clock, 2, "n", &names);
+        assert_eq!(evicted, 1, "key 1 went this time");
+        assert_eq!(records[0].packets_sent, 7);
+    }
+
+    /// A batch read of a map that changes under it may return a key twice; the flow's
+    /// traffic is reported once.
+    #[test]
+    fn a_flow_read_twice_in_one_interval_is_reported_once() {
+        let clock = Clock::now();
+        let mut aggregator = Aggregator::default();
+        let names = |_: u32| None;
+        let (records, evicted) = aggregator.interval(
+            &[(key(1), stats(4, 1)), (key(1), stats(4, 1))],
+            &clock,
+            0,
+            "n",
+            &names,
+        );
+        assert_eq!(evicted, 0);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].packets_sent, 4);
     }
 
     #[test]
