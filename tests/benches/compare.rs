@@ -9,7 +9,11 @@
 //!   fast as it can and a receiver thread that counts, over a fixed window after a
 //!   warm-up.
 //! * **Request/response latency**: a UDP ping-pong with 64-byte messages, every round
-//!   trip timed with `Instant` on the client; mean, p50 and p99 (after a warm-up).
+//!   trip timed with `Instant` on the client; mean, p50 and p99 (after a warm-up). Both
+//!   ends wait in a blocking `recv`, as most applications do, so each round trip also
+//!   holds two wake-ups of a sleeping CPU, which in a VM take most of it. The same
+//!   ping-pong once more with both ends busy-polling a non-blocking socket
+//!   (`rr_busy_*`) times the packets' way alone: what the path itself costs.
 //!
 //! The client side always runs on CPU 0 and the server side on CPU 1 (`taskset` for
 //! iperf3, `sched_setaffinity` for the Rust threads). With veths, the forwarding work
@@ -219,6 +223,8 @@ struct Sample {
     udp_pps: f64,
     udp_sent_pps: f64,
     rr: RoundTrips,
+    /// The ping-pong with both ends busy-polling.
+    rr_busy: RoundTrips,
     gateway_forwarded: u64,
 }
 
@@ -290,13 +296,14 @@ fn run() -> Result<()> {
                 }
             };
             eprintln!(
-                "compare: round {round}/{} {:<10} TCP {:6.2} Gbit/s  UDP {:>8.0} pps  RR mean {:6.1} µs  p99 {:6.1} µs  (gateway forwarded {})",
+                "compare: round {round}/{} {:<10} TCP {:6.2} Gbit/s  UDP {:>8.0} pps  RR mean {:6.1} µs  p99 {:6.1} µs  busy-poll RR mean {:5.1} µs  (gateway forwarded {})",
                 options.rounds,
                 mode.name(),
                 sample.tcp_gbps,
                 sample.udp_pps,
                 sample.rr.mean_us,
                 sample.rr.p99_us,
+                sample.rr_busy.mean_us,
                 sample.gateway_forwarded,
             );
             rounds.push((round, mode, sample, counters));
@@ -327,6 +334,8 @@ fn run() -> Result<()> {
                 "rr_mean_us": of(|s| s.rr.mean_us),
                 "rr_p99_us": of(|s| s.rr.p99_us),
                 "rr_p50_us": of(|s| s.rr.p50_us),
+                "rr_busy_mean_us": of(|s| s.rr_busy.mean_us),
+                "rr_busy_p99_us": of(|s| s.rr_busy.p99_us),
                 "udp_sent_pps": of(|s| s.udp_sent_pps),
             }),
         );
@@ -347,6 +356,10 @@ fn run() -> Result<()> {
                 "rr_max_us": s.rr.max_us,
                 "rr_lost": s.rr.lost,
                 "rr_requests": s.rr.requests,
+                "rr_busy_mean_us": s.rr_busy.mean_us,
+                "rr_busy_p50_us": s.rr_busy.p50_us,
+                "rr_busy_p99_us": s.rr_busy.p99_us,
+                "rr_busy_lost": s.rr_busy.lost,
                 "gateway_forwarded_packets": s.gateway_forwarded,
                 "daemon_counters": counters,
             })
@@ -547,8 +560,19 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Result<Sample> {
     let (tcp_gbps, tcp_retransmits) = tcp_throughput(lab, options.tcp_secs)?;
     let (udp_pps, udp_sent_pps) = udp_pps(lab, options.udp_secs, options.udp_warmup_secs, None)?;
     let forwarded_before = lab.gateway_transmitted_packets()?;
-    let rr = round_trips(lab, options.rr_requests, options.rr_warmup)?;
+    let rr = round_trips(
+        lab,
+        options.rr_requests,
+        options.rr_warmup,
+        Waiting::Blocking,
+    )?;
     let gateway_forwarded = lab.gateway_transmitted_packets()? - forwarded_before;
+    let rr_busy = round_trips(
+        lab,
+        options.rr_requests,
+        options.rr_warmup,
+        Waiting::BusyPolling,
+    )?;
     // Each round trip is two packets that cross the gateway when the mode redirects.
     let expected = 2 * (options.rr_requests + options.rr_warmup) as u64;
     match mode {
@@ -568,6 +592,7 @@ fn measure(lab: &Lab, mode: Mode, options: &Options) -> Result<Sample> {
         udp_pps,
         udp_sent_pps,
         rr,
+        rr_busy,
         gateway_forwarded,
     })
 }
@@ -859,11 +884,29 @@ fn join<T>(handle: std::thread::JoinHandle<Result<T>>, what: &str) -> Result<T> 
 // Request/response latency
 // ---------------------------------------------------------------------------------------
 
-fn round_trips(lab: &Lab, requests: usize, warmup: usize) -> Result<RoundTrips> {
+/// How the ping-pong's two ends wait for a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// Asleep in `recv` until the message arrives.
+    Blocking,
+    /// Spinning on a non-blocking `recv`: no CPU ever sleeps, so no wake-up is timed.
+    BusyPolling,
+}
+
+/// How long the client waits for an answer before it counts the request as lost.
+const RR_ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn round_trips(lab: &Lab, requests: usize, warmup: usize, waiting: Waiting) -> Result<RoundTrips> {
+    let busy = waiting == Waiting::BusyPolling;
     let server = lab
         .pod_ns(SERVER_POD)
         .udp_bind(SocketAddr::new(lab.pod_ipv4(SERVER_POD).into(), 0))?;
-    server.set_read_timeout(Some(Duration::from_millis(50)))?;
+    if busy {
+        server.set_nonblocking(true)?;
+    } else {
+        // Wakes up now and then to see whether it should stop.
+        server.set_read_timeout(Some(Duration::from_millis(50)))?;
+    }
     let to = server.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let serving = {
@@ -897,7 +940,11 @@ fn round_trips(lab: &Lab, requests: usize, warmup: usize) -> Result<RoundTrips> 
             pin_to_cpu(CLIENT_CPU)?;
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.connect(to)?;
-            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+            if busy {
+                socket.set_nonblocking(true)?;
+            } else {
+                socket.set_read_timeout(Some(RR_ANSWER_TIMEOUT))?;
+            }
             let mut message = [0u8; RR_PAYLOAD];
             let mut reply = [0u8; 2048];
             let mut nanos = Vec::with_capacity(requests);
@@ -910,6 +957,13 @@ fn round_trips(lab: &Lab, requests: usize, warmup: usize) -> Result<RoundTrips> 
                     match socket.recv(&mut reply) {
                         Ok(n) if n >= 8 && reply[..8] == seq.to_be_bytes() => break true,
                         Ok(_) => continue, // a late answer to a lost request
+                        Err(e)
+                            if busy
+                                && e.kind() == std::io::ErrorKind::WouldBlock
+                                && sent_at.elapsed() < RR_ANSWER_TIMEOUT =>
+                        {
+                            std::hint::spin_loop();
+                        }
                         Err(e)
                             if matches!(
                                 e.kind(),

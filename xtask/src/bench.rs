@@ -111,7 +111,10 @@ struct Figure {
     target: Option<f64>,
 }
 
-const FIGURES: [Figure; 4] = [
+/// How many figures the comparison has.
+const FIGURE_COUNT: usize = 5;
+
+const FIGURES: [Figure; FIGURE_COUNT] = [
     Figure {
         key: "tcp_gbps",
         label: "TCP Gbit/s",
@@ -137,6 +140,15 @@ const FIGURES: [Figure; 4] = [
         key: "rr_p99_us",
         label: "RR p99 µs",
         short: "RR p99",
+        higher_is_better: false,
+        target: None,
+    },
+    // The ping-pong with both ends busy-polling: the path's latency without the
+    // wake-ups that dominate the figures above.
+    Figure {
+        key: "rr_busy_mean_us",
+        label: "busy-poll RR mean µs",
+        short: "busy-poll RR mean",
         higher_is_better: false,
         target: None,
     },
@@ -425,7 +437,7 @@ fn flow_records_line(flow_records: &Value) -> Option<String> {
 
 /// `mode`/off for each figure in each round of the compare bench's `rounds`, in round
 /// order; rounds that lack either mode are left out.
-fn round_ratios(rounds: &Value, mode: &str) -> Vec<[f64; 4]> {
+fn round_ratios(rounds: &Value, mode: &str) -> Vec<[f64; FIGURE_COUNT]> {
     let Value::Array(rows) = rounds else {
         return Vec::new();
     };
@@ -442,9 +454,14 @@ fn round_ratios(rounds: &Value, mode: &str) -> Vec<[f64; 4]> {
         .into_iter()
         .filter_map(|round| {
             let (measured, off) = (of(round, mode)?, of(round, MODES[0])?);
-            let mut ratios = [f64::NAN; 4];
+            // A figure a round lacks is NaN, which the spread and the budget pass over.
+            let mut ratios = [f64::NAN; FIGURE_COUNT];
             for (ratio, figure) in ratios.iter_mut().zip(&FIGURES) {
-                *ratio = measured[figure.key].as_f64()? / off[figure.key].as_f64()?;
+                if let (Some(measured), Some(off)) =
+                    (measured[figure.key].as_f64(), off[figure.key].as_f64())
+                {
+                    *ratio = measured / off;
+                }
             }
             Some(ratios)
         })
@@ -491,12 +508,12 @@ struct Report {
     /// What other processes used while the comparison ran, if it was a noticeable share.
     background: Option<String>,
     /// medians[mode][figure]
-    medians: Vec<[f64; 4]>,
+    medians: Vec<[f64; FIGURE_COUNT]>,
     /// visibility/off in each round (the modes alternate, so a round's ratio compares
     /// measurements minutes apart at most): the spread says how noisy the machine was.
-    round_ratios: Vec<[f64; 4]>,
+    round_ratios: Vec<[f64; FIGURE_COUNT]>,
     /// netd/off in each round.
-    netd_round_ratios: Vec<[f64; 4]>,
+    netd_round_ratios: Vec<[f64; FIGURE_COUNT]>,
 }
 
 impl Report {
@@ -505,7 +522,7 @@ impl Report {
             .iter()
             .map(|mode| {
                 let m = &results["medians"][*mode];
-                let mut values = [f64::NAN; 4];
+                let mut values = [f64::NAN; FIGURE_COUNT];
                 for (value, figure) in values.iter_mut().zip(&FIGURES) {
                     *value = m[figure.key]
                         .as_f64()
@@ -653,23 +670,23 @@ impl Report {
 
     /// The medians per mode and their ratios, as a terminal table.
     fn terminal_modes(&self) -> String {
+        // Each column as wide as its label, and two spaces.
+        let widths = FIGURES.map(|figure| figure.label.chars().count() + 2);
         let mut s = format!("{:<17}", "mode");
-        for figure in &FIGURES {
-            let _ = write!(s, "{:>14}", figure.label);
+        for (figure, width) in FIGURES.iter().zip(widths) {
+            let _ = write!(s, "{:>width$}", figure.label);
         }
         s.push('\n');
         for (label, cells) in self.mode_rows(3) {
             let _ = write!(s, "{label:<17}");
-            for cell in cells {
-                let _ = write!(s, "{cell:>14}");
+            for (cell, width) in cells.iter().zip(widths) {
+                let _ = write!(s, "{cell:>width$}");
             }
             s.push('\n');
         }
         s
     }
 
-    /// A comparison with another gateway, for the terminal: its medians, ratios and
-    /// targets.
     fn terminal_variant(&self, variant: &GatewayVariant) -> String {
         let mut s = format!(
             "with a gateway that {} (medians of {} round{}):\n",
@@ -741,7 +758,7 @@ impl Report {
             let budget = self.budget(f, "<=");
             let _ = writeln!(
                 s,
-                "  {:<8} {absolute}   cost {:+.1}% vs netd {:+.1}% ({budget})  {}",
+                "  {:<17} {absolute}   cost {:+.1}% vs netd {:+.1}% ({budget})  {}",
                 figure.short,
                 vis * 100.0,
                 netd * 100.0,
@@ -1183,9 +1200,9 @@ mod tests {
                 "cpu_model": "AMD EPYC", "config": {"rounds": 3, "quick": false},
                 "pinning": {"client_cpu": 0, "server_cpu": 1},
                 "medians": {
-                  "off": {"tcp_gbps": 17.6, "udp_pps": 183000, "rr_mean_us": 60.9, "rr_p99_us": 84.7},
-                  "netd": {"tcp_gbps": 15.4, "udp_pps": 105000, "rr_mean_us": 70.9, "rr_p99_us": 94.2},
-                  "visibility": {"tcp_gbps": 17.2, "udp_pps": 160000, "rr_mean_us": 62.0, "rr_p99_us": 99.0}
+                  "off": {"tcp_gbps": 17.6, "udp_pps": 183000, "rr_mean_us": 60.9, "rr_p99_us": 84.7, "rr_busy_mean_us": 14.0},
+                  "netd": {"tcp_gbps": 15.4, "udp_pps": 105000, "rr_mean_us": 70.9, "rr_p99_us": 94.2, "rr_busy_mean_us": 18.0},
+                  "visibility": {"tcp_gbps": 17.2, "udp_pps": 160000, "rr_mean_us": 62.0, "rr_p99_us": 99.0, "rr_busy_mean_us": 15.0}
                 },
                 "background": {"share_of_all_cpus": 0.3, "top": [{"process": "qemu-system-x86", "cpu_seconds": 61.2}]},
                 "profile": {"cpu": 0, "modes": {
@@ -1225,7 +1242,7 @@ mod tests {
         );
         let svg = report.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<rect").count(), 1 + 12 + 3);
+        assert_eq!(svg.matches("<rect").count(), 1 + 15 + 3);
     }
 
     #[test]
@@ -1263,7 +1280,7 @@ mod tests {
             let md = report.markdown_variant(variant);
             assert!(md.starts_with(title), "{md}");
             assert!(
-                md.contains("| visibility/off | 0.98 | 0.87 | 1.02 | 1.17 |"),
+                md.contains("| visibility/off | 0.98 | 0.87 | 1.02 | 1.17 | 1.07 |"),
                 "{md}"
             );
             assert!(
