@@ -51,11 +51,14 @@ fn microbenches(quick: bool) -> [(&'static str, Vec<String>); 3] {
     ]
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct BenchArgs {
     /// A smoke run: one round, short durations, a small attach-latency lab.
     #[arg(long)]
     quick: bool,
+    /// Where results.json, results.svg and the profiles go [default: target/bench].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
     /// Rounds of off, netd and visibility (default 3; 1 with --quick).
     #[arg(long, value_name = "N")]
     rounds: Option<usize>,
@@ -154,6 +157,17 @@ const FIGURES: [Figure; FIGURE_COUNT] = [
     },
 ];
 
+impl BenchArgs {
+    /// Every benchmark once, briefly (`--quick`), writing under `target/bench-smoke`.
+    pub fn smoke() -> Self {
+        Self {
+            quick: true,
+            out: Some(target_dir(&workspace_root()).join("bench-smoke")),
+            ..Self::default()
+        }
+    }
+}
+
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     if output(Command::new("id").arg("-u"))?.trim() != "0" {
@@ -162,7 +176,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let root = workspace_root();
-    let out_dir = target_dir(&root).join("bench");
+    // Absolute: the benches run with their package's directory as the current one.
+    let out_dir = std::path::absolute(
+        args.out
+            .clone()
+            .unwrap_or_else(|| target_dir(&root).join("bench")),
+    )
+    .context("--out")?;
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
     // The benches run target/release/visibility (next to their own deps/ directory).

@@ -2,7 +2,7 @@
 
 use std::{process::Command, time::Instant};
 
-use crate::{run::run, setup, vm};
+use crate::{bench, run::run, setup, vm};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -13,6 +13,9 @@ pub struct TestArgs {
     /// 6.12 kernels in QEMU).
     #[arg(long)]
     no_vm: bool,
+    /// Skip the benchmarks' smoke run (`cargo xtask bench --quick`).
+    #[arg(long)]
+    no_bench: bool,
 }
 
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
@@ -45,6 +48,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "-p", "visibility-userspace", "--bins"]))?;
     // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
     run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
+    // Every benchmark once, briefly: they must run and their output must render. The
+    // figures of a smoke run mean nothing; they go to target/bench-smoke.
+    if !args.no_bench {
+        bench::bench(&bench::BenchArgs::smoke())?;
+    }
     // The host kernel is tested above; the VM tier runs the kernel tests on older and
     // other kernels: 6.1 (clsact attach path) and 6.12 (TCX).
     if !args.no_vm {
