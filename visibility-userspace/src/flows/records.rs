@@ -92,6 +92,9 @@ struct Seen {
     read: u64,
 }
 
+/// Room for flows the aggregator keeps even when it has fewer.
+const MIN_KEPT_CAPACITY: usize = 4096;
+
 /// Turns successive reads of the flow map into per-interval records.
 #[derive(Default)]
 pub struct Aggregator {
@@ -164,6 +167,12 @@ impl Aggregator {
         let known = self.previous.len();
         self.previous.retain(|_, seen| seen.read == read);
         let evicted = (known - self.previous.len()) as u64;
+        // A table keeps its room when it empties; after a burst of flows, give most of
+        // it back, so the daemon's memory follows the flows it has.
+        let flows = self.previous.len();
+        if self.previous.capacity() > 4 * flows.max(MIN_KEPT_CAPACITY) {
+            self.previous.shrink_to(2 * flows.max(MIN_KEPT_CAPACITY));
+        }
         self.last_read_ns = now_ns;
         (records, evicted)
     }
@@ -473,6 +482,23 @@ mod tests {
             aggregator.interval(&[(key(2), stats(7, 1))], &clock, 2, "n", &names);
         assert_eq!(evicted, 1, "key 1 went this time");
         assert_eq!(records[0].packets_sent, 7);
+    }
+
+    #[test]
+    fn the_table_gives_back_its_room_after_a_burst_of_flows() {
+        let clock = Clock::now();
+        let mut aggregator = Aggregator::default();
+        let names = |_: u32| None;
+        let burst: Vec<_> = (0..50_000).map(|i| (key(i), stats(1, 1))).collect();
+        aggregator.interval(&burst, &clock, 0, "n", &names);
+        assert!(aggregator.previous.capacity() >= 50_000);
+        let (_, evicted) = aggregator.interval(&burst[..10], &clock, 1, "n", &names);
+        assert_eq!(evicted, 49_990);
+        assert!(
+            aggregator.previous.capacity() <= 4 * MIN_KEPT_CAPACITY,
+            "{} slots kept for 10 flows",
+            aggregator.previous.capacity()
+        );
     }
 
     /// A batch read of a map that changes under it may return a key twice; the flow's
