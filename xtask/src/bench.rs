@@ -385,26 +385,29 @@ fn cargo_bench_json(root: &Path, name: &str, args: &[String]) -> anyhow::Result<
 
 /// "per-packet program cost (BPF_PROG_TEST_RUN medians): ..." from program_cost's JSON.
 fn program_cost_line(program_cost: &Value) -> Option<String> {
-    let Value::Array(rows) = &program_cost["rows"] else {
-        return None;
-    };
-    let cases: Vec<String> = rows
-        .iter()
-        .filter_map(|row| {
+    items_line(
+        "per-packet program cost (BPF_PROG_TEST_RUN medians)",
+        &program_cost["rows"],
+        |row| {
             Some(format!(
                 "{} {} {:.0} ns",
                 row["program"].as_str()?,
                 row["case"].as_str()?,
                 row["ns_per_packet"].as_f64()?
             ))
-        })
-        .collect();
-    (!cases.is_empty()).then(|| {
-        format!(
-            "per-packet program cost (BPF_PROG_TEST_RUN medians): {}",
-            cases.join("; ")
-        )
-    })
+        },
+    )
+}
+
+/// "`label`: ITEM; ITEM; ..." with one item per element of the array `items` that
+/// `item` can describe; `None` when there is none.
+fn items_line(
+    label: &str,
+    items: &Value,
+    item: impl Fn(&Value) -> Option<String>,
+) -> Option<String> {
+    let described: Vec<String> = items.as_array()?.iter().filter_map(item).collect();
+    (!described.is_empty()).then(|| format!("{label}: {}", described.join("; ")))
 }
 
 fn attach_line(attach: &Value) -> Option<String> {
@@ -429,10 +432,10 @@ fn attach_line(attach: &Value) -> Option<String> {
 /// "flow records, one interval ...: 10000 flows 37 ms (read 9 ms, emit 14 ms), RSS
 /// 15 MiB; ..." from flow_records' JSON.
 fn flow_records_line(flow_records: &Value) -> Option<String> {
-    let sizes: Vec<String> = flow_records["sizes"]
-        .as_array()?
-        .iter()
-        .filter_map(|size| {
+    items_line(
+        "flow records, one interval in which every flow moved (read the flow map, build a record per flow, emit it as a JSON line)",
+        &flow_records["sizes"],
+        |size| {
             Some(format!(
                 "{} flows {:.0} ms (read {:.0} ms, emit {:.0} ms), RSS {:.0} MiB",
                 size["flows"].as_u64()?,
@@ -441,14 +444,8 @@ fn flow_records_line(flow_records: &Value) -> Option<String> {
                 size["emit_ms"].as_f64()?,
                 size["rss_mib"].as_f64()?,
             ))
-        })
-        .collect();
-    (!sizes.is_empty()).then(|| {
-        format!(
-            "flow records, one interval in which every flow moved (read the flow map, build a record per flow, emit it as a JSON line): {}",
-            sizes.join("; ")
-        )
-    })
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
