@@ -119,10 +119,15 @@ fn fails_and_changes_nothing(node: &Node, args: &[&str], hints: &[&str]) -> Stri
 
 /// A pin directory under bpffs that nothing uses.
 fn unused_bpffs_dir(tag: &str) -> PathBuf {
-    PathBuf::from(format!(
+    let dir = PathBuf::from(format!(
         "/sys/fs/bpf/vis-nonexistent-XYZ-{tag}-{}",
         std::process::id()
-    ))
+    ));
+    // On a node the daemon has mounted bpffs before any CLI command runs; on a fresh
+    // machine nothing has, until some other test's daemon does. Mount it here, as the
+    // daemon would, so that these tests see "no datapath state" whatever runs first.
+    visibility::datapath::ensure_bpffs(&dir).expect("mounting bpffs at /sys/fs/bpf");
+    dir
 }
 
 #[test]
