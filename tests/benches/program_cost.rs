@@ -28,7 +28,8 @@ use visibility_common::{
 };
 use visibility_tests::{
     datapath_harness::{
-        DatapathLab, SkbCtx, SoloProgram, TC_ACT_OK, TC_ACT_REDIRECT, hook_of, time_runs,
+        DatapathLab, SkbCtx, SoloProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, hook_of,
+        time_runs,
     },
     lab::{POD_CIDR_V4, pod_ipv4},
 };
@@ -60,6 +61,9 @@ struct Case {
     counter: Option<Counter>,
     /// Whether each run spends a hop, so runs must be batched.
     spends_hop: bool,
+    /// A run that must come first: the uplink hands on only packets of flows that
+    /// `pod_egress` sent to the gateway within the return window.
+    after: Option<(ProgramKind, Vec<u8>, SkbCtx)>,
 }
 
 impl Case {
@@ -117,6 +121,9 @@ impl Baseline {
 
 /// One sample of `case`: the mean nanoseconds per run.
 fn sample(h: &DatapathLab, baseline: &Baseline, case: &Case) -> Result<f64> {
+    if let Some((kind, frame, ctx)) = &case.after {
+        h.run(*kind, frame, *ctx)?;
+    }
     let (repeat, batches) = case.batching();
     let before = h.counters()?;
     let (ns, last) = match case.target {
@@ -163,9 +170,12 @@ fn main() -> Result<()> {
     }
     let started = Instant::now();
     let mut h = DatapathLab::new("bench")?;
-    // As the daemon has it: the destination Pod's neighbour resolved, its veth registered.
-    h.set_pod_neighbours(DST, true)?;
-    h.maps.add_pod_iface(h.host_veth(DST), true)?;
+    // As the daemon has it: both Pods' neighbours resolved, their veths registered.
+    for pod in [SRC, DST] {
+        h.set_pod_neighbours(pod, true)?;
+        h.maps
+            .add_pod_iface(h.host_veth(pod), true, h.host_veth(pod))?;
+    }
     let baseline = Baseline::load()?;
 
     let (src, dst) = (pod_ipv4(SRC).octets(), pod_ipv4(DST).octets());
@@ -174,6 +184,7 @@ fn main() -> Result<()> {
     returned.src_mac = h.gateway_mac();
     returned.dst_mac = h.uplink_mac();
     let from_pod = h.pod_ingress_ctx(SRC);
+    let forwarded = h.pod_egress_ctx(DST, h.host_veth(SRC));
 
     let cases = [
         Case {
@@ -184,24 +195,37 @@ fn main() -> Result<()> {
             action: TC_ACT_OK,
             counter: None,
             spends_hop: false,
+            after: None,
         },
         Case {
             target: Target::Datapath(ProgramKind::PodIngress),
-            what: "redirected, IPv4 UDP pod to pod",
+            what: "counted, IPv4 UDP pod to pod",
             frame: pod_to_pod.build(),
             ctx: from_pod,
-            action: TC_ACT_REDIRECT,
-            counter: Some(Counter::RedirectedToGateway),
-            spends_hop: true,
+            action: TC_ACT_UNSPEC,
+            counter: Some(Counter::PassPodToPod),
+            spends_hop: false,
+            after: None,
         },
         Case {
             target: Target::Datapath(ProgramKind::PodIngress),
-            what: "passed, IPv4 UDP to 8.8.8.8",
+            what: "counted, IPv4 UDP to 8.8.8.8",
             frame: udp_frame(src, [8, 8, 8, 8]).build(),
             ctx: from_pod,
-            action: TC_ACT_OK,
+            action: TC_ACT_UNSPEC,
             counter: Some(Counter::PassNotSameNode),
             spends_hop: false,
+            after: None,
+        },
+        Case {
+            target: Target::Datapath(ProgramKind::PodEgress),
+            what: "redirected, IPv4 UDP pod to pod",
+            frame: pod_to_pod.build(),
+            ctx: forwarded,
+            action: TC_ACT_REDIRECT,
+            counter: Some(Counter::RedirectedToGateway),
+            spends_hop: false,
+            after: None,
         },
         Case {
             target: Target::Datapath(ProgramKind::UplinkIngress),
@@ -211,6 +235,7 @@ fn main() -> Result<()> {
             action: TC_ACT_REDIRECT,
             counter: Some(Counter::DeliveredFromGateway),
             spends_hop: true,
+            after: Some((ProgramKind::PodEgress, pod_to_pod.build(), forwarded)),
         },
     ];
 

@@ -43,7 +43,7 @@ use visibility::{
     net::addr_bytes,
 };
 use visibility_common::{
-    config::{Gateway, KUBE_PROXY_MASQUERADE_MARK},
+    config::Gateway,
     counters::{Counter, CounterValue},
     flow::{FlowKey, FlowStats},
     map_names,
@@ -57,12 +57,17 @@ use crate::lab::{
     NODE_UPLINK, Netns, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, POD_IFNAME,
 };
 
-/// `TC_ACT_OK`: the packet goes on through the kernel.
+/// `TC_ACT_OK`: the packet goes on through the kernel, and no other TC program on the
+/// hook sees it.
 pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1) as the kernel reports it: the packet goes on to the next
+/// program on the hook (`TCX_NEXT`), then through the kernel. What the datapath
+/// returns for every packet it passes.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+/// `TC_ACT_SHOT`: the packet is dropped.
+pub const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_REDIRECT`: a redirect helper chose the packet's next device.
 pub const TC_ACT_REDIRECT: u32 = 7;
-/// The masquerade mark the datapath is configured with.
-pub const MASQUERADE_MARK: u32 = KUBE_PROXY_MASQUERADE_MARK;
 
 /// Where bpffs is mounted.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -384,19 +389,19 @@ pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
     for addr in &node_addrs {
         maps.add_node_addr(addr)?;
     }
-    for (family, addr) in [
-        (Family::V4, IpAddr::from(GATEWAY_IPV4)),
-        (Family::V6, IpAddr::from(GATEWAY_IPV6)),
+    for (family, addr, node_addr) in [
+        (Family::V4, IpAddr::from(GATEWAY_IPV4), IpAddr::from(NODE_IPV4)),
+        (Family::V6, IpAddr::from(GATEWAY_IPV6), IpAddr::from(NODE_IPV6)),
     ] {
         maps.set_gateway(
             family,
             Gateway {
                 ifindex: uplink,
                 addr: addr_bytes(&addr),
+                node_addr: addr_bytes(&node_addr),
             },
         )?;
     }
-    maps.update_settings(|s| s.masquerade_mark = MASQUERADE_MARK)?;
     maps.set_enabled(true)?;
     Ok(())
 }

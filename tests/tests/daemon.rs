@@ -189,7 +189,7 @@ fn disable_and_enable_keep_a_live_connection() {
     load.wait_for_echoes(3, WAIT).unwrap();
     lab.flush_gateway_flows().unwrap();
     let forwarded = lab.gateway_forwarded_packets().unwrap();
-    let passed = node.counter("pod_ingress", "pass_disabled").unwrap();
+    let passed = node.counter("pod_egress", "pass_disabled").unwrap();
     load.wait_for_echoes(25, WAIT).unwrap();
     assert_eq!(
         lab.gateway_forwarded_packets().unwrap(),
@@ -200,7 +200,7 @@ fn disable_and_enable_keep_a_live_connection() {
         !this_connection(lab),
         "off: the gateway logged the connection"
     );
-    assert!(node.counter("pod_ingress", "pass_disabled").unwrap() >= passed + 40);
+    assert!(node.counter("pod_egress", "pass_disabled").unwrap() >= passed + 40);
 
     let out = node.cli_ok(&["enable"]).unwrap();
     assert!(out.contains("now on"), "{out}");
@@ -249,7 +249,7 @@ fn exempt_add_and_remove_are_seen_by_the_gateway() {
     assert_eq!(node.status().unwrap()["exempt"], serde_json::json!([rule]));
 
     lab.flush_gateway_flows().unwrap();
-    let passed = node.counter("pod_ingress", "pass_exempt").unwrap();
+    let passed = node.counter("pod_egress", "pass_exempt").unwrap();
     udp_exchange(lab, 0, 1, 5353);
     udp_exchange(lab, 0, 1, 5354);
     assert!(
@@ -262,7 +262,7 @@ fn exempt_add_and_remove_are_seen_by_the_gateway() {
         "not exempt: {:?}",
         lab.gateway_flows()
     );
-    assert!(node.counter("pod_ingress", "pass_exempt").unwrap() >= passed + 2);
+    assert!(node.counter("pod_egress", "pass_exempt").unwrap() >= passed + 2);
     let flows = node.flows(&["dport=5353"]).unwrap();
     assert!(
         !flows.is_empty() && flows.iter().all(|f| f["path"] == "exempt"),
@@ -488,7 +488,7 @@ fn kill_9_and_restart_under_tcp_load() {
     let old_pid = node.daemon_pid().unwrap();
     let before_kill = node.status().unwrap();
     assert_eq!(before_kill["daemon"]["origin"], "loaded");
-    let redirected = counter_in(&before_kill, "pod_ingress", "redirected_to_gateway").unwrap();
+    let redirected = counter_in(&before_kill, "pod_egress", "redirected_to_gateway").unwrap();
     let forwarded = node.lab.gateway_forwarded_packets().unwrap();
 
     node.kill_daemon().unwrap();
@@ -508,7 +508,7 @@ fn kill_9_and_restart_under_tcp_load() {
     let without_daemon = node.status().unwrap();
     assert_eq!(without_daemon["daemon_running"], false);
     assert!(
-        counter_in(&without_daemon, "pod_ingress", "redirected_to_gateway").unwrap()
+        counter_in(&without_daemon, "pod_egress", "redirected_to_gateway").unwrap()
             >= redirected + 20
     );
 
@@ -809,7 +809,7 @@ fn status_shows_everything_and_fails_without_the_daemon() {
             .iter()
             .all(|c| c["bytes"].is_u64() && c["packets"].is_u64())
     );
-    assert!(counter_in(&status, "pod_ingress", "redirected_to_gateway").unwrap() >= 8);
+    assert!(counter_in(&status, "pod_egress", "redirected_to_gateway").unwrap() >= 8);
     assert!(counter_in(&status, "uplink_ingress", "delivered_from_gateway").unwrap() >= 8);
     let checks = daemon["checks"].as_array().unwrap();
     for name in [
@@ -1139,27 +1139,35 @@ fn datapath_log_records_reach_the_daemon_log() {
     ];
     node.start_daemon(args.iter().map(|a| a.to_string()).collect())
         .unwrap();
-    // No route to 10.99.0.1: the redirect cannot be done, so the ping is delivered locally.
-    node.lab.pod_ns(0).ping(node.lab.pod_ipv4(1), 3).unwrap();
+    // No route to 10.99.0.1: the redirect cannot be done. The packets are dropped, never
+    // delivered around the gateway, and the datapath says why in the daemon's log.
+    assert!(
+        !node
+            .lab
+            .pod_ns(0)
+            .ping_once(node.lab.pod_ipv4(1), Duration::from_secs(1)),
+        "a Pod-to-Pod ping went around the unreachable gateway"
+    );
+    let _ = node.lab.pod_ns(0).ping(node.lab.pod_ipv4(1), 2);
     let line =
         visibility_tests::node::poll(Duration::from_secs(5), "the datapath's log record", || {
             let log = node.daemon_log()?;
             Ok(log
                 .lines()
-                .find(|l| l.contains("no route for a Pod-to-Pod packet"))
+                .find(|l| l.contains("dropped a Pod-to-Pod packet"))
                 .map(str::to_owned))
         })
         .unwrap();
-    assert!(line.contains("pod_ingress"), "{line}");
+    assert!(line.contains("pod_egress"), "{line}");
     assert!(
-        node.counter("pod_ingress", "pass_route_lookup_failed")
+        node.counter("pod_egress", "dropped_no_gateway_route")
             .unwrap()
             >= 3
     );
     let log = node.daemon_log().unwrap();
     let records = log
         .lines()
-        .filter(|l| l.contains("no route for a Pod-to-Pod packet"))
+        .filter(|l| l.contains("dropped a Pod-to-Pod packet"))
         .count();
     assert!(
         records <= 4,

@@ -538,7 +538,7 @@ fn disable_keeps_traffic_local_and_enable_restores_it(family: IpFamily) {
     assert_eq!(node.status().unwrap()["enabled"], false);
     lab.flush_gateway_flows().unwrap();
     let forwarded = lab.gateway_forwarded_packets().unwrap();
-    let disabled = counter(&node, "pod_ingress", "pass_disabled");
+    let disabled = counter(&node, "pod_egress", "pass_disabled");
     assert_pair_works(lab, 0, 1, family);
     let (client, server) = udp_echo(lab, 0, 1, 0, family, 2, WORKS).unwrap();
     assert_eq!(
@@ -548,7 +548,7 @@ fn disable_keeps_traffic_local_and_enable_restores_it(family: IpFamily) {
     );
     let seen = lab.gateway_flows_involving(p0).unwrap();
     assert!(seen.is_empty(), "the gateway saw: {seen:#?}");
-    assert!(counter(&node, "pod_ingress", "pass_disabled") > disabled);
+    assert!(counter(&node, "pod_egress", "pass_disabled") > disabled);
     let udp = protocol_number("udp", family);
     let local = flow_record(&node, udp, socket(client), socket(server)).unwrap();
     assert_eq!(path(&local), "local", "{local}");
@@ -638,7 +638,7 @@ fn node_and_pod_traffic_stays_local(family: IpFamily) {
     let node_ip = Lab::node_ip(family);
     let forwarded = lab.gateway_forwarded_packets().unwrap();
     let delivered = counter(&node, "uplink_ingress", "delivered_from_gateway");
-    let redirected = counter(&node, "pod_ingress", "redirected_to_gateway");
+    let redirected = counter(&node, "pod_egress", "redirected_to_gateway");
     let gateway_bound = gateway_bound_flows(&node, p1);
 
     lab.node().ping(p1, 3).unwrap();
@@ -689,7 +689,7 @@ fn node_and_pod_traffic_stays_local(family: IpFamily) {
     let seen = lab.gateway_flows().unwrap();
     assert!(seen.is_empty(), "the gateway saw: {seen:#?}");
     assert_eq!(
-        counter(&node, "pod_ingress", "redirected_to_gateway"),
+        counter(&node, "pod_egress", "redirected_to_gateway"),
         redirected
     );
     assert_eq!(

@@ -160,12 +160,13 @@ fn the_pod_to_pod_leg_of_service_traffic_goes_through_the_gateway() {
             .flows(&[&format!("dst={}", node.lab.pod_ip(1, family)), "proto=tcp"])
             .unwrap();
         assert!(
-            leg.iter().any(|f| f["path"] == "via_gateway_after_nat"
+            leg.iter().any(|f| f["path"] == "via_gateway_service_leg"
                 && f["connection"]["dest_port"] == TARGET_PORT),
             "{leg:?}"
         );
-        assert!(node.counter("pod_egress", "redirected_after_nat").unwrap() >= 2);
-        assert!(node.counter("pod_ingress", "pass_nat_reply").unwrap() >= 1);
+        assert!(node.counter("pod_egress", "redirected_service_leg").unwrap() >= 2);
+        // The backend's replies cross the gateway too, with its own source.
+        assert!(node.counter("pod_egress", "redirected_service_reply").unwrap() >= 1);
         // Visibility off: Service traffic works and stays on the node.
         node.cli_ok(&["disable"]).unwrap();
         node.lab.flush_gateway_flows().unwrap();
@@ -242,7 +243,7 @@ fn a_backend_elsewhere_changes_nothing() {
         assert_eq!(reply, b"elsewhere");
         server.join().unwrap();
         assert_eq!(
-            node.counter("pod_egress", "redirected_after_nat").unwrap(),
+            node.counter("pod_egress", "redirected_service_leg").unwrap(),
             0
         );
     });

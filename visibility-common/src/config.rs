@@ -1,9 +1,5 @@
 //! Configuration maps that userspace writes while the programs run.
 
-/// kube-proxy's masquerade mark: packets carrying it are Service hairpins that
-/// kube-proxy SNATs, and must stay on the node (netd's ip rule 74 does the same).
-pub const KUBE_PROXY_MASQUERADE_MARK: u32 = 0x4000;
-
 /// Where redirected packets of one address family leave the node.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -12,6 +8,9 @@ pub struct Gateway {
     pub ifindex: u32,
     /// The gateway's address, IPv4 in the first four bytes.
     pub addr: [u8; 16],
+    /// The node's own address on the uplink, IPv4 in the first four bytes: the source
+    /// of the ICMP errors the datapath sends as a router (packet too big).
+    pub node_addr: [u8; 16],
 }
 
 impl Gateway {
@@ -32,8 +31,6 @@ pub struct Settings {
     /// lookups per packet.
     pub has_exemptions: u8,
     pub _pad: [u8; 2],
-    /// Packets whose mark has any of these bits set stay on the node.
-    pub masquerade_mark: u32,
     pub gateway_v4: Gateway,
     pub gateway_v6: Gateway,
 }
@@ -133,6 +130,10 @@ pub struct PodIface {
     /// can be handed straight to the Pod's side with `bpf_redirect_peer`.
     pub is_veth: u8,
     pub _pad: [u8; 3],
+    /// The interface the node routes this Pod's addresses to: the interface itself
+    /// (ptp CNIs), or the bridge it is a port of. A packet from the interface whose
+    /// source the node routes elsewhere is spoofed.
+    pub route_ifindex: u32,
 }
 
 #[cfg(feature = "user")]
@@ -182,8 +183,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Gateway>(), 20);
-        assert_eq!(core::mem::size_of::<Settings>(), 8 + 2 * 20);
+        assert_eq!(core::mem::size_of::<Gateway>(), 36);
+        assert_eq!(core::mem::size_of::<Settings>(), 4 + 2 * 36);
+        assert_eq!(core::mem::size_of::<PodIface>(), 8);
         assert_eq!(core::mem::size_of::<ExemptRule>(), 4);
         assert_eq!(core::mem::size_of::<ExemptRules>(), 4 + 8 * 4);
         assert_eq!(core::mem::size_of::<NodeAddr>(), 20);

@@ -64,61 +64,91 @@ impl FlowKey {
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {
-    /// Sent from a Pod to the gateway and back.
+    /// Sent from a Pod to the gateway, after the node's stack, and back to the Pod.
     ViaGateway = 1,
-    /// Service traffic: sent to the gateway after the node's NAT chose a Pod here.
-    ViaGatewayAfterNat = 2,
+    /// Service traffic: sent to the gateway after the node's DNAT chose a Pod here.
+    ViaGatewayServiceLeg = 2,
+    /// A Service backend's replies: sent to the gateway with the backend Pod's source,
+    /// the Service's source put back when they return.
+    ViaGatewayServiceReply = 3,
     /// Stayed on the node because an exempt range covers it.
-    Exempt = 3,
-    /// Seen only coming back from the gateway.
-    ReturnedFromGateway = 4,
+    Exempt = 4,
     /// Its destination is not a Pod on this node.
     NotSameNode = 5,
-    /// Stayed on the node for another reason (visibility off, TTL, NAT reply, mark).
+    /// Stayed on the node for another reason (visibility off, no gateway, a spoofed
+    /// source, a reply whose source cannot be put back).
     Local = 6,
+    /// Dropped on the way to the gateway (gateway unresolved or unreachable, larger
+    /// than the uplink's MTU, a failed rewrite).
+    Dropped = 7,
 }
 
 impl Path {
     pub const fn from_u8(value: u8) -> Option<Self> {
         Some(match value {
             1 => Path::ViaGateway,
-            2 => Path::ViaGatewayAfterNat,
-            3 => Path::Exempt,
-            4 => Path::ReturnedFromGateway,
+            2 => Path::ViaGatewayServiceLeg,
+            3 => Path::ViaGatewayServiceReply,
+            4 => Path::Exempt,
             5 => Path::NotSameNode,
             6 => Path::Local,
+            7 => Path::Dropped,
             _ => return None,
         })
     }
+
+    /// Every path, in number order.
+    pub const ALL: [Path; 7] = [
+        Path::ViaGateway,
+        Path::ViaGatewayServiceLeg,
+        Path::ViaGatewayServiceReply,
+        Path::Exempt,
+        Path::NotSameNode,
+        Path::Local,
+        Path::Dropped,
+    ];
 
     /// A stable snake_case name for the CLI, records and metrics.
     pub const fn name(self) -> &'static str {
         match self {
             Path::ViaGateway => "via_gateway",
-            Path::ViaGatewayAfterNat => "via_gateway_after_nat",
+            Path::ViaGatewayServiceLeg => "via_gateway_service_leg",
+            Path::ViaGatewayServiceReply => "via_gateway_service_reply",
             Path::Exempt => "exempt",
-            Path::ReturnedFromGateway => "returned_from_gateway",
             Path::NotSameNode => "not_same_node",
             Path::Local => "local",
+            Path::Dropped => "dropped",
         }
     }
 
-    /// The path a packet that a Pod sent took, from the counter its outcome was
-    /// accounted in. `None` for traffic that is not a Pod flow (link-scope,
-    /// node-address, unparsable) and for packets coming back from the gateway.
+    /// Whether packets of the flow go out to the gateway, so that the uplink hands
+    /// what comes back to the Pod.
+    pub const fn takes_gateway(self) -> bool {
+        matches!(
+            self,
+            Path::ViaGateway | Path::ViaGatewayServiceLeg | Path::ViaGatewayServiceReply
+        )
+    }
+
+    /// The path of a packet that a Pod sent, from the verdict counter of its outcome.
+    /// `None` for traffic that is not a Pod flow (link-scope, node-address,
+    /// unparsable), for what `pod_ingress` hands to the node's stack (judged again
+    /// at egress) and for packets coming back from the gateway.
     pub const fn of_sent(counter: Counter) -> Option<Self> {
         match counter {
             Counter::RedirectedToGateway => Some(Path::ViaGateway),
-            Counter::RedirectedAfterNat => Some(Path::ViaGatewayAfterNat),
+            Counter::RedirectedServiceLeg => Some(Path::ViaGatewayServiceLeg),
+            Counter::RedirectedServiceReply => Some(Path::ViaGatewayServiceReply),
             Counter::PassExempt => Some(Path::Exempt),
             Counter::PassNotSameNode => Some(Path::NotSameNode),
             Counter::PassDisabled
-            | Counter::PassTtlExpired
-            | Counter::PassNatReply
-            | Counter::PassMasqueradeMark
             | Counter::PassNoGateway
-            | Counter::PassGatewayUnresolved
-            | Counter::PassRouteLookupFailed => Some(Path::Local),
+            | Counter::PassSpoofedSource
+            | Counter::PassServiceReplyUnrestorable => Some(Path::Local),
+            Counter::DroppedGatewayUnresolved
+            | Counter::DroppedNoGatewayRoute
+            | Counter::DroppedRewriteFailed
+            | Counter::DroppedTooBig => Some(Path::Dropped),
             _ => None,
         }
     }
@@ -129,7 +159,8 @@ impl Path {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Packets the source sent (GSO super-packets count as their segments).
+    /// Packets the source sent (GSO super-packets count as their segments), counted
+    /// after the node's stack for Pod-to-Pod flows.
     pub packets: u64,
     /// IP bytes the source sent, headers included, as on the wire.
     pub bytes: u64,
@@ -137,6 +168,8 @@ pub struct FlowStats {
     pub returned_packets: u64,
     pub returned_bytes: u64,
     pub first_seen_ns: u64,
+    /// When the source last sent a packet of the flow: the uplink hands back only
+    /// packets of flows sent to the gateway within [`crate::RETURN_WINDOW_NS`].
     pub last_seen_ns: u64,
     /// The Pod interface the flow entered the node on.
     pub ingress_ifindex: u32,
@@ -155,11 +188,25 @@ impl FlowStats {
     }
 }
 
+/// Value of the NAT-leg map, whose key is a Service reply's [`FlowKey`] as it crossed
+/// the gateway (the backend Pod's address and port as source): the source the node's
+/// NAT gave the reply (the Service's), which is put back when it returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatLeg {
+    /// IPv4 in the first four bytes, the rest zero.
+    pub src_addr: [u8; 16],
+    /// Host byte order.
+    pub src_port: u16,
+    pub _pad: [u8; 6],
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     // SAFETY: `#[repr(C)]`, `Copy`, explicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::NatLeg {}
 }
 
 #[cfg(test)]
@@ -170,6 +217,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(core::mem::size_of::<FlowStats>(), 6 * 8 + 2 * 4 + 8);
+        assert_eq!(core::mem::size_of::<NatLeg>(), 16 + 2 + 6);
     }
 
     #[test]

@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod config;
 pub mod counters;
 pub mod flow;
+pub mod hook;
 pub mod packet;
 #[cfg(any(test, feature = "builder"))]
 pub mod testing;
@@ -35,7 +36,8 @@ pub mod map_names {
     pub const POD_IFACES: &str = "VIS_POD_IFACES";
     /// `LruHashMap<FlowKey, FlowStats>`: per-flow counters.
     pub const FLOWS: &str = "VIS_FLOWS";
-    /// `LruHashMap<FlowKey, u8>`: Pod-to-Pod legs of connections the node NATs.
+    /// `LruHashMap<FlowKey, NatLeg>`: Service replies sent to the gateway with the
+    /// backend Pod's source, and the Service source to put back when they return.
     pub const NAT_LEGS: &str = "VIS_NAT_LEGS";
     /// `PerCpuArray<CounterValue>`: one slot per [`crate::counters::Counter`].
     pub const COUNTERS: &str = "VIS_COUNTERS";
@@ -66,9 +68,18 @@ pub const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
 /// evicted Pod's next packet asks the FIB again.
 pub const POD_ROUTE_CACHE_CAPACITY: u32 = 1024;
 
+/// How long after a flow's last packet went to the gateway the uplink still hands
+/// packets of that flow to the Pod. A packet is back from the VPC within
+/// milliseconds; anything later, or of a flow never sent, goes to the node's stack.
+/// It also bounds how long the uplink keeps delivering after visibility is turned off.
+pub const RETURN_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Entries of the fragment map: datagrams in flight whose first fragment was seen.
+pub const FRAGMENT_CAPACITY: u32 = 8192;
+
 /// Default number of entries of the flow map; userspace may change it at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 65_536;
-/// Number of entries of the NAT-leg map.
+/// Number of entries of the NAT-leg map (Service replies in flight).
 pub const NAT_LEG_CAPACITY: u32 = 16_384;
 /// Largest number of Pod CIDRs per family.
 pub const MAX_POD_CIDRS: u32 = 64;

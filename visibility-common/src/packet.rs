@@ -10,6 +10,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -61,12 +62,38 @@ pub enum Family {
 /// Why a frame could not be classified; it is passed on unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParseError {
-    /// ARP, VLAN-tagged or any other non-IP ethertype.
+    /// ARP, VLAN-tagged frames (the ethertype is the tag's, 0x8100) and any other
+    /// ethertype that is not IPv4 or IPv6.
     NotIp,
-    /// A header is truncated or inconsistent.
+    /// The IP header is truncated, inconsistent or fails its checksum: a packet the
+    /// kernel drops on receive, so it never reaches another Pod.
     Malformed,
-    /// A fragment: its ports, if any, are not in this packet.
-    Fragment,
+}
+
+/// Where a packet stands in its datagram.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragmentPart {
+    /// A whole datagram.
+    Whole = 0,
+    /// The fragment at offset 0: it carries the transport header.
+    First = 1,
+    /// A fragment at a later offset: no transport header, so no ports.
+    Later = 2,
+}
+
+/// How much of the transport header could be read.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Read: ports, identifiers and TCP flags are set (0 for protocols without them).
+    Read = 0,
+    /// A later fragment: the transport header is in the first fragment.
+    InFirstFragment = 1,
+    /// Truncated, or behind more IPv6 extension headers than the parser walks, or
+    /// behind an extension header that does not fit: ports are 0. The kernel still
+    /// forwards such packets (routers do not read transport headers).
+    Unreadable = 2,
 }
 
 /// What the datapath needs to know about one packet.
@@ -80,10 +107,11 @@ pub struct Packet {
     /// Source address; IPv4 in the first four bytes, the rest zero.
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// The transport protocol (for IPv6, the header after the extension headers).
     pub protocol: u8,
-    /// TCP/UDP source port, or the ICMP echo identifier; host byte order.
+    /// TCP/UDP/SCTP source port, or the ICMP echo identifier; host byte order.
     pub src_port: u16,
-    /// TCP/UDP destination port, or the ICMP `type << 8 | code`; host byte order.
+    /// TCP/UDP/SCTP destination port, or the ICMP `type << 8 | code`; host byte order.
     pub dst_port: u16,
     /// TCP flags byte (FIN, SYN, RST, PSH, ACK, URG, ECE, CWR); 0 for other protocols.
     pub tcp_flags: u8,
@@ -92,6 +120,16 @@ pub struct Packet {
     /// Length of the IP packet: IPv4 total length, IPv6 payload length plus 40
     /// (at most `u16::MAX`).
     pub ip_len: u16,
+    /// Whole datagram, first fragment or later fragment.
+    pub fragment: FragmentPart,
+    /// Whether the ports were read.
+    pub transport: Transport,
+    /// The fragment identification (IPv4: the 16-bit ID; IPv6: the fragment header's
+    /// 32-bit identification); 0 for whole datagrams.
+    pub fragment_id: u32,
+    /// Where the transport header starts in the frame (after IPv4 options and IPv6
+    /// extension headers); meaningful when `transport` is [`Transport::Read`].
+    pub l4_offset: u16,
 }
 
 impl Packet {
@@ -136,6 +174,38 @@ pub fn parse<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pack
     }
 }
 
+/// The longest IPv4 header (15 words of four bytes).
+const IPV4_MAX_HEADER_LEN: usize = 60;
+
+/// Whether the IPv4 header of `header_len` bytes at `ETH_HLEN` sums to zero, as the
+/// kernel requires before it forwards a packet (`ip_rcv`). `fixed` is its first 20 bytes.
+#[inline(always)]
+fn ipv4_header_checksum_ok<R: PacketReader + ?Sized>(
+    pkt: &R,
+    fixed: &[u8; 20],
+    header_len: usize,
+) -> Option<bool> {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(be16([fixed[i], fixed[i + 1]]));
+        i += 2;
+    }
+    // Options, four bytes at a time; a bounded loop the verifier can follow.
+    let mut offset = 20;
+    while offset < IPV4_MAX_HEADER_LEN {
+        if offset >= header_len {
+            break;
+        }
+        let word: [u8; 4] = pkt.read(ETH_HLEN + offset)?;
+        sum += u32::from(be16([word[0], word[1]])) + u32::from(be16([word[2], word[3]]));
+        offset += 4;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    Some(sum == 0xffff)
+}
+
 #[inline(always)]
 fn parse_ipv4<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Packet, ParseError> {
     let ip: [u8; 20] = pkt.read(ETH_HLEN).ok_or(ParseError::Malformed)?;
@@ -150,11 +220,19 @@ fn parse_ipv4<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
     {
         return Err(ParseError::Malformed);
     }
-    let flags_fragment = be16([ip[6], ip[7]]);
-    // More-fragments set, or a non-zero offset.
-    if flags_fragment & 0x3fff != 0 {
-        return Err(ParseError::Fragment);
+    if ipv4_header_checksum_ok(pkt, &ip, header_len) != Some(true) {
+        return Err(ParseError::Malformed);
     }
+    let flags_fragment = be16([ip[6], ip[7]]);
+    let offset = flags_fragment & 0x1fff;
+    let more_fragments = flags_fragment & 0x2000 != 0;
+    let fragment = if offset != 0 {
+        FragmentPart::Later
+    } else if more_fragments {
+        FragmentPart::First
+    } else {
+        FragmentPart::Whole
+    };
     let mut packet = Packet {
         family: Family::V4,
         src: [0; 16],
@@ -165,11 +243,19 @@ fn parse_ipv4<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
         tcp_flags: 0,
         ttl: ip[8],
         ip_len: total_len,
+        fragment,
+        transport: Transport::Read,
+        fragment_id: if fragment == FragmentPart::Whole {
+            0
+        } else {
+            u32::from(be16([ip[4], ip[5]]))
+        },
+        l4_offset: 0,
     };
     packet.src[..4].copy_from_slice(&ip[12..16]);
     packet.dst[..4].copy_from_slice(&ip[16..20]);
     let l4_len = usize::from(total_len) - header_len;
-    parse_transport(pkt, &mut packet, ETH_HLEN + header_len, l4_len)?;
+    parse_transport(pkt, &mut packet, ETH_HLEN + header_len, l4_len);
     Ok(packet)
 }
 
@@ -194,6 +280,10 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
         ttl: ip[7],
         // 40 + a 16-bit payload length may not fit: saturate rather than wrap.
         ip_len: u16::try_from(40 + payload_len).unwrap_or(u16::MAX),
+        fragment: FragmentPart::Whole,
+        transport: Transport::Read,
+        fragment_id: 0,
+        l4_offset: 0,
     };
     packet.src.copy_from_slice(&ip[8..24]);
     packet.dst.copy_from_slice(&ip[24..40]);
@@ -202,78 +292,134 @@ fn parse_ipv6<R: PacketReader + ?Sized>(pkt: &R, frame_len: usize) -> Result<Pac
     let mut remaining = payload_len;
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         // Each extension header starts with the next header and its own length.
-        let units_of_8 = match packet.protocol {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => true,
-            IPPROTO_AH => false,
-            IPPROTO_FRAGMENT => return Err(ParseError::Fragment),
+        let ext_len = match packet.protocol {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Some([_, len]) = pkt.read::<2>(offset) else {
+                    break;
+                };
+                (usize::from(len) + 1) * 8
+            }
+            IPPROTO_AH => {
+                let Some([_, len]) = pkt.read::<2>(offset) else {
+                    break;
+                };
+                (usize::from(len) + 2) * 4
+            }
+            IPPROTO_FRAGMENT => 8,
             _ => break,
         };
-        let [next, len]: [u8; 2] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-        let ext_len = if units_of_8 {
-            (usize::from(len) + 1) * 8
-        } else {
-            (usize::from(len) + 2) * 4
-        };
         if ext_len > remaining {
-            return Err(ParseError::Malformed);
+            break;
         }
-        packet.protocol = next;
+        // Next header, then (fragment header only) the offset, flags and identification.
+        let Some(head) = pkt.read::<8>(offset) else {
+            break;
+        };
+        if packet.protocol == IPPROTO_FRAGMENT {
+            let offset_flags = be16([head[2], head[3]]);
+            packet.fragment = if offset_flags & 0xfff8 != 0 {
+                FragmentPart::Later
+            } else {
+                FragmentPart::First
+            };
+            packet.fragment_id = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        }
+        packet.protocol = head[0];
         offset += ext_len;
         remaining -= ext_len;
     }
     match packet.protocol {
-        // More extension headers than we walk: classify nothing rather than guess.
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
-            Err(ParseError::Malformed)
+        // An extension header the walk did not get past (too many, truncated, or
+        // longer than the payload): the transport header cannot be found.
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            packet.transport = Transport::Unreadable;
         }
-        IPPROTO_FRAGMENT => Err(ParseError::Fragment),
-        _ => {
-            parse_transport(pkt, &mut packet, offset, remaining)?;
-            Ok(packet)
-        }
+        _ => parse_transport(pkt, &mut packet, offset, remaining),
     }
+    Ok(packet)
 }
 
-/// Reads ports, ICMP identifiers and TCP flags. Other protocols carry none.
+/// Reads ports, ICMP identifiers and TCP flags from a header at `offset` with `l4_len`
+/// bytes of transport data in this packet. Other protocols carry none. A later
+/// fragment has no transport header; a header that does not fit leaves the packet
+/// [`Transport::Unreadable`].
 #[inline(always)]
 fn parse_transport<R: PacketReader + ?Sized>(
     pkt: &R,
     packet: &mut Packet,
     offset: usize,
     l4_len: usize,
-) -> Result<(), ParseError> {
-    match packet.protocol {
-        IPPROTO_TCP => {
-            if l4_len < 20 {
-                return Err(ParseError::Malformed);
-            }
-            let tcp: [u8; 14] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-            packet.src_port = be16([tcp[0], tcp[1]]);
-            packet.dst_port = be16([tcp[2], tcp[3]]);
-            packet.tcp_flags = tcp[13];
-        }
-        IPPROTO_UDP => {
-            if l4_len < 8 {
-                return Err(ParseError::Malformed);
-            }
-            let udp: [u8; 4] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-            packet.src_port = be16([udp[0], udp[1]]);
-            packet.dst_port = be16([udp[2], udp[3]]);
-        }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            if l4_len < 8 {
-                return Err(ParseError::Malformed);
-            }
-            let icmp: [u8; 6] = pkt.read(offset).ok_or(ParseError::Malformed)?;
-            let (kind, code) = (icmp[0], icmp[1]);
-            packet.dst_port = u16::from(kind) << 8 | u16::from(code);
-            if is_echo(packet.protocol, kind) {
-                packet.src_port = be16([icmp[4], icmp[5]]);
-            }
-        }
-        _ => {}
+) {
+    if packet.fragment == FragmentPart::Later {
+        packet.transport = Transport::InFirstFragment;
+        return;
     }
-    Ok(())
+    // Frames are far shorter than 64 KiB of headers; saturate rather than wrap.
+    packet.l4_offset = u16::try_from(offset).unwrap_or(u16::MAX);
+    let read = match packet.protocol {
+        IPPROTO_TCP => read_tcp(pkt, packet, offset, l4_len),
+        IPPROTO_UDP => read_ports(pkt, packet, offset, l4_len, 8),
+        IPPROTO_SCTP => read_ports(pkt, packet, offset, l4_len, 12),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => read_icmp(pkt, packet, offset, l4_len),
+        _ => Some(()),
+    };
+    if read.is_none() {
+        packet.transport = Transport::Unreadable;
+    }
+}
+
+#[inline(always)]
+fn read_tcp<R: PacketReader + ?Sized>(
+    pkt: &R,
+    packet: &mut Packet,
+    offset: usize,
+    l4_len: usize,
+) -> Option<()> {
+    if l4_len < 20 {
+        return None;
+    }
+    let tcp: [u8; 14] = pkt.read(offset)?;
+    packet.src_port = be16([tcp[0], tcp[1]]);
+    packet.dst_port = be16([tcp[2], tcp[3]]);
+    packet.tcp_flags = tcp[13];
+    Some(())
+}
+
+/// The two ports that open UDP and SCTP headers (`header_len` long).
+#[inline(always)]
+fn read_ports<R: PacketReader + ?Sized>(
+    pkt: &R,
+    packet: &mut Packet,
+    offset: usize,
+    l4_len: usize,
+    header_len: usize,
+) -> Option<()> {
+    if l4_len < header_len {
+        return None;
+    }
+    let ports: [u8; 4] = pkt.read(offset)?;
+    packet.src_port = be16([ports[0], ports[1]]);
+    packet.dst_port = be16([ports[2], ports[3]]);
+    Some(())
+}
+
+#[inline(always)]
+fn read_icmp<R: PacketReader + ?Sized>(
+    pkt: &R,
+    packet: &mut Packet,
+    offset: usize,
+    l4_len: usize,
+) -> Option<()> {
+    if l4_len < 8 {
+        return None;
+    }
+    let icmp: [u8; 6] = pkt.read(offset)?;
+    let (kind, code) = (icmp[0], icmp[1]);
+    packet.dst_port = u16::from(kind) << 8 | u16::from(code);
+    if is_echo(packet.protocol, kind) {
+        packet.src_port = be16([icmp[4], icmp[5]]);
+    }
+    Some(())
 }
 
 /// Echo request or reply, whose identifier tells one ping session from another.

@@ -1,35 +1,39 @@
 //! The pure decision: given what a hook saw and what the maps say, where does the
 //! packet go? The datapath gathers facts lazily through [`Lookups`]; host tests
 //! answer them from plain sets and cover every branch.
+//!
+//! The design keeps the node's own packet filter in the path of every Pod-to-Pod
+//! packet: `pod_ingress` only counts and hands everything to the node's stack, and the
+//! decision to send a packet to the gateway is taken at `pod_egress`, on the
+//! destination Pod's interface, after the node's netfilter (filter FORWARD, conntrack,
+//! NAT) has judged and forwarded it. What comes back from the gateway goes straight
+//! to the Pod, and only when the datapath sent it.
 
+pub use crate::hook::Hook;
 use crate::{
     counters::Counter,
     packet::{Family, Packet},
 };
 
-/// Where a program runs.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Hook {
-    /// Host side of a Pod veth, ingress: what the Pod sends, before the node's stack.
-    PodIngress,
-    /// Host side of a Pod veth, egress: what the node forwards to the Pod, after the
-    /// node's NAT. This is where Service traffic (Pod → ClusterIP → Pod) shows its
-    /// Pod-to-Pod leg.
-    PodEgress,
-    /// The uplink, ingress: what the network sends the node.
-    Uplink,
+/// Which leg of a connection a packet sent to the gateway is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    /// Addresses and ports as the source Pod sent them.
+    Direct,
+    /// The node's DNAT chose the destination Pod (Pod → Service → Pod).
+    ServiceLeg,
+    /// A Service backend's reply, which the node's NAT gave the Service's source:
+    /// it goes out with the backend Pod's source, and gets the Service's back on return.
+    ServiceReply,
 }
 
-impl Hook {
-    pub const ALL: &'static [Hook] = &[Hook::PodIngress, Hook::PodEgress, Hook::Uplink];
-
-    /// A stable snake_case name, used in the CLI and in metric labels.
-    pub const fn name(self) -> &'static str {
+impl Leg {
+    /// The counter slot a packet sent as this leg is accounted in.
+    pub const fn counter(self) -> Counter {
         match self {
-            Hook::PodIngress => "pod_ingress",
-            Hook::PodEgress => "pod_egress",
-            Hook::Uplink => "uplink_ingress",
+            Leg::Direct => Counter::RedirectedToGateway,
+            Leg::ServiceLeg => Counter::RedirectedServiceLeg,
+            Leg::ServiceReply => Counter::RedirectedServiceReply,
         }
     }
 }
@@ -38,7 +42,7 @@ impl Hook {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Rewrite for the wire and send out of the uplink toward the gateway.
-    ToGateway,
+    ToGateway(Leg),
     /// Hand to the destination Pod's interface.
     ToPod,
     /// Leave to the kernel, unchanged. The counter says why.
@@ -47,14 +51,32 @@ pub enum Verdict {
 
 impl Verdict {
     /// The counter slot this verdict is accounted in.
-    pub const fn counter(self, hook: Hook) -> Counter {
+    pub const fn counter(self) -> Counter {
         match self {
-            Verdict::ToGateway if matches!(hook, Hook::PodEgress) => Counter::RedirectedAfterNat,
-            Verdict::ToGateway => Counter::RedirectedToGateway,
+            Verdict::ToGateway(leg) => leg.counter(),
             Verdict::ToPod => Counter::DeliveredFromGateway,
             Verdict::Pass(counter) => counter,
         }
     }
+}
+
+/// What the node's stack did to a packet's addresses and ports between `pod_ingress`
+/// (which saw it as the Pod sent it) and `pod_egress`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeNat {
+    /// Nothing changed.
+    Unchanged,
+    /// The destination changed: DNAT (a Service's address became a Pod's).
+    DestinationChanged,
+    /// The source changed (a Service reply that the node gave the Service's address)
+    /// and the Pod's own source can be put back: TCP or UDP with ports read.
+    SourceRestorable,
+    /// The source changed, and cannot be put back in the packet (ICMP errors, whose
+    /// embedded header NAT rewrote too; protocols without readable ports).
+    SourceUnrestorable,
+    /// What the Pod sent was not seen (the node's stack queued the packet, or it
+    /// did not come from a Pod interface).
+    Unknown,
 }
 
 /// The map lookups a decision may need. Each is asked at most once, and only when
@@ -71,11 +93,16 @@ pub trait Lookups {
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool;
     /// A gateway is configured for the family.
     fn has_gateway(&self, family: Family) -> bool;
-    /// The packet is a reply of a connection whose Pod-to-Pod leg the node NATs (a
-    /// Service's backend answering its client): it must go back through the node's
-    /// stack so that the NAT is undone. Asked at ingress only, and late, since only
-    /// Pod-to-Pod packets can be such replies.
-    fn is_nat_reply(&self, packet: &Packet) -> bool;
+    /// `pod_egress`: the packet entered the node on a Pod interface.
+    fn entered_from_pod(&self) -> bool;
+    /// `pod_egress`: the node routes the packet's source to the interface the packet
+    /// entered on (or to that interface's bridge), as strict rp_filter requires.
+    fn source_routes_to_sender(&self, packet: &Packet) -> bool;
+    /// `pod_egress`: what the node's stack changed since `pod_ingress` saw the packet.
+    fn node_nat(&self, packet: &Packet) -> NodeNat;
+    /// `uplink_ingress`: the packet belongs to a flow that the datapath sent to the
+    /// gateway within [`crate::RETURN_WINDOW_NS`].
+    fn was_sent(&self, packet: &Packet) -> bool;
 }
 
 /// An address as the Pod-CIDR trie classifies it.
@@ -102,68 +129,108 @@ impl AddrKind {
     }
 }
 
-/// Per-packet facts that do not come from maps.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Context {
-    /// The packet carries kube-proxy's masquerade mark.
-    pub masquerade_marked: bool,
-    /// The packet entered the node on the uplink (at egress: `skb->ingress_ifindex`).
-    pub from_uplink: bool,
-}
-
 /// Decides what `hook` does with `packet`.
 #[inline(always)]
-pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, ctx: &Context, maps: &L) -> Verdict {
+pub fn decide<L: Lookups>(hook: Hook, packet: &Packet, maps: &L) -> Verdict {
+    match hook {
+        Hook::PodIngress => Verdict::Pass(decide_pod_ingress(packet, maps)),
+        Hook::PodEgress => decide_pod_egress(packet, maps),
+        Hook::Uplink => decide_uplink(packet, maps),
+    }
+}
+
+/// `pod_ingress` passes everything to the node's stack; the counter says what it
+/// was. Pod-to-Pod packets are judged again after the stack, at `pod_egress`.
+#[inline(always)]
+pub fn decide_pod_ingress<L: Lookups>(packet: &Packet, maps: &L) -> Counter {
+    if packet.is_link_scope() {
+        return Counter::PassLinkScope;
+    }
+    match maps.addr_kind(packet.family, &packet.dst) {
+        AddrKind::Outside => Counter::PassNotSameNode,
+        AddrKind::Node => Counter::PassNodeAddress,
+        AddrKind::Pod => Counter::PassPodToPod,
+    }
+}
+
+/// `pod_egress`: a packet the node's stack forwarded to a Pod. It goes to the gateway
+/// when it came from another Pod's interface of this node with that Pod's own source.
+#[inline(always)]
+pub fn decide_pod_egress<L: Lookups>(packet: &Packet, maps: &L) -> Verdict {
     if packet.is_link_scope() {
         return Verdict::Pass(Counter::PassLinkScope);
     }
     let family = packet.family;
-    let dst = maps.addr_kind(family, &packet.dst);
-    if dst == AddrKind::Outside {
-        return Verdict::Pass(Counter::PassNotSameNode);
+    match maps.addr_kind(family, &packet.dst) {
+        AddrKind::Outside => return Verdict::Pass(Counter::PassNotSameNode),
+        AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
+        AddrKind::Pod => {}
     }
-    let src = maps.addr_kind(family, &packet.src);
-    if src == AddrKind::Outside {
-        return Verdict::Pass(Counter::PassNotSameNode);
+    if !maps.entered_from_pod() {
+        return Verdict::Pass(Counter::PassNotFromPod);
     }
-    if dst == AddrKind::Node || src == AddrKind::Node {
-        return Verdict::Pass(Counter::PassNodeAddress);
-    }
-    match hook {
-        Hook::Uplink => {
-            if packet.ttl <= 1 {
-                return Verdict::Pass(Counter::PassTtlExpired);
+    let reply = match maps.addr_kind(family, &packet.src) {
+        AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
+        AddrKind::Pod => {
+            if !maps.source_routes_to_sender(packet) {
+                return Verdict::Pass(Counter::PassSpoofedSource);
             }
-            Verdict::ToPod
+            false
         }
-        Hook::PodIngress | Hook::PodEgress => {
-            if ctx.masquerade_marked {
-                return Verdict::Pass(Counter::PassMasqueradeMark);
+        // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
+        // Service's source, or an address outside the Pod CIDRs.
+        AddrKind::Outside => match maps.node_nat(packet) {
+            NodeNat::SourceRestorable => true,
+            NodeNat::SourceUnrestorable => {
+                return Verdict::Pass(Counter::PassServiceReplyUnrestorable);
             }
-            if hook == Hook::PodEgress && ctx.from_uplink {
-                return Verdict::Pass(Counter::PassReturned);
-            }
-            if !maps.enabled() {
-                return Verdict::Pass(Counter::PassDisabled);
-            }
-            if is_exempt(packet, maps) {
-                return Verdict::Pass(Counter::PassExempt);
-            }
-            if hook == Hook::PodIngress {
-                if maps.is_nat_reply(packet) {
-                    return Verdict::Pass(Counter::PassNatReply);
-                }
-                // At egress the kernel has forwarded the packet and spent the hop already.
-                if packet.ttl <= 1 {
-                    return Verdict::Pass(Counter::PassTtlExpired);
-                }
-            }
-            if !maps.has_gateway(family) {
-                return Verdict::Pass(Counter::PassNoGateway);
-            }
-            Verdict::ToGateway
-        }
+            _ => return Verdict::Pass(Counter::PassNotSameNode),
+        },
+    };
+    if !maps.enabled() {
+        return Verdict::Pass(Counter::PassDisabled);
     }
+    if is_exempt(packet, maps) {
+        return Verdict::Pass(Counter::PassExempt);
+    }
+    if !maps.has_gateway(family) {
+        return Verdict::Pass(Counter::PassNoGateway);
+    }
+    let leg = if reply {
+        Leg::ServiceReply
+    } else if maps.node_nat(packet) == NodeNat::DestinationChanged {
+        Leg::ServiceLeg
+    } else {
+        Leg::Direct
+    };
+    Verdict::ToGateway(leg)
+}
+
+/// `uplink_ingress`: what the network sends the node. Only packets of flows the
+/// datapath sent to the gateway go straight to their Pod; everything else goes to the
+/// node's stack, where rp_filter and the node's filter judge it.
+#[inline(always)]
+pub fn decide_uplink<L: Lookups>(packet: &Packet, maps: &L) -> Verdict {
+    if packet.is_link_scope() {
+        return Verdict::Pass(Counter::PassLinkScope);
+    }
+    if maps.was_sent(packet) {
+        if packet.ttl <= 1 {
+            return Verdict::Pass(Counter::PassTtlExpired);
+        }
+        return Verdict::ToPod;
+    }
+    let family = packet.family;
+    let counter = match maps.addr_kind(family, &packet.dst) {
+        AddrKind::Outside => Counter::PassNotSameNode,
+        AddrKind::Node => Counter::PassNodeAddress,
+        AddrKind::Pod => match maps.addr_kind(family, &packet.src) {
+            AddrKind::Pod => Counter::PassUnsentPodToPod,
+            AddrKind::Node => Counter::PassNodeAddress,
+            AddrKind::Outside => Counter::PassNotSameNode,
+        },
+    };
+    Verdict::Pass(counter)
 }
 
 /// Both directions of an exempt conversation stay local: the request matches on its

@@ -79,26 +79,15 @@ pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u
     });
 }
 
-/// Counts a packet that came back from the gateway and was handed to a Pod, at `now`.
+/// Counts a packet that came back from the gateway and was handed to a Pod, in the
+/// flow it was sent in (found by [`crate::lookups::MapLookups`]).
 #[inline(always)]
-pub fn flow_returned(hook: Hook, packet: &Packet, size: Size, ifindex: u32, now: u64) {
-    // Sent before the daemon started, or evicted since: all we know is the way back.
-    let fresh = FlowStats {
-        returned_packets: size.packets,
-        returned_bytes: size.bytes,
-        first_seen_ns: now,
-        last_seen_ns: now,
-        egress_ifindex: ifindex,
-        tcp_flags: packet.tcp_flags,
-        path: Path::ReturnedFromGateway as u8,
-        ..FlowStats::default()
-    };
-    upsert(hook, packet, size, &fresh, |stats| {
-        add(&mut stats.returned_packets, size.packets);
-        add(&mut stats.returned_bytes, size.bytes);
-        stats.egress_ifindex = ifindex;
-        stats.last_seen_ns = now;
-    });
+pub fn flow_returned(stats: *mut FlowStats, size: Size, ifindex: u32) {
+    // SAFETY: a map value pointer from a successful lookup in this run.
+    let stats = unsafe { &mut *stats };
+    add(&mut stats.returned_packets, size.packets);
+    add(&mut stats.returned_bytes, size.bytes);
+    stats.egress_ifindex = ifindex;
 }
 
 /// Updates the packet's flow, or adds it. When two CPUs race to add the same flow the

@@ -1,17 +1,56 @@
-//! Answers the verdict's questions from the maps.
+//! Answers the verdict's questions from the maps, the routing table and the skb.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use core::cell::Cell;
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use visibility_common::{
-    config::Settings,
-    flow::FlowKey,
-    packet::{Family, IPPROTO_TCP, IPPROTO_UDP, Packet},
-    verdict::{AddrKind, Lookups},
+    RETURN_WINDOW_NS,
+    config::{PodIface, Settings},
+    flow::{FlowKey, FlowStats},
+    packet::{Family, Packet},
+    verdict::{AddrKind, Lookups, NodeNat},
 };
 
-use crate::maps::{EXEMPT_V4, EXEMPT_V6, NAT_LEGS, POD_CIDRS_V4, POD_CIDRS_V6};
+use crate::{
+    maps::{EXEMPT_V4, EXEMPT_V6, FLOWS, POD_CIDRS_V4, POD_CIDRS_V6, POD_IFACES},
+    nat::pre_stack_of,
+    redirect::pod_route,
+};
 
+/// The lookups of one program run.
 pub struct MapLookups<'a> {
     pub settings: &'a Settings,
+    pub ctx: &'a TcContext,
+    /// The interface the packet entered the node on (`skb->skb_iif`).
+    pub ingress_ifindex: u32,
+    /// The coarse clock, read once per run.
+    pub now: u64,
+    /// The Pod interface the packet entered on, once asked.
+    sender: Cell<Option<PodIface>>,
+    /// The flow a returning packet belongs to, once found.
+    sent_flow: Cell<Option<*mut FlowStats>>,
+}
+
+impl<'a> MapLookups<'a> {
+    #[inline(always)]
+    pub fn new(settings: &'a Settings, ctx: &'a TcContext, now: u64) -> Self {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let ingress_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        Self {
+            settings,
+            ctx,
+            ingress_ifindex,
+            now,
+            sender: Cell::new(None),
+            sent_flow: Cell::new(None),
+        }
+    }
+
+    /// The flow [`Lookups::was_sent`] found.
+    #[inline(always)]
+    pub fn sent_flow(&self) -> Option<*mut FlowStats> {
+        self.sent_flow.get()
+    }
 }
 
 fn v4(addr: &[u8; 16]) -> [u8; 4] {
@@ -51,10 +90,46 @@ impl Lookups for MapLookups<'_> {
     }
 
     #[inline(always)]
-    fn is_nat_reply(&self, packet: &Packet) -> bool {
-        matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
-            && NAT_LEGS
-                .get_ptr(FlowKey::from_packet(packet).reversed())
-                .is_some()
+    fn entered_from_pod(&self) -> bool {
+        // SAFETY: map lookup by value, copied out at once.
+        let sender = unsafe { POD_IFACES.get(self.ingress_ifindex) }.copied();
+        self.sender.set(sender);
+        sender.is_some()
+    }
+
+    #[inline(always)]
+    fn source_routes_to_sender(&self, packet: &Packet) -> bool {
+        let Some(sender) = self.sender.get() else {
+            return false;
+        };
+        // SAFETY: the context pointer is valid for the whole program run.
+        let here = unsafe { (*self.ctx.skb.skb).ifindex };
+        // 0: an entry written before the field existed; the interface itself.
+        let expected = match sender.route_ifindex {
+            0 => self.ingress_ifindex,
+            ifindex => ifindex,
+        };
+        pod_route(self.ctx, packet.family, &packet.src, here, self.now)
+            .is_some_and(|route| route.ifindex == expected)
+    }
+
+    #[inline(always)]
+    fn node_nat(&self, packet: &Packet) -> NodeNat {
+        pre_stack_of(packet, self.ingress_ifindex).map_or(NodeNat::Unknown, |pre| pre.compare(packet))
+    }
+
+    #[inline(always)]
+    fn was_sent(&self, packet: &Packet) -> bool {
+        let Some(stats) = FLOWS.get_ptr_mut(FlowKey::from_packet(packet)) else {
+            return false;
+        };
+        // SAFETY: map value pointer from a successful lookup; read of two plain fields.
+        let (path, last_sent) = unsafe { ((*stats).path(), (*stats).last_seen_ns) };
+        let sent = path.is_some_and(|path| path.takes_gateway())
+            && self.now.wrapping_sub(last_sent) < RETURN_WINDOW_NS;
+        if sent {
+            self.sent_flow.set(Some(stats));
+        }
+        sent
     }
 }

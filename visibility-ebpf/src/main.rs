@@ -1,11 +1,14 @@
-//! TC programs that send same-node Pod-to-Pod traffic out through the gateway.
+//! TC programs that send same-node Pod-to-Pod traffic out through the gateway, after
+//! the node's own packet filter has judged it.
 //!
 //! - `pod_ingress` (host side of each Pod veth, ingress) sees what a Pod sends, before
-//!   the node's stack, and sends Pod-to-Pod packets straight to the uplink.
-//! - `pod_egress` (host side of each Pod veth, egress) sees what the node forwards to a
-//!   Pod, after the node's NAT. Service traffic (Pod → ClusterIP → Pod) only becomes
-//!   Pod-to-Pod here, so this is where its Pod-to-Pod leg is sent to the gateway.
-//! - `uplink_ingress` hands packets that come back from the gateway to the Pod.
+//!   the node's stack. It only counts, and notes the packet as sent so that
+//!   `pod_egress` can tell what the node's NAT changed. Every packet goes on to the
+//!   node's stack: PREROUTING, FORWARD and POSTROUTING judge it as without visibility.
+//! - `pod_egress` (host side of each Pod veth, egress) sees what the node forwards to
+//!   a Pod, after the node's netfilter. Pod-to-Pod packets go to the gateway from here.
+//! - `uplink_ingress` hands packets of flows the datapath sent to the gateway, when
+//!   they come back, to their Pod; everything else goes to the node's stack.
 //!
 //! The decisions live in `visibility_common::verdict`; these programs gather facts,
 //! apply the verdict and count.
@@ -18,41 +21,51 @@
 )]
 
 mod account;
+mod fragments;
+mod icmp;
 mod lookups;
 mod maps;
+mod nat;
 mod reader;
 mod redirect;
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext};
 use visibility_common::{
-    config::Settings,
     counters::Counter,
-    flow::{FlowKey, Path},
-    packet::{IPPROTO_TCP, IPPROTO_UDP, Packet, ParseError, parse},
-    verdict::{Context, Hook, Verdict, decide},
+    flow::{FlowKey, NatLeg, Path},
+    hook::Hook,
+    packet::{Packet, ParseError, Transport, parse},
+    verdict::{Leg, Verdict, decide_pod_egress, decide_pod_ingress, decide_uplink},
 };
 
 use crate::{
     account::{Size, count, flow_returned, flow_sent},
     lookups::MapLookups,
     maps::{LOG_LIMIT, NAT_LEGS, SETTINGS},
+    nat::{pre_stack_of, record_pre_stack, rewrite_source},
     reader::SkbReader,
-    redirect::Outcome,
+    redirect::{Outcome, PASS},
 };
 
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    run(&ctx, Hook::PodIngress)
+    match try_pod_ingress(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
-    run(&ctx, Hook::PodEgress)
+    match try_pod_egress(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    run(&ctx, Hook::Uplink)
+    match try_uplink_ingress(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
 /// Benchmark baseline, never attached: parses and looks up the destination's Pod
@@ -63,7 +76,7 @@ pub fn bench_baseline(ctx: TcContext) -> i32 {
     if let (Ok(packet), Some(settings)) =
         (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0))
     {
-        let lookups = MapLookups { settings };
+        let lookups = MapLookups::new(settings, &ctx, 0);
         if visibility_common::verdict::Lookups::addr_kind(&lookups, packet.family, &packet.dst)
             != visibility_common::verdict::AddrKind::Outside
         {
@@ -82,69 +95,106 @@ pub fn bench_baseline(ctx: TcContext) -> i32 {
 pub fn lab_router(ctx: TcContext) -> i32 {
     match parse(&SkbReader(&ctx), ctx.len() as usize) {
         Ok(packet) => redirect::route(&ctx, &packet),
-        Err(_) => redirect::PASS,
+        Err(_) => PASS,
     }
 }
 
+/// Parses the packet, or counts why it cannot be and passes it.
 #[inline(always)]
-fn run(ctx: &TcContext, hook: Hook) -> i32 {
-    let packet = match parse(&SkbReader(ctx), ctx.len() as usize) {
-        Ok(packet) => packet,
-        Err(error) => {
-            let counter = match error {
-                ParseError::NotIp => Counter::PassNotIp,
-                ParseError::Malformed => Counter::PassMalformed,
-                ParseError::Fragment => Counter::PassFragment,
-            };
-            count(hook, counter, Size::of(ctx, None));
-            return Outcome::pass(counter).action;
-        }
-    };
+fn parsed(ctx: &TcContext, hook: Hook) -> Result<Packet, i32> {
+    parse(&SkbReader(ctx), ctx.len() as usize).map_err(|error| {
+        let counter = match error {
+            ParseError::NotIp => Counter::PassNotIp,
+            ParseError::Malformed => Counter::PassMalformed,
+        };
+        count(hook, counter, Size::of(ctx, None));
+        PASS
+    })
+}
+
+/// The coarse clock: a tick's resolution is enough for flow times, the cached routes'
+/// age and the return window, and it reads no clock source.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: time helper, no arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Counts, notes the packet for `pod_egress`, and hands it to the node's stack.
+#[inline(always)]
+fn try_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    let hook = Hook::PodIngress;
+    let packet = parsed(ctx, hook)?;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    record_pre_stack(&packet, ifindex);
+    let settings = SETTINGS.get(0).ok_or(PASS)?;
+    let lookups = MapLookups::new(settings, ctx, 0);
+    let counter = decide_pod_ingress(&packet, &lookups);
     let size = Size::of(ctx, Some(&packet));
-    let Some(settings) = SETTINGS.get(0) else {
-        // Unreachable for an array map; passing is the safe answer anyway.
-        return Outcome::pass(Counter::PassDisabled).action;
-    };
-    let facts = facts(ctx, &packet, settings);
-    let verdict = decide(hook, &packet, &facts, &MapLookups { settings });
-    // Redirects (route caches, flows) and pod ingress (flows of passed packets too, see
-    // `account_flow`) need the time; what the other hooks pass needs none.
-    let now = if hook == Hook::PodIngress || !matches!(verdict, Verdict::Pass(_)) {
-        // SAFETY: time helper, no arguments. The coarse clock (a tick's resolution) is
-        // enough for flow times and the cached routes' age, and reads no clock source.
-        unsafe { bpf_ktime_get_coarse_ns() }
-    } else {
-        0
-    };
-    let outcome = apply(ctx, hook, &packet, verdict, settings, now);
-    count(hook, outcome.counter, size);
-    if outcome.via_neighbour {
-        count(hook, Counter::NeighbourResolution, size);
+    count(hook, counter, size);
+    // Flows leaving the node's Pods are accounted here; Pod-to-Pod flows at egress.
+    if let Some(path) = Path::of_sent(counter)
+        && packet.transport == Transport::Read
+    {
+        flow_sent(hook, &packet, path, size, ifindex, now());
     }
-    account_flow(ctx, hook, &packet, &outcome, size, now);
-    if outcome.counter == Counter::PassRouteLookupFailed && log_allowed() {
+    Ok(PASS)
+}
+
+/// Sends Pod-to-Pod packets that the node's stack forwarded to the gateway.
+#[inline(always)]
+fn try_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
+    let hook = Hook::PodEgress;
+    let mut packet = parsed(ctx, hook)?;
+    let settings = SETTINGS.get(0).ok_or(PASS)?;
+    let now = now();
+    let lookups = MapLookups::new(settings, ctx, now);
+    let size = Size::of(ctx, Some(&packet));
+    // Later fragments take their first fragment's ports and verdict.
+    let first = fragments::of_later_fragment(&mut packet);
+    let verdict = match first.and_then(|entry| entry.verdict()) {
+        Some(counter) if counter.is_redirect_to_gateway() => Verdict::ToGateway(leg_of(counter)),
+        Some(counter) => Verdict::Pass(counter),
+        None => decide_pod_egress(&packet, &lookups),
+    };
+    if first.is_none() {
+        fragments::remember(&packet, verdict.counter());
+        note_unreadable(hook, &packet, size);
+    }
+    let outcome = match verdict {
+        Verdict::ToGateway(leg) => send_to_gateway(ctx, &mut packet, leg, &lookups),
+        Verdict::Pass(counter) => Outcome::pass(counter),
+        Verdict::ToPod => Outcome::pass(Counter::PassNotFromPod),
+    };
+    count(hook, outcome.counter, size);
+    if let Some(path) = Path::of_sent(outcome.counter) {
+        flow_sent(hook, &packet, path, size, lookups.ingress_ifindex, now);
+    }
+    if matches!(
+        outcome.counter,
+        Counter::DroppedNoGatewayRoute | Counter::DroppedGatewayUnresolved
+    ) && log_allowed(now)
+    {
         aya_log_ebpf::warn!(
             ctx,
-            "{}: no route for a Pod-to-Pod packet (IPv{}); it stays on the node. Check the uplink, the gateway and the Pod routes",
-            hook.name(),
+            "pod_egress: dropped a Pod-to-Pod packet (IPv{}): the gateway is unreachable or unresolved. Check the uplink and the gateway",
             packet.family as u8
         );
     }
-    outcome.action
+    Ok(outcome.action)
 }
 
 /// At most one log record per CPU per second.
 #[inline(always)]
-fn log_allowed() -> bool {
+fn log_allowed(now: u64) -> bool {
     const SECOND_NS: u64 = 1_000_000_000;
     let Some(last) = LOG_LIMIT.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: time helper, no arguments.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
     unsafe {
-        if now.saturating_sub(*last) < SECOND_NS {
+        if now.wrapping_sub(*last) < SECOND_NS {
             return false;
         }
         *last = now;
@@ -152,96 +202,117 @@ fn log_allowed() -> bool {
     true
 }
 
-/// What the verdict needs that is not in a map.
+/// The leg a redirect counter stands for.
 #[inline(always)]
-fn facts(ctx: &TcContext, packet: &Packet, settings: &Settings) -> Context {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
-    Context {
-        masquerade_marked: mark & settings.masquerade_mark != 0,
-        from_uplink: ingress_ifindex != 0
-            && ingress_ifindex == settings.gateway(packet.family).ifindex,
+fn leg_of(counter: Counter) -> Leg {
+    match counter {
+        Counter::RedirectedServiceLeg => Leg::ServiceLeg,
+        Counter::RedirectedServiceReply => Leg::ServiceReply,
+        _ => Leg::Direct,
     }
 }
 
-/// Carries out the verdict. A redirect that cannot be done becomes a pass, counted
-/// with the reason it could not.
+/// Counts, besides the verdict, a packet judged without ports.
 #[inline(always)]
-fn apply(
+fn note_unreadable(hook: Hook, packet: &Packet, size: Size) {
+    match packet.transport {
+        Transport::Read => {}
+        Transport::InFirstFragment => count(hook, Counter::FragmentWithoutFirst, size),
+        Transport::Unreadable => count(hook, Counter::TransportUnreadable, size),
+    }
+}
+
+/// Sends a packet to the gateway. A Service reply first takes back the source the
+/// backend Pod gave it, and the Service's source is kept for its return; `packet` is
+/// updated to what crosses the gateway, which is what its flow is counted as.
+#[inline(always)]
+fn send_to_gateway(
     ctx: &TcContext,
-    hook: Hook,
-    packet: &Packet,
-    verdict: Verdict,
-    settings: &Settings,
-    now: u64,
+    packet: &mut Packet,
+    leg: Leg,
+    lookups: &MapLookups,
 ) -> Outcome {
-    let counter = verdict.counter(hook);
-    match verdict {
-        Verdict::Pass(_) => Outcome::pass(counter),
-        Verdict::ToGateway => {
-            let gateway = settings.gateway(packet.family);
-            let spend_hop = hook == Hook::PodIngress;
-            let outcome = redirect::to_gateway(ctx, packet, gateway, spend_hop, counter, now);
-            if hook == Hook::PodEgress && outcome.counter == counter {
-                remember_nat_leg(packet);
+    if leg == Leg::ServiceReply {
+        let Some(pre) = pre_stack_of(packet, lookups.ingress_ifindex) else {
+            return Outcome::pass(Counter::PassServiceReplyUnrestorable);
+        };
+        let (pod_addr, pod_port) = pre.source();
+        let service = NatLeg {
+            src_addr: packet.src,
+            src_port: packet.src_port,
+            _pad: [0; 6],
+        };
+        if rewrite_source(ctx, packet, &pod_addr, pod_port).is_err() {
+            return Outcome::drop(Counter::DroppedRewriteFailed);
+        }
+        packet.src = pod_addr;
+        packet.src_port = pod_port;
+        // Without the entry the returning reply goes to the node's stack, whose
+        // conntrack puts the Service's source back; strict rp_filter drops it.
+        let _ = NAT_LEGS.insert(FlowKey::from_packet(packet), service, 0);
+    }
+    let gateway = lookups.settings.gateway(packet.family);
+    redirect::to_gateway(ctx, packet, gateway, leg.counter(), lookups.now)
+}
+
+/// Hands what comes back from the gateway to its Pod, when the datapath sent it.
+#[inline(always)]
+fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    let hook = Hook::Uplink;
+    let mut packet = parsed(ctx, hook)?;
+    let settings = SETTINGS.get(0).ok_or(PASS)?;
+    let now = now();
+    let lookups = MapLookups::new(settings, ctx, now);
+    let size = Size::of(ctx, Some(&packet));
+    // Later fragments take their first fragment's ports.
+    let first = fragments::of_later_fragment(&mut packet);
+    let verdict = decide_uplink(&packet, &lookups);
+    let outcome = match (verdict, lookups.sent_flow()) {
+        (Verdict::ToPod, Some(flow)) => {
+            if first.is_none() {
+                // The gateway may have fragmented anew; its later fragments follow.
+                fragments::remember(&packet, Counter::DeliveredFromGateway);
             }
-            outcome
+            deliver(ctx, &packet, flow, &lookups, size)
         }
-        Verdict::ToPod => {
-            // SAFETY: the context pointer is valid for the whole program run.
-            let uplink = unsafe { (*ctx.skb.skb).ifindex };
-            redirect::to_pod(ctx, packet, uplink, now)
-        }
+        (verdict, _) => Outcome::pass(verdict.counter()),
+    };
+    count(hook, outcome.counter, size);
+    if outcome.via_neighbour {
+        count(hook, Counter::NeighbourResolution, size);
     }
+    Ok(outcome.action)
 }
 
-/// Pod-to-Pod legs that the node's NAT produced: their replies must go back through
-/// the node's stack, so the NAT can be undone, before they may take the gateway.
+/// Hands a returning packet to its Pod: a Service reply gets the Service's source back
+/// first. Counted in its flow once handed on.
 #[inline(always)]
-fn remember_nat_leg(packet: &Packet) {
-    if matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP) {
-        // Best effort: without the entry the reply takes the gateway twice, still correct.
-        let _ = NAT_LEGS.insert(FlowKey::from_packet(packet), 1, 0);
-    }
-}
-
-#[inline(always)]
-fn account_flow(
+fn deliver(
     ctx: &TcContext,
-    hook: Hook,
     packet: &Packet,
-    outcome: &Outcome,
+    flow: *mut visibility_common::flow::FlowStats,
+    lookups: &MapLookups,
     size: Size,
-    now: u64,
-) {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let (ifindex, ingress_ifindex) =
-        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
-    match hook {
-        Hook::PodIngress => {
-            if let Some(path) = Path::of_sent(outcome.counter) {
-                flow_sent(hook, packet, path, size, ifindex, now);
-            }
-        }
-        // Only the NAT-ed legs: everything else at egress was counted where it was sent.
-        Hook::PodEgress => {
-            if outcome.counter == Counter::RedirectedAfterNat {
-                flow_sent(
-                    hook,
-                    packet,
-                    Path::ViaGatewayAfterNat,
-                    size,
-                    ingress_ifindex,
-                    now,
-                );
-            }
-        }
-        Hook::Uplink => {
-            if outcome.counter == Counter::DeliveredFromGateway {
-                flow_returned(hook, packet, size, outcome.ifindex, now);
-            }
+) -> Outcome {
+    // SAFETY: a map value pointer from a successful lookup in this run.
+    let path = unsafe { (*flow).path() };
+    if path == Some(Path::ViaGatewayServiceReply) {
+        // SAFETY: the value is copied out at once.
+        let Some(service) = (unsafe { NAT_LEGS.get(FlowKey::from_packet(packet)) }).copied()
+        else {
+            return Outcome::pass(Counter::PassServiceReplyUnrestorable);
+        };
+        if rewrite_source(ctx, packet, &service.src_addr, service.src_port).is_err() {
+            return Outcome::drop(Counter::DroppedRewriteFailed);
         }
     }
+    let uplink = lookups.settings.gateway(packet.family).ifindex;
+    let uplink = if uplink != 0 { uplink } else { lookups.ingress_ifindex };
+    let outcome = redirect::to_pod(ctx, packet, uplink, lookups.now);
+    if outcome.counter == Counter::DeliveredFromGateway {
+        flow_returned(flow, size, outcome.ifindex);
+    }
+    outcome
 }
 
 #[cfg(not(test))]

@@ -6,14 +6,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use visibility_common::{
-    DEFAULT_FLOW_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES, NAT_LEG_CAPACITY,
-    POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
+    DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS,
+    MAX_POD_IFACES, NAT_LEG_CAPACITY, POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
-    flow::{FlowKey, FlowStats},
+    flow::{FlowKey, FlowStats, NatLeg},
 };
 
-use crate::redirect::{GatewayRoute, PodRoute, PodRouteKey};
+use crate::{
+    fragments::{FragmentEntry, FragmentKey},
+    nat::PreStack,
+    redirect::{GatewayRoute, PodRoute, PodRouteKey},
+};
 
 #[map(name = "VIS_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
@@ -43,8 +47,29 @@ pub static POD_IFACES: HashMap<u32, PodIface> = HashMap::pinned(MAX_POD_IFACES, 
 #[map(name = "VIS_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::pinned(DEFAULT_FLOW_CAPACITY, 0);
 
+/// Service replies sent to the gateway with the backend Pod's source, by their key as
+/// they crossed the gateway, with the Service source to put back on return. Pinned, so
+/// that replies in flight across a daemon restart keep it.
 #[map(name = "VIS_NAT_LEGS")]
-pub static NAT_LEGS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(NAT_LEG_CAPACITY, 0);
+pub static NAT_LEGS: LruHashMap<FlowKey, NatLeg> = LruHashMap::pinned(NAT_LEG_CAPACITY, 0);
+
+/// Datagrams in flight whose first fragment was seen, by addresses, protocol and
+/// identification: the ports and verdict their later fragments take. Short-lived, so
+/// not pinned.
+#[map(name = "VIS_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
+    LruHashMap::with_max_entries(FRAGMENT_CAPACITY, 0);
+
+/// What `pod_ingress` last saw on each CPU, so that `pod_egress`, which the node's
+/// stack runs for the same packet on the same CPU, can tell what the node's NAT
+/// changed. A scratch slot, not pinned.
+#[map(name = "VIS_PRE_STACK")]
+pub static PRE_STACK: PerCpuArray<PreStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's room for building an ICMP error: too large for the program's stack. A
+/// scratch slot, not pinned.
+#[map(name = "VIS_ICMP_SCRATCH")]
+pub static ICMP_SCRATCH: PerCpuArray<crate::icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "VIS_COUNTERS")]
 pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

@@ -4,11 +4,15 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_DIRECT,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
-        bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_DIRECT,
+        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{
+        bpf_check_mtu, bpf_csum_diff, bpf_csum_update, bpf_fib_lookup, bpf_redirect,
+        bpf_redirect_neigh, bpf_redirect_peer,
+    },
     programs::TcContext,
 };
 use visibility_common::{
@@ -31,7 +35,13 @@ const AF_INET6: u8 = 10;
 /// `BPF_F_PSEUDO_HDR` is not needed: the TTL is not part of any pseudo-header.
 const CSUM_SIZE_16: u64 = 2;
 
-pub const PASS: i32 = TC_ACT_OK;
+/// What passed packets return: `TC_ACT_UNSPEC`, which hands the packet on to the next
+/// TC or TCX program on the hook (`TCX_NEXT`), if any, and then to the kernel.
+/// `TC_ACT_OK` would end the chain, and a program attached after ours would never see
+/// the packet.
+pub const PASS: i32 = TC_ACT_UNSPEC;
+/// What dropped packets return.
+pub const DROP: i32 = TC_ACT_SHOT;
 
 /// What happened to a packet. Every field is set on every path: the verifier rejects
 /// programs that spill registers LLVM left undefined, which enum payloads invite.
@@ -57,10 +67,19 @@ impl Outcome {
         }
     }
 
+    pub const fn drop(counter: Counter) -> Self {
+        Self {
+            counter,
+            action: DROP,
+            via_neighbour: false,
+            ifindex: 0,
+        }
+    }
+
     /// A redirect helper's result: `TC_ACT_SHOT` means it refused.
     fn redirected(counter: Counter, action: i64, via_neighbour: bool, ifindex: u32) -> Self {
         if action == i64::from(TC_ACT_SHOT) {
-            return Self::pass(Counter::PassRouteLookupFailed);
+            return Self::drop(Counter::DroppedRewriteFailed);
         }
         Self {
             counter,
@@ -126,7 +145,11 @@ fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
 
 /// Spends one hop: IPv4 TTL (with an incremental checksum update) or IPv6 hop limit.
 /// Writes straight into the packet when the header is in the linear data, else
-/// through the store and checksum helpers.
+/// through the store and checksum helpers. A packet whose driver supplied a checksum
+/// of all its bytes (`CHECKSUM_COMPLETE`) keeps it valid: for IPv4 the header checksum
+/// moves opposite to the TTL, so the bytes sum as before; an IPv6 header has no
+/// checksum, so `skb->csum` is moved by the hop limit's change (as Cilium's
+/// `ipv6_dec_hoplimit` does through `BPF_F_RECOMPUTE_CSUM`).
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
     let Some(ttl) = packet.ttl.checked_sub(1) else {
@@ -149,33 +172,43 @@ fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
                 return Ok(());
             }
             ctx.store(IPV4_TTL_OFFSET, &ttl, 0)
-                .map_err(|_| Counter::PassMalformed)?;
+                .map_err(|_| Counter::DroppedRewriteFailed)?;
             ctx.l3_csum_replace(
                 IPV4_CHECKSUM_OFFSET,
                 u64::from(old.to_be()),
                 u64::from(new.to_be()),
                 CSUM_SIZE_16,
             )
-            .map_err(|_| Counter::PassMalformed)?;
+            .map_err(|_| Counter::DroppedRewriteFailed)?;
         }
-        // Next header and hop limit, as one pair: the verifier follows a two-byte
-        // bounds check better than the one-byte form LLVM makes of a single byte.
-        Family::V6 => match packet_ptr::<[u8; 2]>(ctx, IPV6_HOP_LIMIT_OFFSET - 1) {
-            // SAFETY: `packet_ptr` checked both bytes are in the linear data.
-            Some(pair) => unsafe {
-                let [next_header, _] = pair.read_unaligned();
-                pair.write_unaligned([next_header, ttl]);
-            },
-            None => ctx
-                .store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0)
-                .map_err(|_| Counter::PassMalformed)?,
-        },
+        Family::V6 => {
+            // Next header and hop limit, as one pair: the verifier follows a two-byte
+            // bounds check better than the one-byte form LLVM makes of a single byte.
+            match packet_ptr::<[u8; 2]>(ctx, IPV6_HOP_LIMIT_OFFSET - 1) {
+                // SAFETY: `packet_ptr` checked both bytes are in the linear data.
+                Some(pair) => unsafe {
+                    let [next_header, _] = pair.read_unaligned();
+                    pair.write_unaligned([next_header, ttl]);
+                },
+                None => ctx
+                    .store(IPV6_HOP_LIMIT_OFFSET, &ttl, 0)
+                    .map_err(|_| Counter::DroppedRewriteFailed)?,
+            }
+            // The hop limit alone, at the odd byte of a word as in the header (offset 7):
+            // the other bytes are the same before and after, so they may be zero here.
+            let mut old = [u32::from_ne_bytes([0, 0, 0, packet.ttl])];
+            let mut new = [u32::from_ne_bytes([0, 0, 0, ttl])];
+            // SAFETY: both buffers are four bytes on the stack, as the sizes say.
+            let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 4, new.as_mut_ptr(), 4, 0) };
+            // SAFETY: a no-op unless the skb carries CHECKSUM_COMPLETE.
+            unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        }
     }
     Ok(())
 }
 
 /// Destination and source MAC, in the order of the Ethernet header.
-type Macs = [u8; 12];
+pub type Macs = [u8; 12];
 
 #[inline(always)]
 fn fib_macs(params: &FibParams) -> Macs {
@@ -186,20 +219,20 @@ fn fib_macs(params: &FibParams) -> Macs {
 }
 
 #[inline(always)]
-fn rewrite_macs(ctx: &TcContext, macs: &Macs) -> Result<(), Counter> {
+pub fn rewrite_macs(ctx: &TcContext, macs: &Macs) -> Result<(), ()> {
     match packet_ptr::<Macs>(ctx, 0) {
         // SAFETY: `packet_ptr` checked the Ethernet addresses are in the linear data.
         Some(header) => unsafe { header.write_unaligned(*macs) },
-        None => ctx.store(0, macs, 0).map_err(|_| Counter::PassMalformed)?,
+        None => ctx.store(0, macs, 0).map_err(|_| ())?,
     }
     Ok(())
 }
 
 // FIB answers are reused for `ROUTE_CACHE_TTL_NS`, per CPU: for a family's gateway,
 // and for a Pod's address. The kernel's neighbour and routing tables stay the source of
-// truth. Only resolved answers are kept, so an unresolved neighbour is seen, and
-// resolved by the kernel, on every packet. A FIB lookup per packet would cost about a
-// quarter of what the datapath spends on a packet.
+// truth. Only resolved gateway answers are kept, so an unresolved gateway is seen on
+// every packet. A FIB lookup per packet would cost about a quarter of what the
+// datapath spends on a packet.
 
 /// One CPU's last FIB answer for one family's gateway: the value of
 /// [`crate::maps::GATEWAY_ROUTES`].
@@ -211,6 +244,8 @@ pub struct GatewayRoute {
     /// The gateway the answer is for.
     gateway: Gateway,
     macs: Macs,
+    /// The uplink's MTU: larger packets cannot go out whole.
+    mtu: u32,
 }
 
 impl GatewayRoute {
@@ -229,29 +264,40 @@ impl GatewayRoute {
     }
 }
 
-/// A gateway as five words, so that comparing two is five loads, not twenty.
+/// A gateway as words, so that comparing two is nine loads, not thirty-six.
 #[inline(always)]
-fn gateway_words(gateway: &Gateway) -> [u32; 5] {
-    // SAFETY: `Gateway` is `repr(C)`, 20 bytes without padding (a u32 and 16 bytes),
-    // and every bit pattern is a valid `[u32; 5]`.
-    unsafe { core::mem::transmute::<Gateway, [u32; 5]>(*gateway) }
+fn gateway_words(gateway: &Gateway) -> [u32; 9] {
+    // SAFETY: `Gateway` is `repr(C)`, 36 bytes without padding (a u32 and twice 16
+    // bytes), and every bit pattern is a valid `[u32; 9]`.
+    unsafe { core::mem::transmute::<Gateway, [u32; 9]>(*gateway) }
 }
 
-/// The MACs toward the gateway: from this CPU's cache while it is fresh, else from a
-/// FIB lookup on the uplink. `Ok(None)` when the gateway's neighbour is unresolved.
+/// The way to the gateway: MACs and the uplink's MTU.
+#[derive(Clone, Copy)]
+struct ToGateway {
+    macs: Macs,
+    mtu: u32,
+}
+
+/// The MACs toward the gateway and the uplink's MTU: from this CPU's cache while it is
+/// fresh, else from a FIB lookup on the uplink. `Ok(None)` when the gateway's
+/// neighbour is unresolved.
 #[inline(always)]
-fn gateway_macs(
+fn gateway_route(
     ctx: &TcContext,
     packet: &Packet,
     gateway: &Gateway,
     now: u64,
-) -> Result<Option<Macs>, Counter> {
+) -> Result<Option<ToGateway>, Counter> {
     let cached = GATEWAY_ROUTES.get_ptr_mut(GatewayRoute::slot(packet.family));
     // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
     if let Some(route) = cached.map(|route| unsafe { &*route })
         && route.is_fresh(gateway, now)
     {
-        return Ok(Some(route.macs));
+        return Ok(Some(ToGateway {
+            macs: route.macs,
+            mtu: route.mtu,
+        }));
     }
     // The gateway is on the uplink's link, so an output lookup on the uplink finds
     // its neighbour entry, link-local IPv6 gateways included.
@@ -264,84 +310,86 @@ fn gateway_macs(
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return Ok(None);
     }
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        return Err(Counter::PassRouteLookupFailed);
+    // Without `tot_len` the helper checks this skb against the output device's MTU:
+    // FRAG_NEEDED is a complete answer for a packet that is too big.
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        return Err(Counter::DroppedNoGatewayRoute);
     }
-    let macs = fib_macs(&params);
+    let way = ToGateway {
+        macs: fib_macs(&params),
+        // Without `tot_len` the helper reports the output device's MTU.
+        // SAFETY: a union of two u16s; the helper wrote `mtu_result`.
+        mtu: u32::from(unsafe { params.__bindgen_anon_1.mtu_result }),
+    };
     if let Some(route) = cached {
         // SAFETY: as above.
         unsafe {
             *route = GatewayRoute {
                 checked_ns: now,
                 gateway: *gateway,
-                macs,
+                macs: way.macs,
+                mtu: way.mtu,
             }
         };
     }
-    Ok(Some(macs))
+    Ok(Some(way))
+}
+
+/// Whether the packet fits the uplink's MTU. A GSO packet fits when its segments do.
+#[inline(always)]
+fn fits(ctx: &TcContext, packet: &Packet, uplink: u32, mtu: u32) -> bool {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let gso_segments = unsafe { (*ctx.skb.skb).gso_segs };
+    if gso_segments <= 1 {
+        return u32::from(packet.ip_len) <= mtu;
+    }
+    let mut mtu_len = 0u32;
+    // SAFETY: plain helper call on the program's own skb.
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), uplink, &mut mtu_len, 0, 0) };
+    rc == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
 #[inline(always)]
-fn redirect_via_neighbour(ifindex: u32, neighbour: Option<(Family, &[u8; 16])>) -> i64 {
-    // SAFETY: a plain C struct for which all-zero is a valid value.
-    let mut nh: bpf_redir_neigh = unsafe { zeroed() };
-    let (ptr, len) = match neighbour {
-        Some((Family::V4, addr)) => {
-            nh.nh_family = u32::from(AF_INET);
-            nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-            (
-                &mut nh as *mut bpf_redir_neigh,
-                size_of::<bpf_redir_neigh>() as i32,
-            )
-        }
-        Some((Family::V6, addr)) => {
-            nh.nh_family = u32::from(AF_INET6);
-            nh.__bindgen_anon_1.ipv6_nh = words(addr);
-            (
-                &mut nh as *mut bpf_redir_neigh,
-                size_of::<bpf_redir_neigh>() as i32,
-            )
-        }
-        // No explicit next hop: the kernel uses the packet's destination.
-        None => (core::ptr::null_mut(), 0),
-    };
-    // SAFETY: `ptr` is null with length 0, or points at an initialised bpf_redir_neigh.
-    unsafe { bpf_redirect_neigh(ifindex, ptr, len, 0) }
+fn redirect_via_neighbour(ifindex: u32) -> i64 {
+    // No explicit next hop: the kernel uses the packet's destination.
+    // SAFETY: a null next hop with length 0 is allowed.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0) }
 }
 
-/// Sends the packet out of the family's uplink toward its gateway, as a router would:
-/// the gateway's MAC as destination, the uplink's as source, and with `spend_hop` one
-/// hop less. The kernel has already spent the hop of packets it forwarded itself.
-/// `counter` is the slot a successful redirect is counted in; `now` is the coarse
-/// clock, for the age of the cached gateway route.
+/// Sends a packet the node forwarded to a Pod out of the family's uplink toward its
+/// gateway, as a router would: the gateway's MAC as destination, the uplink's as
+/// source. The kernel has spent the hop already. Anything that keeps the packet from
+/// the gateway drops it (it never goes to the Pod unseen): an unresolved or unreachable
+/// gateway, a failed rewrite, or a size beyond the uplink's MTU, for which the sender
+/// is told with ICMP, as a router would. `counter` is the slot a successful redirect is
+/// counted in; `now` is the coarse clock, for the age of the cached gateway route.
 #[inline(always)]
 pub fn to_gateway(
     ctx: &TcContext,
     packet: &Packet,
     gateway: &Gateway,
-    spend_hop: bool,
     counter: Counter,
     now: u64,
 ) -> Outcome {
-    let macs = match gateway_macs(ctx, packet, gateway, now) {
-        Ok(macs) => macs,
-        Err(reason) => return Outcome::pass(reason),
+    let way = match gateway_route(ctx, packet, gateway, now) {
+        Ok(Some(way)) => way,
+        // A packet the kernel forwarded keeps its route to the Pod: queued for the
+        // gateway's neighbour, it would go out with the Pod's MAC once resolved. The
+        // daemon keeps the gateway's entry resolved instead.
+        Ok(None) => return Outcome::drop(Counter::DroppedGatewayUnresolved),
+        Err(reason) => return Outcome::drop(reason),
     };
-    if spend_hop && let Err(reason) = decrement_ttl(ctx, packet) {
-        return Outcome::pass(reason);
-    }
     let ifindex = gateway.ifindex;
-    let Some(macs) = macs else {
-        // A packet the kernel forwarded (egress) keeps its route to the Pod: queued for
-        // the gateway's neighbour, it would go out with the Pod's MAC once resolved.
-        if !spend_hop {
-            return Outcome::pass(Counter::PassGatewayUnresolved);
-        }
-        let action = redirect_via_neighbour(ifindex, Some((packet.family, &gateway.addr)));
-        return Outcome::redirected(counter, action, true, ifindex);
-    };
-    if let Err(reason) = rewrite_macs(ctx, &macs) {
-        return Outcome::pass(reason);
+    if !fits(ctx, packet, ifindex, way.mtu) {
+        return Outcome {
+            counter: Counter::DroppedTooBig,
+            action: crate::icmp::send_too_big(ctx, packet, gateway, way.mtu),
+            via_neighbour: false,
+            ifindex: 0,
+        };
+    }
+    if rewrite_macs(ctx, &way.macs).is_err() {
+        return Outcome::drop(Counter::DroppedRewriteFailed);
     }
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(ifindex, 0) };
@@ -357,55 +405,71 @@ pub struct PodRouteKey {
     _pad: [u8; 3],
 }
 
-/// One CPU's last resolved FIB answer for a Pod's address, with what the redirect
-/// needs: the value of [`crate::maps::POD_ROUTES`].
+/// One CPU's last FIB answer for a Pod's address, with what a redirect needs: the
+/// value of [`crate::maps::POD_ROUTES`].
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PodRoute {
     /// When the FIB answered (coarse monotonic nanoseconds).
     checked_ns: u64,
     /// The node's interface toward the Pod.
-    ifindex: u32,
-    macs: Macs,
+    pub ifindex: u32,
+    /// The Pod's MAC and the interface's, in the order of the Ethernet header.
+    pub macs: Macs,
     /// 1 when that interface was a Pod veth (in the Pod-interface map) when the FIB
     /// answered: its peer can be handed the packet.
     is_veth: u8,
-    _pad: [u8; 7],
+    /// 1 when the Pod's neighbour entry was resolved (the MACs are valid).
+    resolved: u8,
+    _pad: [u8; 6],
 }
 
-/// Where a packet for a Pod leaves: from this CPU's cache while it is fresh, else from
-/// a FIB lookup as if the packet were routed from the uplink. `Ok(Err(ifindex))` when
-/// the Pod's neighbour on that interface is unresolved.
+/// This CPU's cached route to a Pod's address, however old: only resolved answers are
+/// kept, and the MACs are those the FIB gave when it was kept.
 #[inline(always)]
-fn pod_route(
-    ctx: &TcContext,
-    packet: &Packet,
-    uplink: u32,
-    now: u64,
-) -> Result<Result<PodRoute, u32>, Counter> {
+pub fn cached_pod_route(family: Family, addr: &[u8; 16]) -> Option<PodRoute> {
     let key = PodRouteKey {
-        addr: packet.dst,
-        family: packet.family as u8,
+        addr: *addr,
+        family: family as u8,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once; a CPU only writes its own copy.
+    unsafe { POD_ROUTES.get(key) }.copied()
+}
+
+/// Where the node routes a Pod's address: from this CPU's cache while it is fresh,
+/// else from a FIB lookup of the main table as if the packet came in on
+/// `from_ifindex`. `None` when the node has no route.
+#[inline(always)]
+pub fn pod_route(
+    ctx: &TcContext,
+    family: Family,
+    addr: &[u8; 16],
+    from_ifindex: u32,
+    now: u64,
+) -> Option<PodRoute> {
+    let key = PodRouteKey {
+        addr: *addr,
+        family: family as u8,
         _pad: [0; 3],
     };
     // SAFETY: the value is copied out at once; a CPU only writes its own copy.
     if let Some(route) = unsafe { POD_ROUTES.get(key) }
         && now.wrapping_sub(route.checked_ns) < ROUTE_CACHE_TTL_NS
     {
-        return Ok(Ok(*route));
+        return Some(*route);
     }
-    let mut params = fib_params(packet.family, uplink, &packet.src, &packet.dst);
+    let unspecified = [0u8; 16];
+    let mut params = fib_params(family, from_ifindex, &unspecified, addr);
+    // A nominal length, so that the helper checks that and not this skb against the
+    // route's MTU: a large packet must not make a Pod look unrouted.
+    params.__bindgen_anon_1.tot_len = 1;
     let rc = lookup(ctx, &mut params, BPF_FIB_LOOKUP_DIRECT);
+    let resolved = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    if !resolved && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return None;
+    }
     let target = params.ifindex;
-    let found =
-        rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
-    // A route back out of the uplink would loop; leave such packets to the kernel.
-    if !found || target == uplink {
-        return Err(Counter::PassRouteLookupFailed);
-    }
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        return Ok(Err(target));
-    }
     // SAFETY: map lookup by value.
     let is_veth = unsafe { POD_IFACES.get(target) }.is_some_and(|iface| iface.is_veth != 0);
     let route = PodRoute {
@@ -413,36 +477,40 @@ fn pod_route(
         ifindex: target,
         macs: fib_macs(&params),
         is_veth: u8::from(is_veth),
-        _pad: [0; 7],
+        resolved: u8::from(resolved),
+        _pad: [0; 6],
     };
-    // Best effort: without the entry the next packet asks the FIB again.
-    let _ = POD_ROUTES.insert(key, route, 0);
-    Ok(Ok(route))
+    // An unresolved answer is not kept: the next packet asks again, and finds the
+    // neighbour once the kernel has resolved it. Best effort: without the entry the
+    // next packet asks the FIB again.
+    if resolved {
+        let _ = POD_ROUTES.insert(key, route, 0);
+    }
+    Some(route)
 }
 
 /// Hands a packet that came back from the gateway to the destination Pod, as the
-/// node's routing table says, without going through the node's stack again: strict
-/// reverse-path filtering and a second conntrack entry would otherwise get in the way.
-/// `now` is the coarse clock, for the age of the cached route.
+/// node's routing table says, without going through the node's stack again: the node
+/// judged it on its way out. `now` is the coarse clock, for the age of the cached
+/// route.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32, now: u64) -> Outcome {
-    let route = match pod_route(ctx, packet, uplink, now) {
-        Ok(route) => route,
-        Err(reason) => return Outcome::pass(reason),
+    // A route back out of the uplink would loop; leave such packets to the kernel.
+    let Some(route) = pod_route(ctx, packet.family, &packet.dst, uplink, now)
+        .filter(|route| route.ifindex != uplink)
+    else {
+        return Outcome::pass(Counter::PassNoPodRoute);
     };
     if let Err(reason) = decrement_ttl(ctx, packet) {
-        return Outcome::pass(reason);
+        return Outcome::drop(reason);
     }
     let counter = Counter::DeliveredFromGateway;
-    let route = match route {
-        Ok(route) => route,
-        Err(target) => {
-            let action = redirect_via_neighbour(target, None);
-            return Outcome::redirected(counter, action, true, target);
-        }
-    };
-    if let Err(reason) = rewrite_macs(ctx, &route.macs) {
-        return Outcome::pass(reason);
+    if route.resolved == 0 {
+        let action = redirect_via_neighbour(route.ifindex);
+        return Outcome::redirected(counter, action, true, route.ifindex);
+    }
+    if rewrite_macs(ctx, &route.macs).is_err() {
+        return Outcome::drop(Counter::DroppedRewriteFailed);
     }
     // SAFETY: plain helper calls.
     let action = unsafe {

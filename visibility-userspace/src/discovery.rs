@@ -36,6 +36,9 @@ pub struct PodInterface {
     pub name: String,
     pub is_veth: bool,
     pub reason: Reason,
+    /// Where the node routes the Pod's addresses: the interface itself, or the bridge
+    /// it is a port of.
+    pub route_ifindex: u32,
 }
 
 /// Finds the Pod interfaces. Uplinks never count, whatever their name.
@@ -77,6 +80,10 @@ pub fn pod_interfaces(
                 name: iface.name.clone(),
                 is_veth: iface.is_veth(),
                 reason,
+                route_ifindex: match reason {
+                    Reason::Bridge => iface.master.unwrap_or(iface.index),
+                    Reason::Route | Reason::Glob => iface.index,
+                },
             })
         })
         .collect();
@@ -91,6 +98,9 @@ pub struct Uplink {
     pub ifindex: u32,
     pub name: String,
     pub gateway: IpAddr,
+    /// The node's own address of the family on the uplink (the first one), if any: the
+    /// source of the ICMP errors the datapath sends as a router.
+    pub node_addr: Option<IpAddr>,
 }
 
 /// Why a family has no uplink.
@@ -128,12 +138,24 @@ pub fn uplink(
         .interface(ifindex)
         .map(|i| i.name.clone())
         .unwrap_or_default();
+    let node_addr = view
+        .addresses
+        .iter()
+        .filter(|(oif, addr)| *oif == ifindex && crate::net::family_of_addr(addr) == family)
+        .map(|(_, addr)| *addr)
+        .find(|addr| !is_link_local(addr));
     Ok(Uplink {
         family,
         ifindex,
         name,
         gateway,
+        node_addr,
     })
+}
+
+/// IPv6 link-local addresses are no source for ICMP errors to a Pod.
+fn is_link_local(addr: &IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 #[cfg(test)]

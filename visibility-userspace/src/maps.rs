@@ -416,10 +416,18 @@ impl Maps {
         addrs
     }
 
-    pub fn add_pod_iface(&mut self, ifindex: u32, is_veth: bool) -> Result<(), MapsError> {
+    /// Registers a Pod interface; `route_ifindex` is where the node routes the Pod's
+    /// addresses (the interface, or its bridge).
+    pub fn add_pod_iface(
+        &mut self,
+        ifindex: u32,
+        is_veth: bool,
+        route_ifindex: u32,
+    ) -> Result<(), MapsError> {
         let value = PodIface {
             is_veth: u8::from(is_veth),
             _pad: [0; 3],
+            route_ifindex,
         };
         self.pod_ifaces
             .insert(ifindex, value, 0)

@@ -14,7 +14,6 @@ use prometheus::{
     Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-use visibility_common::counters::Counter as DatapathCounter;
 
 use crate::{datapath::PinDir, flows::records::RecordStats, maps::Maps, state::DaemonStatus};
 
@@ -85,10 +84,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         let labels = [hook.name(), counter.name()];
         packets.with_label_values(&labels).inc_by(value.packets);
         bytes.with_label_values(&labels).inc_by(value.bytes);
-        if matches!(
-            counter,
-            DatapathCounter::RedirectedToGateway | DatapathCounter::RedirectedAfterNat
-        ) {
+        if counter.is_redirect_to_gateway() {
             redirected_packets += value.packets;
             redirected_bytes += value.bytes;
         }

@@ -26,8 +26,12 @@ pub fn addr_from_bytes(family: Family, bytes: &[u8; 16]) -> IpAddr {
 }
 
 pub fn family_of(net: &IpNet) -> Family {
-    match net {
-        IpNet::V4(_) => Family::V4,
-        IpNet::V6(_) => Family::V6,
+    family_of_addr(&net.addr())
+}
+
+pub fn family_of_addr(addr: &IpAddr) -> Family {
+    match addr {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
     }
 }

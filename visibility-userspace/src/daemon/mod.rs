@@ -123,10 +123,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 /// configuration only adds what they lack.
 fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(), MapsError> {
     if origin == Origin::Loaded {
-        maps.update_settings(|settings| {
-            settings.enabled = u8::from(config.enabled);
-            settings.masquerade_mark = visibility_common::config::KUBE_PROXY_MASQUERADE_MARK;
-        })?;
+        maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }
     for cidr in &config.pod_cidrs {
         maps.add_pod_cidr(cidr)?;

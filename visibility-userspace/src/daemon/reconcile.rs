@@ -121,6 +121,11 @@ impl Reconciler {
                         let gateway = Gateway {
                             ifindex: uplink.ifindex,
                             addr: addr_bytes(&uplink.gateway),
+                            node_addr: uplink
+                                .node_addr
+                                .as_ref()
+                                .map(addr_bytes)
+                                .unwrap_or_default(),
                         };
                         found.push(uplink);
                         gateway
@@ -329,7 +334,7 @@ async fn keep_gateways_resolved(handle: &Handle, view: &NodeView, uplinks: &[Upl
 fn sync_pod_ifaces(maps: &mut Maps, pods: &[PodInterface]) {
     let current = maps.pod_ifaces();
     for pod in pods.iter().filter(|p| !current.contains(&p.ifindex)) {
-        if let Err(error) = maps.add_pod_iface(pod.ifindex, pod.is_veth) {
+        if let Err(error) = maps.add_pod_iface(pod.ifindex, pod.is_veth, pod.route_ifindex) {
             warn!(ifindex = pod.ifindex, %error, "registering a Pod interface");
         }
     }

@@ -1,0 +1,198 @@
+//! What the node's NAT did to a packet, and putting a Service reply's source back.
+//!
+//! `pod_ingress` records each packet as the Pod sent it in a per-CPU slot. The node's
+//! stack forwards the packet to the destination Pod's interface in the same call chain,
+//! on the same CPU, so `pod_egress` finds the record of that very packet and compares.
+//! A Service backend's reply leaves the node's stack with the Service's source (the
+//! node undid its DNAT); the record holds the backend Pod's own source, which the
+//! packet takes to the gateway and swaps back for the Service's when it returns.
+
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    helpers::{bpf_csum_diff, bpf_csum_update},
+    programs::TcContext,
+};
+use visibility_common::{
+    packet::{ETH_HLEN, Family, FragmentPart, IPPROTO_TCP, IPPROTO_UDP, Packet, Transport},
+    verdict::NodeNat,
+};
+
+use crate::maps::PRE_STACK;
+
+/// A packet's addresses and ports as `pod_ingress` saw them: the value of
+/// [`crate::maps::PRE_STACK`].
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct PreStack {
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    /// The interface `pod_ingress` ran on; 0 before the first packet.
+    ifindex: u32,
+    family: u8,
+    protocol: u8,
+    _pad: [u8; 6],
+}
+
+/// Records `packet` as the Pod on `ifindex` sent it.
+#[inline(always)]
+pub fn record_pre_stack(packet: &Packet, ifindex: u32) {
+    if let Some(slot) = PRE_STACK.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
+        unsafe {
+            *slot = PreStack {
+                src: packet.src,
+                dst: packet.dst,
+                src_port: packet.src_port,
+                dst_port: packet.dst_port,
+                ifindex,
+                family: packet.family as u8,
+                protocol: packet.protocol,
+                _pad: [0; 6],
+            };
+        }
+    }
+}
+
+/// This CPU's record, when it is of the packet that entered on `ingress_ifindex`.
+#[inline(always)]
+pub fn pre_stack_of(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack> {
+    // SAFETY: per-CPU slot, copied out at once.
+    let pre = *unsafe { &*PRE_STACK.get_ptr(0)? };
+    (pre.ifindex == ingress_ifindex
+        && pre.family == packet.family as u8
+        && pre.protocol == packet.protocol)
+        .then_some(pre)
+}
+
+impl PreStack {
+    /// The source the Pod gave the packet.
+    pub fn source(&self) -> ([u8; 16], u16) {
+        (self.src, self.src_port)
+    }
+
+    /// What changed between this record and `packet`.
+    #[inline(always)]
+    pub fn compare(&self, packet: &Packet) -> NodeNat {
+        let same_src = self.src == packet.src && self.src_port == packet.src_port;
+        let same_dst = self.dst == packet.dst && self.dst_port == packet.dst_port;
+        match (same_src, same_dst) {
+            (true, true) => NodeNat::Unchanged,
+            (true, false) => NodeNat::DestinationChanged,
+            (false, true) if is_restorable(packet) => NodeNat::SourceRestorable,
+            (false, true) => NodeNat::SourceUnrestorable,
+            (false, false) => NodeNat::Unknown,
+        }
+    }
+}
+
+/// Whether a reply's source can be swapped in the packet: a whole TCP or UDP datagram
+/// whose ports were read (ICMP errors carry NAT-rewritten headers inside them too).
+#[inline(always)]
+fn is_restorable(packet: &Packet) -> bool {
+    matches!(packet.protocol, IPPROTO_TCP | IPPROTO_UDP)
+        && packet.fragment == FragmentPart::Whole
+        && packet.transport == Transport::Read
+}
+
+const IPV4_SRC_OFFSET: usize = ETH_HLEN + 12;
+const IPV4_CHECKSUM_OFFSET: usize = ETH_HLEN + 10;
+const IPV6_SRC_OFFSET: usize = ETH_HLEN + 8;
+const CSUM_SIZE_4: u64 = 4;
+const CSUM_SIZE_2: u64 = 2;
+
+/// Where the transport checksum of a whole TCP or UDP packet is.
+#[inline(always)]
+fn l4_checksum_offset(packet: &Packet) -> usize {
+    let l4 = usize::from(packet.l4_offset);
+    match packet.protocol {
+        IPPROTO_TCP => l4 + 16,
+        _ => l4 + 6,
+    }
+}
+
+/// Sets a whole TCP or UDP packet's source to `addr` and `port` (host byte order),
+/// updating the IPv4 header checksum, the transport checksum (pseudo-header and port)
+/// and, for packets whose driver supplied a full checksum, `skb->csum`.
+#[inline(always)]
+pub fn rewrite_source(
+    ctx: &TcContext,
+    packet: &Packet,
+    addr: &[u8; 16],
+    port: u16,
+) -> Result<(), ()> {
+    let check = l4_checksum_offset(packet);
+    // A UDP checksum of zero over IPv4 means there is none: leave it so.
+    let udp_without_checksum = packet.family == Family::V4
+        && packet.protocol == IPPROTO_UDP
+        && ctx.load::<u16>(check).map_err(|_| ())? == 0;
+    let l4_flags = if udp_without_checksum {
+        None
+    } else {
+        Some(u64::from(BPF_F_PSEUDO_HDR))
+    };
+    match packet.family {
+        Family::V4 => {
+            let old = u32::from_ne_bytes([packet.src[0], packet.src[1], packet.src[2], packet.src[3]]);
+            let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+            if let Some(flags) = l4_flags {
+                ctx.l4_csum_replace(check, u64::from(old), u64::from(new), flags | CSUM_SIZE_4)
+                    .map_err(|_| ())?;
+            }
+            ctx.l3_csum_replace(IPV4_CHECKSUM_OFFSET, u64::from(old), u64::from(new), CSUM_SIZE_4)
+                .map_err(|_| ())?;
+            ctx.store(IPV4_SRC_OFFSET, &new, 0).map_err(|_| ())?;
+        }
+        Family::V6 => {
+            let mut old = words(&packet.src);
+            let mut new = words(addr);
+            // SAFETY: both buffers are 16 bytes on the stack, as the sizes say.
+            let diff = unsafe {
+                bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0)
+            };
+            if diff < 0 {
+                return Err(());
+            }
+            if let Some(flags) = l4_flags {
+                ctx.l4_csum_replace(check, 0, diff as u64, flags)
+                    .map_err(|_| ())?;
+                // With BPF_F_PSEUDO_HDR the helper also moves `skb->csum` by the
+                // address change, as IPv4 needs (its header checksum field changes too).
+                // An IPv6 header has no checksum, so the packet's bytes sum as before:
+                // move `skb->csum` back. A no-op unless the driver supplied it.
+                // SAFETY: plain helper call on the program's own skb.
+                unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+            }
+            ctx.store(IPV6_SRC_OFFSET, addr, 0).map_err(|_| ())?;
+        }
+    }
+    let port_offset = usize::from(packet.l4_offset);
+    let old_port = packet.src_port.to_be();
+    let new_port = port.to_be();
+    if old_port != new_port {
+        if l4_flags.is_some() {
+            ctx.l4_csum_replace(check, u64::from(old_port), u64::from(new_port), CSUM_SIZE_2)
+                .map_err(|_| ())?;
+        }
+        ctx.store(port_offset, &new_port, 0).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// An address as four words in memory order, for `bpf_csum_diff`.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] = u32::from_ne_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ]);
+        i += 1;
+    }
+    out
+}
