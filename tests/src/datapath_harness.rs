@@ -390,8 +390,16 @@ pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
         maps.add_node_addr(addr)?;
     }
     for (family, addr, node_addr) in [
-        (Family::V4, IpAddr::from(GATEWAY_IPV4), IpAddr::from(NODE_IPV4)),
-        (Family::V6, IpAddr::from(GATEWAY_IPV6), IpAddr::from(NODE_IPV6)),
+        (
+            Family::V4,
+            IpAddr::from(GATEWAY_IPV4),
+            IpAddr::from(NODE_IPV4),
+        ),
+        (
+            Family::V6,
+            IpAddr::from(GATEWAY_IPV6),
+            IpAddr::from(NODE_IPV6),
+        ),
     ] {
         maps.set_gateway(
             family,

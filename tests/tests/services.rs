@@ -164,9 +164,17 @@ fn the_pod_to_pod_leg_of_service_traffic_goes_through_the_gateway() {
                 && f["connection"]["dest_port"] == TARGET_PORT),
             "{leg:?}"
         );
-        assert!(node.counter("pod_egress", "redirected_service_leg").unwrap() >= 2);
+        assert!(
+            node.counter("pod_egress", "redirected_service_leg")
+                .unwrap()
+                >= 2
+        );
         // The backend's replies cross the gateway too, with its own source.
-        assert!(node.counter("pod_egress", "redirected_service_reply").unwrap() >= 1);
+        assert!(
+            node.counter("pod_egress", "redirected_service_reply")
+                .unwrap()
+                >= 1
+        );
         // Visibility off: Service traffic works and stays on the node.
         node.cli_ok(&["disable"]).unwrap();
         node.lab.flush_gateway_flows().unwrap();
@@ -243,7 +251,8 @@ fn a_backend_elsewhere_changes_nothing() {
         assert_eq!(reply, b"elsewhere");
         server.join().unwrap();
         assert_eq!(
-            node.counter("pod_egress", "redirected_service_leg").unwrap(),
+            node.counter("pod_egress", "redirected_service_leg")
+                .unwrap(),
             0
         );
     });

@@ -102,13 +102,17 @@ pub fn send_too_big(ctx: &TcContext, packet: &Packet, gateway: &Gateway, mtu: u3
             let ip: &[u8; IPV4_HEADER_LEN] = scratch.ip.first_chunk().expect("20 of 40 bytes");
             make_room(ctx, IPV4_HEADER_LEN)
                 && ctx.store(ETH_HLEN, ip, 0).is_ok()
-                && ctx.store(ETH_HLEN + IPV4_HEADER_LEN, &scratch.icmp, 0).is_ok()
+                && ctx
+                    .store(ETH_HLEN + IPV4_HEADER_LEN, &scratch.icmp, 0)
+                    .is_ok()
         }
         Family::V6 => {
             icmpv6(scratch, packet, gateway, mtu);
             make_room(ctx, IPV6_HEADER_LEN)
                 && ctx.store(ETH_HLEN, &scratch.ip, 0).is_ok()
-                && ctx.store(ETH_HLEN + IPV6_HEADER_LEN, &scratch.icmp, 0).is_ok()
+                && ctx
+                    .store(ETH_HLEN + IPV6_HEADER_LEN, &scratch.icmp, 0)
+                    .is_ok()
         }
     };
     if !written || rewrite_macs(ctx, &route.macs).is_err() {
@@ -149,7 +153,16 @@ fn icmpv4(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
     ip[10] = check[0];
     ip[11] = check[1];
     let mtu = (mtu.min(u32::from(u16::MAX)) as u16).to_be_bytes();
-    scratch.icmp = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, mtu[0], mtu[1]];
+    scratch.icmp = [
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        0,
+        0,
+        0,
+        0,
+        mtu[0],
+        mtu[1],
+    ];
     let check = fold(sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
     scratch.icmp[2] = check[0];
     scratch.icmp[3] = check[1];
@@ -171,9 +184,8 @@ fn icmpv6(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
     let mtu = mtu.to_be_bytes();
     scratch.icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]];
     // The pseudo-header: both addresses, the upper-layer length and the next header.
-    let pseudo = sum_words(&ip[8..40])
-        + (ICMP_HEADER_LEN + INNER_LEN) as u32
-        + u32::from(IPPROTO_ICMPV6);
+    let pseudo =
+        sum_words(&ip[8..40]) + (ICMP_HEADER_LEN + INNER_LEN) as u32 + u32::from(IPPROTO_ICMPV6);
     let check = fold(pseudo + sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
     scratch.icmp[2] = check[0];
     scratch.icmp[3] = check[1];

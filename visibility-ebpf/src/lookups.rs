@@ -115,7 +115,8 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn node_nat(&self, packet: &Packet) -> NodeNat {
-        pre_stack_of(packet, self.ingress_ifindex).map_or(NodeNat::Unknown, |pre| pre.compare(packet))
+        pre_stack_of(packet, self.ingress_ifindex)
+            .map_or(NodeNat::Unknown, |pre| pre.compare(packet))
     }
 
     #[inline(always)]

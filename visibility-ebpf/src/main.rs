@@ -298,8 +298,7 @@ fn deliver(
     let path = unsafe { (*flow).path() };
     if path == Some(Path::ViaGatewayServiceReply) {
         // SAFETY: the value is copied out at once.
-        let Some(service) = (unsafe { NAT_LEGS.get(FlowKey::from_packet(packet)) }).copied()
-        else {
+        let Some(service) = (unsafe { NAT_LEGS.get(FlowKey::from_packet(packet)) }).copied() else {
             return Outcome::pass(Counter::PassServiceReplyUnrestorable);
         };
         if rewrite_source(ctx, packet, &service.src_addr, service.src_port).is_err() {
@@ -307,7 +306,11 @@ fn deliver(
         }
     }
     let uplink = lookups.settings.gateway(packet.family).ifindex;
-    let uplink = if uplink != 0 { uplink } else { lookups.ingress_ifindex };
+    let uplink = if uplink != 0 {
+        uplink
+    } else {
+        lookups.ingress_ifindex
+    };
     let outcome = redirect::to_pod(ctx, packet, uplink, lookups.now);
     if outcome.counter == Counter::DeliveredFromGateway {
         flow_returned(flow, size, outcome.ifindex);

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use visibility_common::{
-    DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS,
-    MAX_POD_IFACES, NAT_LEG_CAPACITY, POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
+    DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES,
+    NAT_LEG_CAPACITY, POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats, NatLeg},

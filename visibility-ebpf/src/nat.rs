@@ -134,23 +134,27 @@ pub fn rewrite_source(
     };
     match packet.family {
         Family::V4 => {
-            let old = u32::from_ne_bytes([packet.src[0], packet.src[1], packet.src[2], packet.src[3]]);
+            let old =
+                u32::from_ne_bytes([packet.src[0], packet.src[1], packet.src[2], packet.src[3]]);
             let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
             if let Some(flags) = l4_flags {
                 ctx.l4_csum_replace(check, u64::from(old), u64::from(new), flags | CSUM_SIZE_4)
                     .map_err(|_| ())?;
             }
-            ctx.l3_csum_replace(IPV4_CHECKSUM_OFFSET, u64::from(old), u64::from(new), CSUM_SIZE_4)
-                .map_err(|_| ())?;
+            ctx.l3_csum_replace(
+                IPV4_CHECKSUM_OFFSET,
+                u64::from(old),
+                u64::from(new),
+                CSUM_SIZE_4,
+            )
+            .map_err(|_| ())?;
             ctx.store(IPV4_SRC_OFFSET, &new, 0).map_err(|_| ())?;
         }
         Family::V6 => {
             let mut old = words(&packet.src);
             let mut new = words(addr);
             // SAFETY: both buffers are 16 bytes on the stack, as the sizes say.
-            let diff = unsafe {
-                bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0)
-            };
+            let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
             if diff < 0 {
                 return Err(());
             }

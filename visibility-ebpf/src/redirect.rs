@@ -5,9 +5,8 @@ use core::mem::{size_of, zeroed};
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_DIRECT,
-        BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
-        bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LOOKUP_DIRECT, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
     helpers::{
         bpf_check_mtu, bpf_csum_diff, bpf_csum_update, bpf_fib_lookup, bpf_redirect,

@@ -240,11 +240,12 @@ impl Datapath {
                 SchedClassifier::from_pin(pins.program(kind)).map_err(program_error(kind))?;
             programs.push((kind, program));
         }
-        // Adopted programs still write to the log map they were loaded with.
-        let logger = programs
-            .first()
-            .and_then(|(_, program)| program.info().ok())
-            .and_then(|info| aya_log::EbpfLogger::init_from_id(info.id()).ok());
+        // Adopted programs still write to the log map they were loaded with. Only the
+        // programs that log reference it: the first of them that has it gives it.
+        let logger = programs.iter().find_map(|(_, program)| {
+            let info = program.info().ok()?;
+            aya_log::EbpfLogger::init_from_id(info.id()).ok()
+        });
         Ok((
             Self {
                 pins,

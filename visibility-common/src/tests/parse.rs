@@ -4,6 +4,7 @@
 use alloc::{vec, vec::Vec};
 
 use crate::{
+    packet::FragmentPart,
     packet::{
         ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, MAX_IPV6_EXTENSION_HEADERS,
@@ -151,6 +152,10 @@ fn tcp_ipv4_yields_every_field() {
             tcp_flags: SYN | ACK,
             ttl: 17,
             ip_len: 20 + 20 + 5,
+            fragment: FragmentPart::Whole,
+            transport: crate::packet::Transport::Read,
+            fragment_id: 0,
+            l4_offset: 14 + 20,
         }
     );
 }
@@ -174,6 +179,10 @@ fn tcp_ipv6_yields_every_field() {
             tcp_flags: FIN | PSH | ACK,
             ttl: 3,
             ip_len: 40 + 20 + 11,
+            fragment: FragmentPart::Whole,
+            transport: crate::packet::Transport::Read,
+            fragment_id: 0,
+            l4_offset: 14 + 40,
         }
     );
 }
@@ -301,9 +310,33 @@ fn icmpv6_echo_type_numbers_mean_nothing_in_icmpv4() {
 }
 
 #[test]
+fn sctp_carries_ports() {
+    for family in [Family::V4, Family::V6] {
+        let mut header = Vec::new();
+        header.extend_from_slice(&5000u16.to_be_bytes());
+        header.extend_from_slice(&6000u16.to_be_bytes());
+        header.extend_from_slice(&[0; 8]);
+        let frame = builder(family, Transport::Raw { protocol: SCTP })
+            .payload(&header)
+            .build();
+        let packet = parse_frame(&frame).unwrap();
+        assert_eq!((packet.src_port, packet.dst_port), (5000, 6000));
+        // Shorter than SCTP's 12-byte common header: no ports.
+        let frame = builder(family, Transport::Raw { protocol: SCTP })
+            .payload(&header[..8])
+            .build();
+        assert_eq!(
+            parse_frame(&frame).unwrap().transport,
+            crate::packet::Transport::Unreadable
+        );
+    }
+}
+
+#[test]
 fn other_protocols_carry_no_ports() {
     for family in [Family::V4, Family::V6] {
-        for protocol in [GRE, SCTP, 50, 253, NO_NEXT_HEADER] {
+        // SCTP is read like UDP (its ports open its header); see below.
+        for protocol in [GRE, 50, 253, NO_NEXT_HEADER] {
             for payload in [&[][..], &[0xa5; 3][..], &[0x5a; 64][..]] {
                 let frame = builder(family, Transport::Raw { protocol })
                     .payload(payload)
@@ -456,18 +489,25 @@ fn ipv4_fragments_are_reported() {
             let mut frame = builder(Family::V4, transport.clone()).build();
             set_be16(&mut frame, IPV4_FLAGS_FRAGMENT, flags_fragment);
             fix_ipv4_checksum(&mut frame);
-            let result = parse_frame(&frame);
-            if is_fragment {
-                assert_eq!(
-                    result,
-                    Err(ParseError::Fragment),
-                    "flags/offset {flags_fragment:#06x}"
-                );
-            } else {
-                assert!(
-                    result.is_ok(),
-                    "flags/offset {flags_fragment:#06x}: {result:?}"
-                );
+            let packet = parse_frame(&frame).expect("fragments parse");
+            let offset = flags_fragment & 0x1fff;
+            let expected = match (is_fragment, offset) {
+                (false, _) => FragmentPart::Whole,
+                (true, 0) => FragmentPart::First,
+                (true, _) => FragmentPart::Later,
+            };
+            assert_eq!(
+                packet.fragment, expected,
+                "flags/offset {flags_fragment:#06x}"
+            );
+            assert_eq!(
+                packet.fragment_id,
+                if is_fragment { 0x1234 } else { 0 },
+                "the identification names the datagram"
+            );
+            if expected == FragmentPart::Later {
+                assert_eq!(packet.transport, crate::packet::Transport::InFirstFragment);
+                assert_eq!((packet.src_port, packet.dst_port), (0, 0));
             }
         }
     }
@@ -486,7 +526,9 @@ fn a_non_first_ipv4_fragment_too_short_for_a_header_is_a_fragment() {
     .build();
     set_be16(&mut frame, IPV4_FLAGS_FRAGMENT, 0x0010);
     fix_ipv4_checksum(&mut frame);
-    assert_eq!(parse_frame(&frame), Err(ParseError::Fragment));
+    let packet = parse_frame(&frame).expect("a later fragment parses");
+    assert_eq!(packet.fragment, FragmentPart::Later);
+    assert_eq!(packet.transport, crate::packet::Transport::InFirstFragment);
 }
 
 // ---------------------------------------------------------------------------
@@ -599,27 +641,41 @@ fn ipv6_fragment_header_is_a_fragment() {
     for chain in chains {
         for transport in [tcp(1, 2, SYN), udp(3, 4)] {
             let mut b = builder(Family::V6, transport);
-            // A fragment header is 8 bytes: the two-byte head and six more.
-            b.ipv6_extensions = chain.iter().map(|&p| (p, extension_body(6))).collect();
+            // A fragment header is 8 bytes: the two-byte head and six more (offset 0,
+            // identification 7); the others get bodies that would mislead as ports.
+            b.ipv6_extensions = chain
+                .iter()
+                .map(|&p| match p {
+                    FRAGMENT => (p, vec![0, 0, 0, 0, 0, 7]),
+                    _ => (p, extension_body(6)),
+                })
+                .collect();
+            // A fragment header at offset 0: the first fragment, whose ports follow.
+            let packet = parse_frame(&b.build()).expect("fragments parse");
+            assert_eq!(packet.fragment, FragmentPart::First, "{chain:?}");
             assert_eq!(
-                parse_frame(&b.build()),
-                Err(ParseError::Fragment),
+                packet.transport,
+                crate::packet::Transport::Read,
                 "{chain:?}"
             );
+            assert_eq!(packet.fragment_id, 7, "{chain:?}");
         }
     }
 }
 
 #[test]
-fn too_many_ipv6_extension_headers_are_malformed() {
+fn too_many_ipv6_extension_headers_leave_the_transport_unreadable() {
+    // The kernel forwards such packets; they are judged without ports.
     for count in MAX_IPV6_EXTENSION_HEADERS + 1..MAX_IPV6_EXTENSION_HEADERS + 4 {
         let mut b = builder(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = (0..count).map(|_| (DSTOPTS, extension_body(6))).collect();
+        let packet = parse_frame(&b.build()).expect("the IPv6 header is fine");
         assert_eq!(
-            parse_frame(&b.build()),
-            Err(ParseError::Malformed),
+            packet.transport,
+            crate::packet::Transport::Unreadable,
             "{count} headers"
         );
+        assert_eq!((packet.src_port, packet.dst_port), (0, 0));
     }
 }
 
@@ -628,21 +684,20 @@ fn what_follows_the_last_walked_extension_header_decides() {
     let walked = [HOPOPTS, DSTOPTS, ROUTING, DSTOPTS];
     assert_eq!(walked.len(), MAX_IPV6_EXTENSION_HEADERS);
     // (next header after the walked ones, result)
-    let cases = [
-        (FRAGMENT, Err(ParseError::Fragment)),
-        (HOPOPTS, Err(ParseError::Malformed)),
-        (ROUTING, Err(ParseError::Malformed)),
-        (DSTOPTS, Err(ParseError::Malformed)),
-        (AH, Err(ParseError::Malformed)),
-    ];
-    for (last, expected) in cases {
+    // One more extension header than the walk takes: the transport is not reached.
+    for last in [FRAGMENT, HOPOPTS, ROUTING, DSTOPTS, AH] {
         let mut b = builder(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = walked
             .iter()
             .chain([&last])
             .map(|&p| (p, extension_body(6)))
             .collect();
-        assert_eq!(parse_frame(&b.build()).map(|_| ()), expected, "then {last}");
+        let packet = parse_frame(&b.build()).expect("the IPv6 header is fine");
+        assert_eq!(
+            packet.transport,
+            crate::packet::Transport::Unreadable,
+            "then {last}"
+        );
     }
     let mut b = builder(Family::V6, tcp(1, 2, SYN));
     b.ipv6_extensions = walked.iter().map(|&p| (p, extension_body(6))).collect();
@@ -659,7 +714,7 @@ fn what_follows_the_last_walked_extension_header_decides() {
 }
 
 #[test]
-fn ipv6_extension_header_longer_than_the_payload_is_malformed() {
+fn ipv6_extension_header_longer_than_the_payload_leaves_the_transport_unreadable() {
     for (kind, len_byte) in [(HOPOPTS, 3u8), (DSTOPTS, 200), (ROUTING, 255), (AH, 255)] {
         let mut b = builder(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = vec![(kind, extension_body(6))];
@@ -667,21 +722,24 @@ fn ipv6_extension_header_longer_than_the_payload_is_malformed() {
         // The header claims more bytes than the 8 + 20 that follow the IPv6 header.
         frame[IPV6_FIRST_EXTENSION + 1] = len_byte;
         assert_eq!(
-            parse_frame(&frame),
-            Err(ParseError::Malformed),
+            parse_frame(&frame).map(|p| p.transport),
+            Ok(crate::packet::Transport::Unreadable),
             "next header {kind}"
         );
     }
 }
 
 #[test]
-fn ipv6_extension_header_leaving_too_little_for_tcp_is_malformed() {
+fn ipv6_extension_header_leaving_too_little_for_tcp_leaves_it_unreadable() {
     let mut b = builder(Family::V6, tcp(1, 2, SYN));
     b.ipv6_extensions = vec![(HOPOPTS, extension_body(6))];
     let mut frame = b.build();
     // 16 bytes of hop-by-hop options leave 12 of the 28 for TCP.
     frame[IPV6_FIRST_EXTENSION + 1] = 1;
-    assert_eq!(parse_frame(&frame), Err(ParseError::Malformed));
+    assert_eq!(
+        parse_frame(&frame).map(|p| p.transport),
+        Ok(crate::packet::Transport::Unreadable)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -766,7 +824,11 @@ fn a_reader_shorter_than_the_frame_length_never_panics() {
     for (name, frame) in sample_frames() {
         let full = parse_frame(&frame).unwrap();
         for len in 0..frame.len() {
+            // A failed read of the transport header leaves it unreadable, no ports.
             match parse(&frame[..len], frame.len()) {
+                Ok(packet) if packet.transport == crate::packet::Transport::Unreadable => {
+                    assert_eq!((packet.src_port, packet.dst_port), (0, 0), "{name} {len}")
+                }
                 Ok(packet) => assert_eq!(packet, full, "{name} read up to {len} bytes"),
                 Err(e) => assert_eq!(e, ParseError::Malformed, "{name} read up to {len} bytes"),
             }
@@ -1235,7 +1297,12 @@ fn odd_frames_are_classified() {
         expected,
     } in odd_frames()
     {
-        let result = parse_frame(&frame).map(|_| ());
+        // A transport header that cannot be read gives no ports, as a malformed IP
+        // header gives no packet: the rows expect Malformed for both.
+        let result = parse_frame(&frame).and_then(|packet| match packet.transport {
+            crate::packet::Transport::Unreadable => Err(ParseError::Malformed),
+            _ => Ok(()),
+        });
         assert_eq!(result, expected, "{name}");
     }
 }
@@ -1394,6 +1461,10 @@ fn packet_is_link_scope_when_either_end_is() {
             tcp_flags: 0,
             ttl: 64,
             ip_len: 100,
+            fragment: FragmentPart::Whole,
+            transport: crate::packet::Transport::Read,
+            fragment_id: 0,
+            l4_offset: 0,
         };
         assert_eq!(
             packet.is_link_scope(),
