@@ -237,6 +237,32 @@ impl SoloProgram {
     pub fn pins(&self) -> &PinDir {
         self.guard.pins()
     }
+
+    /// Every slot of the object's counters map, summed over CPUs: what this program
+    /// counted, apart from any other copy of the datapath.
+    pub fn counters(&self) -> Result<Vec<(Hook, Counter, CounterValue)>> {
+        let map = self
+            .ebpf
+            .map(map_names::COUNTERS)
+            .context("no counters map")?;
+        let counters: aya::maps::PerCpuArray<_, CounterValue> =
+            aya::maps::PerCpuArray::try_from(map)?;
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for counter in Counter::ALL {
+                let slot = visibility_common::counters::slot(*hook, *counter);
+                let per_cpu = counters.get(&slot, 0)?;
+                let total = per_cpu
+                    .iter()
+                    .fold(CounterValue::default(), |sum, v| CounterValue {
+                        packets: sum.packets + v.packets,
+                        bytes: sum.bytes + v.bytes,
+                    });
+                out.push((*hook, *counter, total));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// `lab_router` on the lab gateway's interface: the gateway namespace, the stand-in

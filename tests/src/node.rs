@@ -130,13 +130,19 @@ impl Node {
                 ..LabConfig::default()
             },
         )?;
-        Ok(Self {
+        Ok(Self::from_lab(lab))
+    }
+
+    /// A node on a lab built with a configuration of its own, and no daemon yet.
+    pub fn from_lab(lab: Lab) -> Self {
+        let pin_dir = unique_pin_dir(lab.prefix());
+        Self {
             lab,
-            pin_dir: unique_pin_dir(tag),
+            pin_dir,
             daemon: None,
             daemon_args: Vec::new(),
             log_path: None,
-        })
+        }
     }
 
     /// From the next daemon start on, the daemon's standard error goes to a file (appended
