@@ -607,7 +607,7 @@ fn udp_arrives_once_with_its_source() {
         let from = lab.pod_ns(0).udp_send(dst, b"once").unwrap();
         let (data, peer) = udp_recv(&socket, WORKS).unwrap();
         assert_eq!(data, b"once");
-        assert_eq!(peer.ip(), IpAddr::from(lab.pod_ip(0, family)));
+        assert_eq!(peer.ip(), lab.pod_ip(0, family));
         assert_eq!(peer.port(), from.local_addr().unwrap().port());
         socket.set_read_timeout(Some(BLOCKED)).unwrap();
         assert!(
