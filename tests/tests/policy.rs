@@ -19,7 +19,7 @@
 //! nftables, iptables, conntrack-tools, util-linux `nsenter` and iputils `ping`.
 
 use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     time::Duration,
 };
 

@@ -1,15 +1,22 @@
 //! Service traffic: Pod → ClusterIP → Pod on the same node, with kube-proxy-style
 //! iptables rules in the node's namespace. The Pod-to-Pod leg after the node's DNAT
-//! goes through the gateway; replies come back through the node's NAT with the
-//! ClusterIP as source; a Pod reaching itself through its Service stays local.
+//! goes through the gateway, and so do the backend's replies, with the backend's own
+//! source; the client gets them with the ClusterIP as source; a Pod reaching itself
+//! through its Service stays local.
 //!
 //! Needs root (network namespaces, BPF) and iptables.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use visibility_common::{
+    flow::{FlowKey, NatLeg},
+    map_names,
+};
 use visibility_tests::{
     lab::{IpFamily, Lab, Reply, TcpServer, UdpServer},
     node::Node,
@@ -255,5 +262,81 @@ fn a_backend_elsewhere_changes_nothing() {
                 .unwrap(),
             0
         );
+    });
+}
+
+/// Empties the node's NAT-leg map, as an eviction of every entry would.
+fn flush_nat_legs(node: &Node) -> usize {
+    let path = node.pin_dir.join("maps").join(map_names::NAT_LEGS);
+    let data = MapData::from_pin(&path).unwrap();
+    let mut legs: HashMap<MapData, FlowKey, NatLeg> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let keys: Vec<FlowKey> = legs.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let _ = legs.remove(key);
+    }
+    keys.len()
+}
+
+/// Both directions of a Service connection cross the gateway: its flow log has the
+/// Pod-to-Pod leg with replies, not `[UNREPLIED]`. Emptying the NAT-leg map in the middle
+/// of a connection breaks nothing: every reply still reaches the client from the
+/// ClusterIP.
+#[test]
+fn both_directions_cross_the_gateway_and_the_nat_leg_map_can_be_flushed() {
+    for_both_families(|family, tag| {
+        let mut node = service_node(&format!("s-both-{tag}"), family);
+        node.start().unwrap();
+        let lab = &node.lab;
+        lab.flush_gateway_flows().unwrap();
+        let listener = lab
+            .pod_ns(1)
+            .tcp_listen(SocketAddr::new(lab.pod_ip(1, family), TARGET_PORT))
+            .unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => stream.write_all(&buf[..n]).unwrap(),
+                }
+            }
+        });
+        let mut client = lab
+            .pod_ns(0)
+            .tcp_connect(SocketAddr::new(cluster_ip(family), SERVICE_PORT), TIMEOUT)
+            .unwrap();
+        client.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut flushed = 0;
+        for round in 0..10u8 {
+            if round == 5 {
+                flushed = flush_nat_legs(&node);
+            }
+            let line = [b'a' + round; 16];
+            client.write_all(&line).unwrap();
+            let mut echo = [0u8; 16];
+            client
+                .read_exact(&mut echo)
+                .unwrap_or_else(|e| panic!("{family:?}: round {round}: {e}"));
+            assert_eq!(echo, line, "{family:?}: round {round}");
+        }
+        assert!(flushed > 0, "{family:?}: the map held the reply's entry");
+        assert_eq!(client.peer_addr().unwrap().ip(), cluster_ip(family));
+        drop(client);
+        server.join().unwrap();
+        let (client_ip, backend_ip) = (lab.pod_ip(0, family), lab.pod_ip(1, family));
+        let legs: Vec<_> = lab
+            .gateway_flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.is_between(client_ip, backend_ip) && f.dport == Some(TARGET_PORT))
+            .collect();
+        assert!(
+            legs.iter().any(|f| f.reply_packets >= 10),
+            "{family:?}: the gateway saw the backend's replies: {legs:?}"
+        );
+        assert!(node.counter("pod_egress", "redirected_service_reply").unwrap() >= 10);
     });
 }
