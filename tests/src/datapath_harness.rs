@@ -583,6 +583,58 @@ fn run_here(
     })
 }
 
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (linux/bpf.h): aya 0.14 does not offer the flag.
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// `BPF_PROG_TEST_RUN` with `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, by hand: the program's
+/// return value, `None` when the kernel does not know the flag, an error with
+/// `EBADMSG` when the program left `skb->csum` wrong.
+fn test_run_checksum_complete(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ctx: SkbCtx,
+) -> Result<Option<u32>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = program
+        .fd()
+        .context("the program's fd")?
+        .as_fd()
+        .as_raw_fd();
+    let sk_buff = ctx.to_sk_buff();
+    let mut out = vec![0u8; frame.len() + OUTPUT_SLACK];
+    // `union bpf_attr`'s `test` member: fields at their offsets, the rest zero.
+    let mut attr = [0u8; 80];
+    let mut put32 =
+        |offset: usize, value: u32| attr[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+    put32(0, u32::try_from(fd)?);
+    put32(8, u32::try_from(frame.len())?);
+    put32(12, u32::try_from(out.len())?);
+    put32(32, 1);
+    put32(40, u32::try_from(sk_buff.len())?);
+    put32(64, BPF_F_TEST_SKB_CHECKSUM_COMPLETE);
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    attr[48..56].copy_from_slice(&(sk_buff.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: `attr` is a valid `bpf_attr` prefix whose pointers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if rc < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(None);
+        }
+        return Err(anyhow!(error).context("BPF_PROG_TEST_RUN with CHECKSUM_COMPLETE"));
+    }
+    Ok(Some(u32::from_ne_bytes(attr[4..8].try_into()?)))
+}
+
 // ---------------------------------------------------------------------------------------
 // Counters
 // ---------------------------------------------------------------------------------------
@@ -831,6 +883,23 @@ impl DatapathLab {
             repeat,
         )
         .with_context(|| format!("running {}", kind.name()))
+    }
+
+    /// Runs program `kind` once on `frame` as if its driver had supplied a checksum of
+    /// all its bytes (`CHECKSUM_COMPLETE`, as real NICs do), through
+    /// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`: the kernel checks after the run that
+    /// `skb->csum` still matches the packet, and fails with `EBADMSG` if it does not.
+    /// `Ok(None)` on kernels without the flag (before 6.11).
+    pub fn run_checksum_complete(
+        &self,
+        kind: ProgramKind,
+        frame: &[u8],
+        ctx: SkbCtx,
+    ) -> Result<Option<u32>> {
+        let program = self.datapath.program(kind);
+        self.lab
+            .node()
+            .in_ns(|| test_run_checksum_complete(program, frame, ctx))?
     }
 
     /// [`time_runs`] of program `kind` in the node namespace.

@@ -394,3 +394,31 @@ fn no_way_to_the_gateway_drops() {
             >= 2
     );
 }
+
+/// A packet from a real NIC carries `CHECKSUM_COMPLETE`: the driver's sum of all its
+/// bytes. Handing it to a Pod spends a hop; the sum must follow (IPv6 has no header
+/// checksum to balance the hop limit's change), or the kernel reports a checksum fault.
+/// The kernel checks after the run (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, Linux 6.11+).
+#[test]
+fn a_returning_packet_keeps_checksum_complete_valid() {
+    let h = setup("csumcomplete");
+    for family in FAMILIES {
+        let frame = builder(family, SRC, DST, udp()).build();
+        let sent = h
+            .run(ProgramKind::PodEgress, &frame, forwarded(&h, SRC))
+            .unwrap();
+        assert_eq!(sent.return_value, TC_ACT_REDIRECT, "{family:?}");
+        let Some(action) = h
+            .run_checksum_complete(
+                ProgramKind::UplinkIngress,
+                &returned(&h, &sent),
+                h.uplink_ctx(),
+            )
+            .unwrap_or_else(|e| panic!("{family:?}: {e:#}"))
+        else {
+            eprintln!("skipped: this kernel cannot test CHECKSUM_COMPLETE (before 6.11)");
+            return;
+        };
+        assert_eq!(action, TC_ACT_REDIRECT, "{family:?}: delivered");
+    }
+}

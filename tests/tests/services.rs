@@ -337,6 +337,10 @@ fn both_directions_cross_the_gateway_and_the_nat_leg_map_can_be_flushed() {
             legs.iter().any(|f| f.reply_packets >= 10),
             "{family:?}: the gateway saw the backend's replies: {legs:?}"
         );
-        assert!(node.counter("pod_egress", "redirected_service_reply").unwrap() >= 10);
+        assert!(
+            node.counter("pod_egress", "redirected_service_reply")
+                .unwrap()
+                >= 10
+        );
     });
 }
