@@ -22,7 +22,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool and the server, to check the metrics endpoint and the dashboard's queries",
     ),
-    ("nfdump", "nfcapd and nfdump, the IPFIX collector of the export tests"),
+    (
+        "nfdump",
+        "nfcapd and nfdump, the IPFIX collector of the export tests",
+    ),
     ("qemu-system-x86", "VM kernel tests"),
     ("busybox-static", "the VM tests' initramfs"),
     (
