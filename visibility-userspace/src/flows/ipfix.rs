@@ -553,6 +553,17 @@ fn export(collector: &str, receiver: &Receiver<Arc<Vec<ExportRecord>>>, stats: &
         let Some(Connection { socket, encoder }) = &mut connection else {
             continue;
         };
+        // A send to a collector that is not listening succeeds, and the ICMP error it
+        // brings back waits on the socket: count it now, an interval later.
+        if let Ok(Some(source)) = socket.take_error() {
+            count_error(
+                stats,
+                &ExportError::Send {
+                    collector: collector.to_owned(),
+                    source,
+                },
+            );
+        }
         if records.is_empty() && !encoder.templates_due(now) {
             continue;
         }

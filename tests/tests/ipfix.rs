@@ -1,0 +1,296 @@
+//! IPFIX export (`--ipfix HOST:PORT`) to a real collector: `nfcapd` from Debian's
+//! `nfdump` package, listening in the lab node's namespace, read back with `nfdump -o json`
+//! and compared with the daemon's JSON records of the same intervals.
+//!
+//! **These tests need root** (network namespaces, bpffs, BPF), the `visibility` binary
+//! built (`cargo build -p visibility-userspace`), `nfcapd` and `nfdump` (Debian package
+//! `nfdump`), `iperf3` and conntrack-tools.
+//!
+//! Run: `cargo test -p visibility-tests --test ipfix`
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+use visibility_tests::{
+    lab::{Background, IpFamily, Lab},
+    node::{Node, poll},
+    records::{FiveTuple, RecordFile, count, http_get, wait_for_records},
+};
+
+/// Where the collector listens, inside the node's namespace (its own, so no clash).
+const COLLECTOR: &str = "127.0.0.1:4739";
+const IPERF_PORT: u16 = 5201;
+/// One 5 s interval, the read, and slack.
+const RECORD_WAIT: Duration = Duration::from_secs(12);
+
+/// nfcapd in the node's namespace, writing to a directory of its own (removed on drop).
+struct Collector {
+    process: Option<Background>,
+    dir: PathBuf,
+}
+
+impl Collector {
+    fn start(lab: &Lab) -> Result<Self> {
+        let dir = PathBuf::from(format!("/tmp/vis-ipfix-{}", lab.prefix()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let (host, port) = COLLECTOR.split_once(':').context("collector address")?;
+        let dir_arg = dir.display().to_string();
+        // -t: one file for the whole test; it is completed when nfcapd stops.
+        let process = lab.node().spawn_process(
+            "nfcapd",
+            ["-w", dir_arg.as_str(), "-b", host, "-p", port, "-t", "3600"],
+        )?;
+        let collector = Self {
+            process: Some(process),
+            dir,
+        };
+        poll(Duration::from_secs(5), "nfcapd listening", || {
+            let sockets = lab.node().run("ss", ["-Hlun", "sport", "=", port])?;
+            Ok((!sockets.trim().is_empty()).then_some(()))
+        })?;
+        Ok(collector)
+    }
+
+    /// Stops nfcapd (SIGTERM: it writes out its file) and returns every flow it kept,
+    /// as `nfdump -r FILE -o json` prints them.
+    fn stop_and_read(&mut self) -> Result<Vec<Value>> {
+        if let Some(process) = self.process.take() {
+            process.terminate(Duration::from_secs(5))?;
+        }
+        let file = std::fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .find(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("nfcapd.2"))
+            })
+            .with_context(|| format!("no nfcapd file in {}", self.dir.display()))?;
+        let output = Command::new("nfdump")
+            .arg("-r")
+            .arg(&file)
+            .args(["-o", "json"])
+            .output()
+            .context("running nfdump (Debian package nfdump)")?;
+        ensure!(
+            output.status.success(),
+            "nfdump: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout)?;
+        let flows: Value =
+            serde_json::from_str(&text).with_context(|| format!("nfdump's JSON: {text}"))?;
+        flows
+            .as_array()
+            .cloned()
+            .with_context(|| format!("nfdump's JSON is not a list: {text}"))
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A flow's 5-tuple as nfdump prints it.
+fn nfdump_tuple(flow: &Value) -> Option<FiveTuple> {
+    let addr = |name: &str| -> Option<IpAddr> {
+        ["4", "6"]
+            .iter()
+            .find_map(|family| flow[format!("{name}{family}_addr")].as_str())?
+            .parse()
+            .ok()
+    };
+    let port = |name: &str| u16::try_from(flow[name].as_u64()?).ok();
+    Some(FiveTuple {
+        src: SocketAddr::new(addr("src")?, port("src_port")?),
+        dst: SocketAddr::new(addr("dst")?, port("dst_port")?),
+        protocol: u8::try_from(flow["proto"].as_u64()?).ok()?,
+    })
+}
+
+fn json_tuple(record: &Value) -> Option<FiveTuple> {
+    let c = &record["connection"];
+    let end = |ip: &str, port: &str| -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            c[ip].as_str()?.parse().ok()?,
+            u16::try_from(c[port].as_u64()?).ok()?,
+        ))
+    };
+    Some(FiveTuple {
+        src: end("src_ip", "src_port")?,
+        dst: end("dest_ip", "dest_port")?,
+        protocol: u8::try_from(c["protocol"].as_u64()?).ok()?,
+    })
+}
+
+/// Each flow's (packets, bytes) per interval, sorted, keyed by a printable 5-tuple.
+type PerInterval = BTreeMap<String, Vec<(u64, u64)>>;
+
+fn key(tuple: &FiveTuple) -> String {
+    format!("{} {} -> {}", tuple.protocol, tuple.src, tuple.dst)
+}
+
+/// A TCP transfer of a second with iperf3 from Pod `from` to Pod `to`: its client-to-server
+/// data connection is one flow (and iperf3's control connection another).
+fn iperf(lab: &Lab, from: usize, to: usize, family: IpFamily) -> Result<()> {
+    let server_ip = lab.pod_ip(to, family).to_string();
+    let port = IPERF_PORT.to_string();
+    let _server = lab.pod_ns(to).spawn_process(
+        "iperf3",
+        ["-s", "-1", "-B", server_ip.as_str(), "-p", port.as_str()],
+    )?;
+    poll(Duration::from_secs(5), "iperf3 listening", || {
+        let sockets = lab.pod_ns(to).run("ss", ["-Hltn", "sport", "=", &port])?;
+        Ok((!sockets.trim().is_empty()).then_some(()))
+    })?;
+    lab.pod_ns(from).run(
+        "iperf3",
+        [
+            "-c",
+            server_ip.as_str(),
+            "-p",
+            port.as_str(),
+            "-t",
+            "1",
+            "--connect-timeout",
+            "3000",
+        ],
+    )?;
+    Ok(())
+}
+
+/// After an HTTP request and an iperf3 transfer from pod-0 to pod-1 in each family, the
+/// collector holds every flow the JSON records hold, with the same 5-tuple and the same
+/// packets and bytes in each interval. Then, with the collector stopped, the daemon goes
+/// on and counts export errors, in `/metrics` and in `status --json`.
+#[test]
+fn a_real_collector_gets_the_json_records_flows_and_counts() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the IPFIX test needs root (network namespaces, bpffs, BPF)"
+    );
+    let file = RecordFile::new("ipfix");
+    let mut node = Node::new("ipfix", 2).expect("building the lab");
+    node.capture_daemon_log();
+    let mut collector = Collector::start(&node.lab).expect("starting nfcapd");
+    let mut args = Node::default_daemon_args();
+    args.extend(
+        [
+            "--records",
+            &file.path.display().to_string(),
+            "--records-interval",
+            "5s",
+            "--ipfix",
+            COLLECTOR,
+            "--metrics-addr",
+            "127.0.0.1:19477",
+        ]
+        .map(str::to_owned),
+    );
+    node.start_daemon(args).expect("starting the daemon");
+    let lab = &node.lab;
+
+    let mut http = Vec::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        http.push(http_get(lab, 0, 1, family).unwrap());
+        iperf(lab, 0, 1, family).unwrap();
+    }
+    // Every HTTP tuple has records; then one more interval, so that the last packets of
+    // every flow (iperf3's too) have been read, written and exported.
+    wait_for_records(
+        &file,
+        &http.iter().map(|t| (*t, 1)).collect::<Vec<_>>(),
+        RECORD_WAIT,
+    );
+    std::thread::sleep(Duration::from_millis(5_500));
+    let records = file.records().unwrap();
+    let flows = collector.stop_and_read().unwrap();
+
+    let mut json = PerInterval::new();
+    for record in &records {
+        let tuple = json_tuple(record).unwrap_or_else(|| panic!("record {record}"));
+        json.entry(key(&tuple))
+            .or_default()
+            .push((count(record, "packets_sent"), count(record, "bytes_sent")));
+    }
+    let mut collected = PerInterval::new();
+    for flow in &flows {
+        let Some(tuple) = nfdump_tuple(flow) else {
+            continue;
+        };
+        let counts = (
+            flow["in_packets"].as_u64().unwrap_or_default(),
+            flow["in_bytes"].as_u64().unwrap_or_default(),
+        );
+        collected.entry(key(&tuple)).or_default().push(counts);
+    }
+    for per_interval in json.values_mut().chain(collected.values_mut()) {
+        per_interval.sort_unstable();
+    }
+    let what = format!("JSON records: {json:#?}\ncollector: {collected:#?}\nnfdump: {flows:#?}");
+    // Both families, HTTP and iperf3 (its control and data connections).
+    for family in [IpFamily::V4, IpFamily::V6] {
+        for port in [8080, IPERF_PORT] {
+            let server = key(&FiveTuple {
+                src: SocketAddr::new(lab.pod_ip(0, family), 0),
+                dst: SocketAddr::new(lab.pod_ip(1, family), port),
+                protocol: 6,
+            });
+            let server = server
+                .rsplit_once(" -> ")
+                .map(|(_, dst)| dst)
+                .unwrap_or_default();
+            assert!(
+                json.keys().any(|k| k.ends_with(&format!(" -> {server}"))),
+                "no record to {server}: {what}"
+            );
+        }
+    }
+    for tuple in &http {
+        assert!(json.contains_key(&key(tuple)), "{tuple:?}: {what}");
+        assert!(
+            json.contains_key(&key(&tuple.reversed())),
+            "{tuple:?}: {what}"
+        );
+    }
+    assert_eq!(json, collected, "{what}");
+
+    // The collector is gone: the daemon goes on, and counts what it could not send (the
+    // port unreachable that a send brings back, at the next interval).
+    lab.pod_ns(0).ping(lab.pod_ipv4(1), 2).unwrap();
+    let status = node
+        .wait_for(2 * RECORD_WAIT, |status| {
+            let errors = status["daemon"]["records"]["ipfix_export_errors"].as_u64()?;
+            (errors > 0).then(|| status.clone())
+        })
+        .unwrap();
+    assert_eq!(
+        status["daemon"]["ipfix_collectors"],
+        serde_json::json!([COLLECTOR]),
+        "{status}"
+    );
+    let metrics = lab
+        .node()
+        .run(
+            "curl",
+            ["--silent", "--fail", "http://127.0.0.1:19477/metrics"],
+        )
+        .unwrap();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("visibility_ipfix_export_errors_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(errors.is_some_and(|e| e > 0.0), "{metrics}");
+    assert!(node.daemon_running(), "the daemon stopped");
+}
