@@ -263,12 +263,23 @@ pub fn render_svg(path: &Path, panels: &[(Panel, Vec<Line>)], seconds: f64) -> R
         chart
             .configure_mesh()
             .x_desc("seconds")
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .y_desc(unit_name(&panel.unit))
             .y_label_formatter(&|v| short_number(*v))
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(drawing)?;
-        for (i, line) in lines.iter().enumerate() {
+        // Like Grafana's legend option "hide series with only zeros", unless all are.
+        let nonzero: Vec<&Line> = lines
+            .iter()
+            .filter(|l| l.points.iter().any(|p| p.1 != 0.0))
+            .collect();
+        let shown = if nonzero.is_empty() {
+            lines.iter().collect()
+        } else {
+            nonzero
+        };
+        for (i, line) in shown.into_iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
                 .draw_series(LineSeries::new(
@@ -310,17 +321,25 @@ fn unit_name(unit: &str) -> &str {
     }
 }
 
-/// 1234567 → `1.2M`, as dashboards print axis values.
+/// 1234567 → `1.2M`, 0.00125 → `0.00125`, as dashboards print axis values.
 fn short_number(value: f64) -> String {
     let (scaled, suffix) = [(1e9, "G"), (1e6, "M"), (1e3, "k")]
         .iter()
         .find(|(scale, _)| value.abs() >= *scale)
         .map_or((value, ""), |(scale, suffix)| (value / scale, *suffix));
-    if scaled.fract() == 0.0 {
-        format!("{scaled}{suffix}")
+    // Three significant digits, without trailing zeros.
+    let decimals = if scaled == 0.0 {
+        0
     } else {
-        format!("{scaled:.1}{suffix}")
-    }
+        (2 - scaled.abs().log10().floor() as i32).max(0) as usize
+    };
+    let text = format!("{scaled:.decimals$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &text
+    };
+    format!("{text}{suffix}")
 }
 
 #[cfg(test)]
@@ -348,6 +367,9 @@ mod tests {
     fn numbers_are_short() {
         assert_eq!(short_number(1_500_000.0), "1.5M");
         assert_eq!(short_number(2000.0), "2k");
-        assert_eq!(short_number(0.25), "0.2");
+        assert_eq!(short_number(0.25), "0.25");
+        assert_eq!(short_number(0.001_25), "0.00125");
+        assert_eq!(short_number(350.0), "350");
+        assert_eq!(short_number(0.0), "0");
     }
 }

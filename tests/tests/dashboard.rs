@@ -1,8 +1,10 @@
 //! The Grafana dashboard (`deploy/grafana-dashboard.json`) against a real Prometheus server
 //! that scraped the daemon: every panel's query returns data.
 //!
-//! With `VISIBILITY_DASHBOARD_SVG=PATH`, the test also runs a minute of traffic and draws
-//! every panel from the server's data into an SVG (how `docs/dashboard.svg` is made).
+//! With `VISIBILITY_DASHBOARD_SVG=PATH` (relative to the workspace), the test also runs a
+//! minute of traffic and draws every panel from the server's data into an SVG:
+//! `VISIBILITY_DASHBOARD_SVG=docs/dashboard.svg cargo test -p visibility-tests --test
+//! dashboard` makes the README's picture.
 //!
 //! **These tests need root** (network namespaces, bpffs, BPF), the `visibility` binary
 //! built (`cargo build -p visibility-userspace`), `curl`, and the Prometheus server
@@ -12,6 +14,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -101,6 +104,8 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     );
 
     if let Some(path) = std::env::var_os("VISIBILITY_DASHBOARD_SVG") {
+        // A relative path is the workspace's (cargo runs tests in the crate's directory).
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
         traffic(lab, PICTURE_SECONDS);
         let end = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
         let drawn: Vec<_> = panels
@@ -111,7 +116,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
                 (panel.clone(), lines)
             })
             .collect();
-        render_svg(std::path::Path::new(&path), &drawn, end - started).unwrap();
-        eprintln!("wrote {}", std::path::Path::new(&path).display());
+        render_svg(&path, &drawn, end - started).unwrap();
+        eprintln!("wrote {}", path.display());
     }
 }
