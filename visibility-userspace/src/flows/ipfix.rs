@@ -643,8 +643,11 @@ mod tests {
         out
     }
 
-    /// A template set parsed back: template id → (element id, length, enterprise number).
-    fn templates(body: &[u8]) -> Vec<(u16, Vec<(u16, u16, Option<u32>)>)> {
+    /// A field specifier parsed back: element id, length, enterprise number.
+    type Specifier = (u16, u16, Option<u32>);
+
+    /// A template set parsed back: each template's id and field specifiers.
+    fn templates(body: &[u8]) -> Vec<(u16, Vec<Specifier>)> {
         let mut at = 0;
         let mut out = Vec::new();
         while at < body.len() {
@@ -680,7 +683,7 @@ mod tests {
             templates.iter().map(|t| t.0).collect::<Vec<_>>(),
             [TEMPLATE_IPV4, TEMPLATE_IPV6]
         );
-        let standard = |t: &[(u16, u16, Option<u32>)]| -> Vec<u16> {
+        let standard = |t: &[Specifier]| -> Vec<u16> {
             t.iter().filter(|f| f.2.is_none()).map(|f| f.0).collect()
         };
         let common = [7, 11, 4, 1, 2, 152, 153, 6, 10, 14, 61];
