@@ -14,8 +14,22 @@ use serde_json::Value;
 
 use crate::{
     lab::{DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, TcpServer},
-    node::poll,
+    node::{Node, poll},
 };
+
+/// The daemon flags of a lab node ([`Node::default_daemon_args`]) that writes records to
+/// `file` every 5 s, followed by `extra`.
+pub fn daemon_args_with_records(file: &RecordFile, extra: &[&str]) -> Vec<String> {
+    let mut args = Node::default_daemon_args();
+    args.extend([
+        "--records".to_owned(),
+        file.path.display().to_string(),
+        "--records-interval".to_owned(),
+        "5s".to_owned(),
+    ]);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
 
 // ---------------------------------------------------------------------------------------
 // Record files

@@ -22,7 +22,7 @@ use visibility_tests::{
     dashboard::{Prometheus, concrete, dashboard_panels, panel_lines, render_svg},
     lab::{IpFamily, Lab},
     node::Node,
-    records::RecordFile,
+    records::{RecordFile, daemon_args_with_records},
 };
 
 /// The daemon's endpoint and the server, each in the node's own namespace.
@@ -65,16 +65,7 @@ fn every_panel_returns_data_from_a_real_prometheus() {
     let file = RecordFile::new("dashboard");
     let mut node = Node::new("dash", 2).expect("building the lab");
     node.capture_daemon_log();
-    let mut args = Node::default_daemon_args();
-    args.extend(
-        [
-            "--metrics-addr",
-            METRICS_ADDR,
-            "--records",
-            &file.path.display().to_string(),
-        ]
-        .map(str::to_owned),
-    );
+    let args = daemon_args_with_records(&file, &["--metrics-addr", METRICS_ADDR]);
     node.start_daemon(args).expect("starting the daemon");
     let lab = &node.lab;
     lab.pod_ns(0).ping(lab.pod_ipv4(1), 2).unwrap();

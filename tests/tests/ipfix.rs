@@ -21,11 +21,13 @@ use serde_json::Value;
 use visibility_tests::{
     lab::{Background, IpFamily, Lab},
     node::{Node, poll},
-    records::{FiveTuple, RecordFile, count, http_get, wait_for_records},
+    records::{FiveTuple, RecordFile, count, daemon_args_with_records, http_get, wait_for_records},
 };
 
 /// Where the collector listens, inside the node's namespace (its own, so no clash).
 const COLLECTOR: &str = "127.0.0.1:4739";
+/// The daemon's metrics endpoint, in the node's namespace.
+const METRICS_ADDR: &str = "127.0.0.1:19477";
 const IPERF_PORT: u16 = 5201;
 /// One 5 s interval, the read, and slack.
 const RECORD_WAIT: Duration = Duration::from_secs(12);
@@ -184,19 +186,9 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
     let mut node = Node::new("ipfix", 2).expect("building the lab");
     node.capture_daemon_log();
     let mut collector = Collector::start(&node.lab).expect("starting nfcapd");
-    let mut args = Node::default_daemon_args();
-    args.extend(
-        [
-            "--records",
-            &file.path.display().to_string(),
-            "--records-interval",
-            "5s",
-            "--ipfix",
-            COLLECTOR,
-            "--metrics-addr",
-            "127.0.0.1:19477",
-        ]
-        .map(str::to_owned),
+    let args = daemon_args_with_records(
+        &file,
+        &["--ipfix", COLLECTOR, "--metrics-addr", METRICS_ADDR],
     );
     node.start_daemon(args).expect("starting the daemon");
     let lab = &node.lab;
@@ -277,7 +269,11 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
         .node()
         .run(
             "curl",
-            ["--silent", "--fail", "http://127.0.0.1:19477/metrics"],
+            [
+                "--silent",
+                "--fail",
+                &format!("http://{METRICS_ADDR}/metrics"),
+            ],
         )
         .unwrap();
     let errors = metrics

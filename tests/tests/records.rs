@@ -20,7 +20,10 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use visibility_tests::{
     lab::{Background, DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, UdpServer},
     node::{Node, poll},
-    records::{FiveTuple, HTTP_PORT, RecordFile, Totals, http_get, totals, wait_for_records},
+    records::{
+        FiveTuple, HTTP_PORT, RecordFile, Totals, daemon_args_with_records, http_get, totals,
+        wait_for_records,
+    },
 };
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
@@ -39,20 +42,7 @@ fn node_with_records(tag: &str, pods: usize, file: &RecordFile, node_name: &str)
     require_root();
     let mut node = Node::new(tag, pods).expect("building the lab");
     node.capture_daemon_log();
-    let mut args = Node::default_daemon_args();
-    args.extend(
-        [
-            "--records",
-            &file.path.display().to_string(),
-            "--records-interval",
-            "5s",
-            "--node-name",
-            node_name,
-            "--metrics-addr",
-            "off",
-        ]
-        .map(str::to_owned),
-    );
+    let args = daemon_args_with_records(file, &["--node-name", node_name, "--metrics-addr", "off"]);
     node.start_daemon(args).expect("starting the daemon");
     node
 }
