@@ -670,6 +670,43 @@ mod tests {
         out
     }
 
+    /// An IPFIX record and the JSON record of one flow's interval say the same.
+    #[test]
+    fn the_ipfix_and_json_records_of_an_interval_carry_the_same_counts() {
+        let mut key = FlowKey {
+            family: 6,
+            protocol: 17,
+            src_port: 4000,
+            dst_port: 53,
+            ..Default::default()
+        };
+        key.src_addr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        key.dst_addr = "fd00::3".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let stats = FlowStats {
+            packets: 12,
+            bytes: 1776,
+            first_seen_ns: 1_000_000_000,
+            last_seen_ns: 3_500_000_000,
+            tcp_flags: 0x12,
+            path: Path::ViaGateway as u8,
+            ..Default::default()
+        };
+        let clock = Clock::now();
+        let ipfix = ExportRecord::new(&key, &stats, &clock).unwrap();
+        let json = super::super::view::record(&key, &stats, &clock, "n", &|_| None).unwrap();
+        assert_eq!(ipfix.src.to_string(), json.connection.src_ip);
+        assert_eq!(ipfix.dst.to_string(), json.connection.dest_ip);
+        assert_eq!(ipfix.src_port, json.connection.src_port);
+        assert_eq!(ipfix.dst_port, json.connection.dest_port);
+        assert_eq!(ipfix.protocol, json.connection.protocol);
+        assert_eq!(
+            (ipfix.packets, ipfix.octets),
+            (json.packets_sent, json.bytes_sent)
+        );
+        assert_eq!(ipfix.path, json.path);
+        assert_eq!(ipfix.end_ms - ipfix.start_ms, 2_500);
+    }
+
     #[test]
     fn templates_use_the_standard_elements_and_ours() {
         let mut encoder = Encoder::new(1472);
