@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
+use time::{OffsetDateTime, PrimitiveDateTime, format_description::well_known::Rfc3339};
 use visibility_tests::{
     lab::{Background, IpFamily, Lab},
     node::{Node, poll},
@@ -77,6 +78,7 @@ impl Collector {
             })
             .with_context(|| format!("no nfcapd file in {}", self.dir.display()))?;
         let output = Command::new("nfdump")
+            .env("TZ", "UTC")
             .arg("-r")
             .arg(&file)
             .args(["-o", "json"])
@@ -136,8 +138,41 @@ fn json_tuple(record: &Value) -> Option<FiveTuple> {
     })
 }
 
-/// Each flow's (packets, bytes) per interval, sorted, keyed by a printable 5-tuple.
-type PerInterval = BTreeMap<String, Vec<(u64, u64)>>;
+/// What one record says of one flow's interval.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Interval {
+    packets: u64,
+    bytes: u64,
+    /// First and last packet, Unix milliseconds.
+    first_ms: i128,
+    last_ms: i128,
+    /// The interfaces the flow entered and left the node on.
+    input_ifindex: u64,
+    output_ifindex: u64,
+}
+
+/// Each flow's intervals, sorted, keyed by a printable 5-tuple.
+type PerInterval = BTreeMap<String, Vec<Interval>>;
+
+/// Unix milliseconds of a JSON record's RFC 3339 time.
+fn json_ms(text: &str) -> i128 {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+        .unix_timestamp_nanos()
+        / 1_000_000
+}
+
+/// Unix milliseconds of nfdump's time (`2026-12-03T21:50:45.954`, in UTC as it runs here).
+fn nfdump_ms(text: &str) -> i128 {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    PrimitiveDateTime::parse(text, format)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+        .assume_utc()
+        .unix_timestamp_nanos()
+        / 1_000_000
+}
 
 fn key(tuple: &FiveTuple) -> String {
     format!("{} {} -> {}", tuple.protocol, tuple.src, tuple.dst)
@@ -173,8 +208,9 @@ fn iperf(lab: &Lab, from: usize, to: usize, family: IpFamily) -> Result<()> {
 }
 
 /// After an HTTP request and an iperf3 transfer from pod-0 to pod-1 in each family, the
-/// collector holds every flow the JSON records hold, with the same 5-tuple and the same
-/// packets and bytes in each interval. Then, with the collector stopped, the daemon goes
+/// collector holds every flow the JSON records hold, with the same 5-tuple and, in each
+/// interval, the same packets, bytes, first and last packet (to the millisecond) and
+/// interfaces. Then, with the collector stopped, the daemon goes
 /// on and counts export errors, in `/metrics` and in `status --json`.
 #[test]
 fn a_real_collector_gets_the_json_records_flows_and_counts() {
@@ -209,23 +245,37 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
     let records = file.records().unwrap();
     let flows = collector.stop_and_read().unwrap();
 
+    let ifindex = |name: &Value| -> u64 {
+        (0..lab.pod_count())
+            .find(|i| name == lab.pod_host_ifname(*i))
+            .map_or(0, |i| u64::from(lab.pod_host_ifindex(i)))
+    };
     let mut json = PerInterval::new();
     for record in &records {
         let tuple = json_tuple(record).unwrap_or_else(|| panic!("record {record}"));
-        json.entry(key(&tuple))
-            .or_default()
-            .push((count(record, "packets_sent"), count(record, "bytes_sent")));
+        json.entry(key(&tuple)).or_default().push(Interval {
+            packets: count(record, "packets_sent"),
+            bytes: count(record, "bytes_sent"),
+            first_ms: json_ms(record["start_time"].as_str().unwrap_or_default()),
+            last_ms: json_ms(record["end_time"].as_str().unwrap_or_default()),
+            input_ifindex: ifindex(&record["src_interface"]),
+            output_ifindex: ifindex(&record["dest_interface"]),
+        });
     }
     let mut collected = PerInterval::new();
     for flow in &flows {
         let Some(tuple) = nfdump_tuple(flow) else {
             continue;
         };
-        let counts = (
-            flow["in_packets"].as_u64().unwrap_or_default(),
-            flow["in_bytes"].as_u64().unwrap_or_default(),
-        );
-        collected.entry(key(&tuple)).or_default().push(counts);
+        let number = |field: &str| flow[field].as_u64().unwrap_or_default();
+        collected.entry(key(&tuple)).or_default().push(Interval {
+            packets: number("in_packets"),
+            bytes: number("in_bytes"),
+            first_ms: nfdump_ms(flow["first"].as_str().unwrap_or_default()),
+            last_ms: nfdump_ms(flow["last"].as_str().unwrap_or_default()),
+            input_ifindex: number("input_snmp"),
+            output_ifindex: number("output_snmp"),
+        });
     }
     for per_interval in json.values_mut().chain(collected.values_mut()) {
         per_interval.sort_unstable();

@@ -442,15 +442,14 @@ impl Exporters {
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
                 sender.try_send(records.clone())
             {
-                self.failed(&ExportError::QueueFull {
-                    collector: collector.clone(),
-                });
+                count_error(
+                    &self.stats,
+                    &ExportError::QueueFull {
+                        collector: collector.clone(),
+                    },
+                );
             }
         }
-    }
-
-    fn failed(&self, error: &ExportError) {
-        count_error(&self.stats, error);
     }
 }
 
