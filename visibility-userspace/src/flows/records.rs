@@ -122,10 +122,7 @@ impl Aggregator {
         interface_name: &impl Fn(u32) -> Option<String>,
     ) -> (Vec<FlowRecord>, u64) {
         let (deltas, evicted) = self.deltas(entries, now_ns);
-        let records = deltas
-            .iter()
-            .filter_map(|(key, stats)| record(key, stats, clock, node_name, interface_name))
-            .collect();
+        let records = json_records(&deltas, clock, node_name, interface_name);
         (records, evicted)
     }
 
@@ -198,6 +195,19 @@ impl Aggregator {
         self.last_read_ns = now_ns;
         (deltas, evicted)
     }
+}
+
+/// The JSON records of an interval's flows.
+fn json_records(
+    deltas: &[(FlowKey, FlowStats)],
+    clock: &Clock,
+    node_name: &str,
+    interface_name: &impl Fn(u32) -> Option<String>,
+) -> Vec<FlowRecord> {
+    deltas
+        .iter()
+        .filter_map(|(key, stats)| record(key, stats, clock, node_name, interface_name))
+        .collect()
 }
 
 /// The writing end of the sink: a bounded queue to the writer thread.
@@ -406,11 +416,7 @@ pub fn spawn_reader(
                             .collect(),
                     );
                 }
-                let records: Vec<FlowRecord> = deltas
-                    .iter()
-                    .filter_map(|(key, stats)| record(key, stats, &clock, &node_name, &name_of))
-                    .collect();
-                sink.send(&records, next);
+                sink.send(&json_records(&deltas, &clock, &node_name, &name_of), next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
                     .active_flows
