@@ -1,6 +1,6 @@
-//! IPFIX export (`--ipfix HOST:PORT`) to a real collector: `nfcapd` from Debian's
-//! `nfdump` package, listening in the lab node's namespace, read back with `nfdump -o json`
-//! and compared with the daemon's JSON records of the same intervals.
+//! IPFIX export (`--ipfix HOST:PORT`, given twice) to real collectors: two `nfcapd`s from
+//! Debian's `nfdump` package, listening in the lab node's namespace, read back with
+//! `nfdump -o json` and compared with the daemon's JSON records of the same intervals.
 //!
 //! **These tests need root** (network namespaces, bpffs, BPF), the `visibility` binary
 //! built (`cargo build -p visibility-userspace`), `nfcapd` and `nfdump` (Debian package
@@ -25,8 +25,8 @@ use visibility_tests::{
     records::{FiveTuple, RecordFile, count, daemon_args_with_records, http_get, wait_for_records},
 };
 
-/// Where the collector listens, inside the node's namespace (its own, so no clash).
-const COLLECTOR: &str = "127.0.0.1:4739";
+/// Where the two collectors listen, inside the node's namespace (its own, so no clash).
+const COLLECTORS: [&str; 2] = ["127.0.0.1:4739", "127.0.0.1:4740"];
 /// The daemon's metrics endpoint, in the node's namespace.
 const METRICS_ADDR: &str = "127.0.0.1:19477";
 const IPERF_PORT: u16 = 5201;
@@ -40,11 +40,12 @@ struct Collector {
 }
 
 impl Collector {
-    fn start(lab: &Lab) -> Result<Self> {
-        let dir = PathBuf::from(format!("/tmp/vis-ipfix-{}", lab.prefix()));
+    /// Starts nfcapd on `addr` (`HOST:PORT`).
+    fn start(lab: &Lab, addr: &str) -> Result<Self> {
+        let (host, port) = addr.split_once(':').context("collector address")?;
+        let dir = PathBuf::from(format!("/tmp/vis-ipfix-{}-{port}", lab.prefix()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let (host, port) = COLLECTOR.split_once(':').context("collector address")?;
         let dir_arg = dir.display().to_string();
         // -t: one file for the whole test; it is completed when nfcapd stops.
         let process = lab.node().spawn_process(
@@ -62,8 +63,8 @@ impl Collector {
         Ok(collector)
     }
 
-    /// Stops nfcapd (SIGTERM: it writes out its file) and returns every flow it kept,
-    /// as `nfdump -r FILE -o json` prints them.
+    /// Stops nfcapd (SIGTERM: it writes out its file) and returns every flow it kept, as
+    /// `nfdump -r FILE -o json` prints them.
     fn stop_and_read(&mut self) -> Result<Vec<Value>> {
         if let Some(process) = self.process.take() {
             process.terminate(Duration::from_secs(5))?;
@@ -178,6 +179,29 @@ fn key(tuple: &FiveTuple) -> String {
     format!("{} {} -> {}", tuple.protocol, tuple.src, tuple.dst)
 }
 
+/// The intervals of each flow a collector kept, sorted.
+fn collected(flows: &[Value]) -> PerInterval {
+    let mut collected = PerInterval::new();
+    for flow in flows {
+        let Some(tuple) = nfdump_tuple(flow) else {
+            continue;
+        };
+        let number = |field: &str| flow[field].as_u64().unwrap_or_default();
+        collected.entry(key(&tuple)).or_default().push(Interval {
+            packets: number("in_packets"),
+            bytes: number("in_bytes"),
+            first_ms: nfdump_ms(flow["first"].as_str().unwrap_or_default()),
+            last_ms: nfdump_ms(flow["last"].as_str().unwrap_or_default()),
+            input_ifindex: number("input_snmp"),
+            output_ifindex: number("output_snmp"),
+        });
+    }
+    for per_interval in collected.values_mut() {
+        per_interval.sort_unstable();
+    }
+    collected
+}
+
 /// A TCP transfer of a second with iperf3 from Pod `from` to Pod `to`: its client-to-server
 /// data connection is one flow (and iperf3's control connection another).
 fn iperf(lab: &Lab, from: usize, to: usize, family: IpFamily) -> Result<()> {
@@ -207,13 +231,13 @@ fn iperf(lab: &Lab, from: usize, to: usize, family: IpFamily) -> Result<()> {
     Ok(())
 }
 
-/// After an HTTP request and an iperf3 transfer from pod-0 to pod-1 in each family, the
-/// collector holds every flow the JSON records hold, with the same 5-tuple and, in each
+/// After an HTTP request and an iperf3 transfer from pod-0 to pod-1 in each family, each
+/// of the two collectors holds every flow the JSON records hold, with the same 5-tuple and, in each
 /// interval, the same packets, bytes, first and last packet (to the millisecond) and
 /// interfaces. Then, with the collector stopped, the daemon goes
 /// on and counts export errors, in `/metrics` and in `status --json`.
 #[test]
-fn a_real_collector_gets_the_json_records_flows_and_counts() {
+fn two_real_collectors_get_the_json_records_flows_and_counts() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the IPFIX test needs root (network namespaces, bpffs, BPF)"
@@ -221,10 +245,20 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
     let file = RecordFile::new("ipfix");
     let mut node = Node::new("ipfix", 2).expect("building the lab");
     node.capture_daemon_log();
-    let mut collector = Collector::start(&node.lab).expect("starting nfcapd");
+    let mut collectors: Vec<Collector> = COLLECTORS
+        .iter()
+        .map(|addr| Collector::start(&node.lab, addr).expect("starting nfcapd"))
+        .collect();
     let args = daemon_args_with_records(
         &file,
-        &["--ipfix", COLLECTOR, "--metrics-addr", METRICS_ADDR],
+        &[
+            "--ipfix",
+            COLLECTORS[0],
+            "--ipfix",
+            COLLECTORS[1],
+            "--metrics-addr",
+            METRICS_ADDR,
+        ],
     );
     node.start_daemon(args).expect("starting the daemon");
     let lab = &node.lab;
@@ -243,7 +277,6 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
     );
     std::thread::sleep(Duration::from_millis(5_500));
     let records = file.records().unwrap();
-    let flows = collector.stop_and_read().unwrap();
 
     let ifindex = |name: &Value| -> u64 {
         (0..lab.pod_count())
@@ -262,25 +295,10 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
             output_ifindex: ifindex(&record["dest_interface"]),
         });
     }
-    let mut collected = PerInterval::new();
-    for flow in &flows {
-        let Some(tuple) = nfdump_tuple(flow) else {
-            continue;
-        };
-        let number = |field: &str| flow[field].as_u64().unwrap_or_default();
-        collected.entry(key(&tuple)).or_default().push(Interval {
-            packets: number("in_packets"),
-            bytes: number("in_bytes"),
-            first_ms: nfdump_ms(flow["first"].as_str().unwrap_or_default()),
-            last_ms: nfdump_ms(flow["last"].as_str().unwrap_or_default()),
-            input_ifindex: number("input_snmp"),
-            output_ifindex: number("output_snmp"),
-        });
-    }
-    for per_interval in json.values_mut().chain(collected.values_mut()) {
+    for per_interval in json.values_mut() {
         per_interval.sort_unstable();
     }
-    let what = format!("JSON records: {json:#?}\ncollector: {collected:#?}\nnfdump: {flows:#?}");
+    let what = format!("JSON records: {json:#?}");
     // Both families, HTTP and iperf3 (its control and data connections).
     for family in [IpFamily::V4, IpFamily::V6] {
         for port in [8080, IPERF_PORT] {
@@ -299,9 +317,13 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
             "{tuple:?}: {what}"
         );
     }
-    assert_eq!(json, collected, "{what}");
+    // Each collector got them all, with the same counts, times and interfaces.
+    for (addr, collector) in COLLECTORS.iter().zip(&mut collectors) {
+        let flows = collector.stop_and_read().unwrap();
+        assert_eq!(json, collected(&flows), "{addr}: nfdump: {flows:#?}");
+    }
 
-    // The collector is gone: the daemon goes on, and counts what it could not send (the
+    // The collectors are gone: the daemon goes on, and counts what it could not send (the
     // port unreachable that a send brings back, at the next interval).
     lab.pod_ns(0).ping(lab.pod_ipv4(1), 2).unwrap();
     let status = node
@@ -312,7 +334,7 @@ fn a_real_collector_gets_the_json_records_flows_and_counts() {
         .unwrap();
     assert_eq!(
         status["daemon"]["ipfix_collectors"],
-        serde_json::json!([COLLECTOR]),
+        serde_json::json!(COLLECTORS),
         "{status}"
     );
     let metrics = lab
