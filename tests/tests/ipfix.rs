@@ -1,5 +1,6 @@
 //! IPFIX export (`--ipfix HOST:PORT`, given twice) to real collectors: two `nfcapd`s from
-//! Debian's `nfdump` package, listening in the lab node's namespace, read back with
+//! Debian's `nfdump` package, listening in the lab node's namespace (one on IPv4, one on
+//! IPv6 loopback), read back with
 //! `nfdump -o json` and compared with the daemon's JSON records of the same intervals.
 //!
 //! **These tests need root** (network namespaces, bpffs, BPF), the `visibility` binary
@@ -25,8 +26,9 @@ use visibility_tests::{
     records::{FiveTuple, RecordFile, count, daemon_args_with_records, http_get, wait_for_records},
 };
 
-/// Where the two collectors listen, inside the node's namespace (its own, so no clash).
-const COLLECTORS: [&str; 2] = ["127.0.0.1:4739", "127.0.0.1:4740"];
+/// Where the two collectors listen, one per family, inside the node's namespace (its own,
+/// so no clash).
+const COLLECTORS: [&str; 2] = ["127.0.0.1:4739", "[::1]:4740"];
 /// The daemon's metrics endpoint, in the node's namespace.
 const METRICS_ADDR: &str = "127.0.0.1:19477";
 const IPERF_PORT: u16 = 5201;
@@ -40,9 +42,11 @@ struct Collector {
 }
 
 impl Collector {
-    /// Starts nfcapd on `addr` (`HOST:PORT`).
+    /// Starts nfcapd on `addr` (`HOST:PORT`, `[IPV6]:PORT`).
     fn start(lab: &Lab, addr: &str) -> Result<Self> {
-        let (host, port) = addr.split_once(':').context("collector address")?;
+        let addr: SocketAddr = addr.parse()?;
+        let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+        let family = if addr.is_ipv6() { "-6" } else { "-4" };
         let dir = PathBuf::from(format!("/tmp/vis-ipfix-{}-{port}", lab.prefix()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -50,14 +54,26 @@ impl Collector {
         // -t: one file for the whole test; it is completed when nfcapd stops.
         let process = lab.node().spawn_process(
             "nfcapd",
-            ["-w", dir_arg.as_str(), "-b", host, "-p", port, "-t", "3600"],
+            [
+                "-w",
+                dir_arg.as_str(),
+                family,
+                "-b",
+                host.as_str(),
+                "-p",
+                port.as_str(),
+                "-t",
+                "3600",
+            ],
         )?;
         let collector = Self {
             process: Some(process),
             dir,
         };
         poll(Duration::from_secs(5), "nfcapd listening", || {
-            let sockets = lab.node().run("ss", ["-Hlun", "sport", "=", port])?;
+            let sockets = lab
+                .node()
+                .run("ss", ["-Hlun", "sport", "=", port.as_str()])?;
             Ok((!sockets.trim().is_empty()).then_some(()))
         })?;
         Ok(collector)
