@@ -1,11 +1,11 @@
 //! IPFIX export (`--ipfix HOST:PORT`, given twice) to real collectors: two `nfcapd`s from
 //! Debian's `nfdump` package, listening in the lab node's namespace (one on IPv4, one on
-//! IPv6 loopback), read back with
-//! `nfdump -o json` and compared with the daemon's JSON records of the same intervals.
+//! IPv6 loopback), read back with `nfdump -o json` and compared with the daemon's JSON
+//! records of the same intervals.
 //!
 //! **These tests need root** (network namespaces, bpffs, BPF), the `visibility` binary
 //! built (`cargo build -p visibility-userspace`), `nfcapd` and `nfdump` (Debian package
-//! `nfdump`), `iperf3` and conntrack-tools.
+//! `nfdump`), `iperf3`, `ss` and `curl`.
 //!
 //! Run: `cargo test -p visibility-tests --test ipfix`
 
