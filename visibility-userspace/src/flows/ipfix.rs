@@ -453,8 +453,8 @@ impl Exporters {
     }
 }
 
-/// Counts an export error; the first of a run is logged as a warning, the rest at debug
-/// level, so a collector that stays down does not flood the log.
+/// Counts an export error. The daemon's first is logged as a warning, later ones at debug
+/// level, so a collector that stays down does not flood the log (the counter tells).
 fn count_error(stats: &RecordStats, error: &ExportError) {
     if stats.ipfix_export_errors.fetch_add(1, Ordering::Relaxed) == 0 {
         tracing::warn!(%error, "IPFIX export failed (counted in visibility_ipfix_export_errors_total)");
