@@ -6,10 +6,16 @@
 //! * [`datapath_harness`]: the datapath loaded and pinned on a lab node, configured as the
 //!   daemon does, and driven with `BPF_PROG_TEST_RUN`.
 //! * [`node`]: a lab node running the real `visibility` daemon, and its CLI.
+//! * [`dashboard`]: the Grafana dashboard's queries against a real Prometheus server, and
+//!   its picture.
+//! * [`records`]: the daemon's JSON flow records as tests read them, and an HTTP exchange
+//!   to record.
 //!
 //! Most tests in `tests/` need root (network namespaces, nftables, BPF).
 
+pub mod dashboard;
 pub mod datapath_harness;
 pub mod lab;
 pub mod netd;
 pub mod node;
+pub mod records;

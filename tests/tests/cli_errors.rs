@@ -320,6 +320,30 @@ fn daemon_with_an_unknown_uplink() {
     assert_eq!(snapshot(&node), before);
 }
 
+/// A daemon given an IPFIX collector that is not `HOST:PORT` fails before it loads
+/// anything, and says what a collector looks like.
+#[test]
+fn daemon_with_a_collector_that_is_not_host_and_port() {
+    require_root();
+    let node = Node::new("e-ipfix", 1).expect("building the lab");
+    let fresh = unused_bpffs_dir("ipfix");
+    let cmd = node.lab.node().cmd(
+        binary(),
+        [
+            "--pin-dir",
+            fresh.to_str().unwrap(),
+            "daemon",
+            "--pod-cidr",
+            POD_CIDR_V4,
+            "--ipfix",
+            "collector-without-port",
+        ],
+    );
+    let output = output_within(cmd, Duration::from_secs(30)).unwrap();
+    expect_error(&output, &["collector-without-port", "HOST:PORT"]);
+    assert!(!fresh.exists(), "no pin directory may be created");
+}
+
 /// A pin directory that is not on bpffs: every command refuses it, and creates nothing.
 #[test]
 fn pin_dir_not_on_bpffs() {

@@ -116,3 +116,55 @@ fn the_containerfile_builds_the_visibility_binary() {
     assert!(text.contains("cargo build --release -p visibility-userspace --bin visibility"));
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/visibility\"]"));
 }
+
+/// The Grafana dashboard takes its data source and its nodes as variables: every panel
+/// queries `${datasource}`, and every query is narrowed to the selected `$node`s.
+/// (`tests/tests/dashboard.rs` runs the queries against a real Prometheus server.)
+#[test]
+fn the_dashboard_has_datasource_and_node_variables_that_every_query_uses() {
+    let text = std::fs::read_to_string(visibility_tests::dashboard::dashboard_path()).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"))
+    };
+    assert_eq!(variable("datasource")["type"], "datasource");
+    assert_eq!(variable("datasource")["query"], "prometheus");
+    assert_eq!(variable("node")["type"], "query");
+    assert_eq!(variable("node")["includeAll"], true);
+
+    let panels = dashboard["panels"].as_array().unwrap();
+    for panel in panels {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains("instance=~\"$node\""), "{expr}");
+        }
+    }
+    // The panels the issue asks for, by the metric each one shows.
+    let exprs: Vec<&str> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    for metric in [
+        "visibility_redirected_packets_total",
+        "visibility_redirected_bytes_total",
+        "verdict=~\"pass_.*\"",
+        "visibility_flow_map_entries",
+        "visibility_flow_map_fill_ratio",
+        "visibility_flow_evictions_total",
+        "visibility_flow_records_emitted_total",
+        "visibility_flow_records_dropped_total",
+        "visibility_attach_failures_total",
+        "visibility_health_check_passing",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "no panel shows {metric}"
+        );
+    }
+}

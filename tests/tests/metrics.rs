@@ -174,18 +174,19 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
                     .all(|l| s.labels.iter().any(|(key, _)| key == l))
         })
     };
-    let required: [(&str, &[&str]); 11] = [
+    let required: [(&str, &[&str]); 12] = [
         ("visibility_datapath_packets_total", &["hook", "verdict"]),
         ("visibility_redirected_packets_total", &[]),
         ("visibility_redirected_bytes_total", &[]),
-        ("visibility_active_flows", &[]),
+        ("visibility_flow_map_entries", &[]),
         ("visibility_flow_map_fill_ratio", &[]),
         ("visibility_flow_evictions_total", &[]),
         ("visibility_pod_interfaces", &[]),
         ("visibility_attach_failures_total", &[]),
-        ("visibility_health_check", &[]),
+        ("visibility_health_check_passing", &["check"]),
         ("visibility_flow_records_emitted_total", &[]),
         ("visibility_flow_records_dropped_total", &[]),
+        ("visibility_ipfix_export_errors_total", &[]),
     ];
     let missing: Vec<&str> = required
         .iter()
@@ -205,7 +206,7 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
     assert_eq!(attached, Some(2.0), "{text}");
     let checks: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.name == "visibility_health_check")
+        .filter(|s| s.name == "visibility_health_check_passing")
         .collect();
     assert!(!checks.is_empty(), "{text}");
     assert!(checks.iter().all(|s| s.value == 1.0), "{checks:?}");

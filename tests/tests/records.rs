@@ -9,20 +9,21 @@
 //! Run: `cargo test -p visibility-tests --test records`
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Shutdown, SocketAddr},
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
     process::Stdio,
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::bail;
 use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use visibility_tests::{
-    lab::{Background, DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, TcpServer, UdpServer},
+    lab::{Background, DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, UdpServer},
     node::{Node, poll},
+    records::{
+        FiveTuple, HTTP_PORT, RecordFile, Totals, daemon_args_with_records, http_get, totals,
+        wait_for_records,
+    },
 };
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
@@ -36,183 +37,14 @@ fn require_root() {
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// Record files
-// ---------------------------------------------------------------------------------------
-
-/// A record file of its own per test, removed (with any rotated files) on drop.
-struct RecordFile {
-    path: PathBuf,
-}
-
-impl RecordFile {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = PathBuf::from(format!(
-            "/tmp/vis-records-{tag}-{}-{}.jsonl",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = Self { path };
-        file.remove();
-        file
-    }
-
-    fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
-        for n in 1..=5 {
-            let _ = std::fs::remove_file(format!("{}.{n}", self.path.display()));
-        }
-    }
-
-    /// Every complete line, parsed. A line still being written (no newline yet) is left
-    /// for the next read.
-    fn records(&self) -> Result<Vec<Value>> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
-        };
-        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-        complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("record line {l:?}")))
-            .collect()
-    }
-}
-
-impl Drop for RecordFile {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(text) = std::fs::read_to_string(&self.path)
-        {
-            eprintln!(
-                "--- records ({}) ---\n{text}--- end of records ---",
-                self.path.display()
-            );
-        }
-        self.remove();
-    }
-}
-
 /// A lab node whose daemon writes records to `file` every 5 s, named `node_name`.
 fn node_with_records(tag: &str, pods: usize, file: &RecordFile, node_name: &str) -> Node {
     require_root();
     let mut node = Node::new(tag, pods).expect("building the lab");
     node.capture_daemon_log();
-    let mut args = Node::default_daemon_args();
-    args.extend(
-        [
-            "--records",
-            &file.path.display().to_string(),
-            "--records-interval",
-            "5s",
-            "--node-name",
-            node_name,
-            "--metrics-addr",
-            "off",
-        ]
-        .map(str::to_owned),
-    );
+    let args = daemon_args_with_records(file, &["--node-name", node_name, "--metrics-addr", "off"]);
     node.start_daemon(args).expect("starting the daemon");
     node
-}
-
-// ---------------------------------------------------------------------------------------
-// Reading records
-// ---------------------------------------------------------------------------------------
-
-/// One direction of a conversation, as records name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FiveTuple {
-    src: SocketAddr,
-    dst: SocketAddr,
-    protocol: u8,
-}
-
-impl FiveTuple {
-    fn reversed(self) -> Self {
-        Self {
-            src: self.dst,
-            dst: self.src,
-            protocol: self.protocol,
-        }
-    }
-
-    fn matches(&self, record: &Value) -> bool {
-        let c = &record["connection"];
-        c["src_ip"] == self.src.ip().to_string()
-            && c["src_port"] == self.src.port()
-            && c["dest_ip"] == self.dst.ip().to_string()
-            && c["dest_port"] == self.dst.port()
-            && c["protocol"] == self.protocol
-    }
-
-    /// The gateway's conntrack entry whose original direction is this tuple.
-    fn conntrack<'a>(&self, flows: &'a [Flow]) -> Option<&'a Flow> {
-        flows.iter().find(|f| {
-            f.protocol_number == self.protocol
-                && f.src == self.src.ip()
-                && f.dst == self.dst.ip()
-                && f.sport == Some(self.src.port())
-                && f.dport == Some(self.dst.port())
-        })
-    }
-}
-
-/// A count field: VPC flow logs write int64 values as JSON strings.
-fn count(record: &Value, field: &str) -> u64 {
-    let text = record[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a JSON string in {record}"));
-    text.parse()
-        .unwrap_or_else(|_| panic!("{field} {text:?} is not a number in {record}"))
-}
-
-/// Packets, bytes, returned packets and returned bytes, summed over `records`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Totals {
-    packets: u64,
-    bytes: u64,
-    returned_packets: u64,
-    returned_bytes: u64,
-}
-
-fn totals<'a>(records: impl IntoIterator<Item = &'a Value>) -> Totals {
-    records.into_iter().fold(Totals::default(), |t, r| Totals {
-        packets: t.packets + count(r, "packets_sent"),
-        bytes: t.bytes + count(r, "bytes_sent"),
-        returned_packets: t.returned_packets + count(r, "returned_packets"),
-        returned_bytes: t.returned_bytes + count(r, "returned_bytes"),
-    })
-}
-
-/// Waits until the records of each tuple add up to at least its expected packets, and
-/// returns the records of each.
-fn wait_for_records(
-    file: &RecordFile,
-    expected: &[(FiveTuple, u64)],
-    timeout: Duration,
-) -> Vec<Vec<Value>> {
-    poll(timeout, "records of every flow", || {
-        let all = file.records()?;
-        let per_flow: Vec<Vec<Value>> = expected
-            .iter()
-            .map(|(tuple, _)| all.iter().filter(|r| tuple.matches(r)).cloned().collect())
-            .collect();
-        let complete = per_flow
-            .iter()
-            .zip(expected)
-            .all(|(records, (_, packets))| totals(records).packets >= *packets);
-        Ok(complete.then_some(per_flow))
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e:#}\nexpected {expected:?}\nrecords: {:#?}",
-            file.records()
-        )
-    })
 }
 
 /// Parses an RFC 3339 time that carries its nanoseconds: a fraction of 1 to 9 digits that
@@ -269,49 +101,6 @@ fn check_record(record: &Value, lab: &Lab, from: usize, to: usize, node_name: &s
 // ---------------------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------------------
-
-const HTTP_PORT: u16 = 8080;
-const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: pod-1\r\n\r\n";
-const HTTP_RESPONSE: &[u8] =
-    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, world!";
-
-/// An HTTP/1.0 GET from Pod `from` to a server on port 8080 of Pod `to`; returns the
-/// client-to-server tuple.
-fn http_get(lab: &Lab, from: usize, to: usize, family: IpFamily) -> Result<FiveTuple> {
-    let server_addr = SocketAddr::new(lab.pod_ip(to, family), HTTP_PORT);
-    // The lab's TcpServer answers once the request has ended (EOF): an HTTP/1.0 server
-    // with a fixed page and no parser. So the client half-closes after its request.
-    let server = TcpServer::start(
-        lab.pod_ns(to),
-        server_addr,
-        1,
-        Reply::Fixed(HTTP_RESPONSE.to_vec()),
-        Duration::from_secs(10),
-    )?;
-    let mut stream = lab.pod_ns(from).tcp_connect(server_addr, DEFAULT_TIMEOUT)?;
-    let client_addr = stream.local_addr()?;
-    stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
-    stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
-    stream.write_all(HTTP_REQUEST)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    ensure!(
-        response == HTTP_RESPONSE,
-        "response {:?}",
-        String::from_utf8_lossy(&response)
-    );
-    let received = server.join()?;
-    ensure!(
-        received.len() == 1 && received[0].peer == client_addr && received[0].data == HTTP_REQUEST,
-        "the server saw {received:?}"
-    );
-    Ok(FiveTuple {
-        src: client_addr,
-        dst: server_addr,
-        protocol: 6,
-    })
-}
 
 /// The gateway's conntrack entries of `tuples`, once their counters have stopped moving
 /// (the last ACK of a close may still be on its way when the client returns).

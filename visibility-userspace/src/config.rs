@@ -51,6 +51,8 @@ pub struct Layer {
     pub records_keep: Option<u32>,
     /// Address of the Prometheus endpoint, or `off`.
     pub metrics_addr: Option<String>,
+    /// IPFIX collectors, `HOST:PORT` (UDP), each sent every flow record.
+    pub ipfix: Option<Vec<String>>,
 }
 
 impl Layer {
@@ -120,6 +122,7 @@ impl Layer {
                     layer.records_keep = Some(value.parse().map_err(|_| bad("expected a number"))?)
                 }
                 "METRICS_ADDR" => layer.metrics_addr = Some(value.clone()),
+                "IPFIX" => layer.ipfix = Some(list()),
                 // Variables read elsewhere (VISIBILITY_LOG, VISIBILITY_PIN_DIR by clap) or by
                 // other tools are not ours to reject.
                 _ => {}
@@ -145,6 +148,7 @@ impl Layer {
             records_max_bytes: other.records_max_bytes.or(self.records_max_bytes),
             records_keep: other.records_keep.or(self.records_keep),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
+            ipfix: other.ipfix.or(self.ipfix),
         }
     }
 }
@@ -194,10 +198,29 @@ pub struct NodeConfig {
     pub records: SinkSpec,
     pub records_interval_secs: u64,
     pub metrics_addr: Option<SocketAddr>,
+    /// IPFIX collectors, `HOST:PORT`, resolved by the exporter (so a name that does not
+    /// resolve yet is an export error, not a daemon that will not start).
+    pub ipfix_collectors: Vec<String>,
 }
 
 /// The default Prometheus endpoint: localhost only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9476";
+
+/// Checks an IPFIX collector's `HOST:PORT` (`[IPV6]:PORT` for an IPv6 address).
+pub fn parse_collector(text: &str) -> Result<String, ConfigError> {
+    let text = text.trim();
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "ipfix {text:?} is not HOST:PORT, such as collector.example:4739 or [fd00::1]:4739"
+        ))
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let bare_ipv6 = host.contains(':') && !(host.starts_with('[') && host.ends_with(']'));
+    if host.is_empty() || bare_ipv6 || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(text.to_owned())
+}
 
 /// Parses `10.52.0.0/24` or a bare address (as a /32 or /128).
 pub fn parse_cidr(text: &str) -> Result<IpNet, InputError> {
@@ -354,10 +377,17 @@ impl NodeConfig {
                 ))
             })?),
         };
+        let ipfix_collectors = layer
+            .ipfix
+            .unwrap_or_default()
+            .iter()
+            .map(|c| parse_collector(c))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             records,
             records_interval_secs,
             metrics_addr,
+            ipfix_collectors,
             pod_cidrs,
             uplink: layer.uplink,
             gateway_v4,
@@ -456,6 +486,27 @@ mod tests {
             "10.0.0.0/8,icmp/5",
         ] {
             assert!(parse_exemption(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ipfix_collectors_are_host_and_port_from_every_layer() {
+        let file =
+            Layer::from_toml("ipfix = [\"collector.example:4739\", \"[fd00::1]:4739\"]").unwrap();
+        let resolved = NodeConfig::resolve(file.clone()).unwrap();
+        assert_eq!(
+            resolved.ipfix_collectors,
+            ["collector.example:4739", "[fd00::1]:4739"]
+        );
+        let env = Layer::from_env(env(&[("VISIBILITY_IPFIX", "10.0.0.9:2055")])).unwrap();
+        let merged = NodeConfig::resolve(file.overridden_by(env)).unwrap();
+        assert_eq!(merged.ipfix_collectors, ["10.0.0.9:2055"]);
+        for bad in ["collector", ":4739", "host:0", "host:70000", "fd00::1:4739"] {
+            let layer = Layer {
+                ipfix: Some(vec![bad.into()]),
+                ..Default::default()
+            };
+            assert!(NodeConfig::resolve(layer).is_err(), "{bad}");
         }
     }
 

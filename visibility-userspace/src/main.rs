@@ -149,6 +149,9 @@ struct DaemonArgs {
     /// Prometheus endpoint address, or off (default 127.0.0.1:9476).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Also export flow records as IPFIX over UDP to this collector (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    ipfix: Vec<String>,
 }
 
 impl DaemonArgs {
@@ -169,6 +172,7 @@ impl DaemonArgs {
             records_max_bytes: self.records_max_bytes,
             records_keep: self.records_keep,
             metrics_addr: self.metrics_addr.clone(),
+            ipfix: list(&self.ipfix),
         }
     }
 }

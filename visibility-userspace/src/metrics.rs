@@ -106,18 +106,18 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
     let active = records.active_flows.load(Ordering::Relaxed);
     let capacity = maps.flow_capacity();
     scrape.gauge(
-        "visibility_active_flows",
+        "visibility_flow_map_entries",
         "Flows in the flow map at the last read",
         i64::try_from(active).unwrap_or(i64::MAX),
     );
     scrape.gauge(
-        "visibility_flow_map_capacity",
-        "Entries the flow map holds",
+        "visibility_flow_map_max_entries",
+        "Flows the flow map holds at most (its LRU evicts beyond)",
         i64::from(capacity),
     );
     scrape.float_gauge(
         "visibility_flow_map_fill_ratio",
-        "Active flows over the flow map's capacity",
+        "Flows in the flow map over the most it holds, at the last read",
         if capacity == 0 {
             0.0
         } else {
@@ -140,9 +140,14 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         records.dropped.load(Ordering::Relaxed),
     );
     scrape.float_gauge(
-        "visibility_flow_read_duration_seconds",
-        "Time the last read and emit of the flow map took",
+        "visibility_flow_map_last_read_duration_seconds",
+        "Time the last read of the flow map and emit of its records took",
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
+    );
+    scrape.counter(
+        "visibility_ipfix_export_errors_total",
+        "IPFIX messages, or intervals of records, that did not reach a collector",
+        records.ipfix_export_errors.load(Ordering::Relaxed),
     );
     scrape.counter(
         "visibility_attach_failures_total",
@@ -156,7 +161,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         &["state"],
     );
     let checks = scrape.gauge_vec(
-        "visibility_health_check",
+        "visibility_health_check_passing",
         "1 when a health check passes, 0 when it fails",
         &["check"],
     );

@@ -71,6 +71,9 @@ pub struct RecordCounts {
     /// Flows the LRU evicted between two reads.
     pub evictions: u64,
     pub active_flows: u64,
+    /// IPFIX messages or intervals that did not reach a collector.
+    #[serde(default)]
+    pub ipfix_export_errors: u64,
 }
 
 /// The status file.
@@ -89,6 +92,9 @@ pub struct DaemonStatus {
     pub pod_interfaces: Vec<PodInterfaceState>,
     pub checks: Vec<Check>,
     pub records: RecordCounts,
+    /// The IPFIX collectors records are exported to (`HOST:PORT`).
+    #[serde(default)]
+    pub ipfix_collectors: Vec<String>,
 }
 
 impl DaemonStatus {

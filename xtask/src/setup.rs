@@ -18,7 +18,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "where the time goes, in the benchmarks' profiled runs",
     ),
     ("bpftool", "inspecting programs and links in tests"),
-    ("prometheus", "promtool, to check the metrics endpoint"),
+    (
+        "prometheus",
+        "promtool and the server, to check the metrics endpoint and the dashboard's queries",
+    ),
+    (
+        "nfdump",
+        "nfcapd and nfdump, the IPFIX collector of the export tests",
+    ),
     ("qemu-system-x86", "VM kernel tests"),
     ("busybox-static", "the VM tests' initramfs"),
     (

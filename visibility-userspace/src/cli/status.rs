@@ -112,6 +112,13 @@ fn print_text(status: &Status) {
             "Flow records:   {} emitted, {} dropped (slow or full sink), {} flows evicted, {} active",
             r.emitted, r.dropped, r.evictions, r.active_flows
         );
+        if !d.ipfix_collectors.is_empty() {
+            println!(
+                "IPFIX export:   to {}, {} errors (collector down, unreachable or slow)",
+                d.ipfix_collectors.join(", "),
+                r.ipfix_export_errors
+            );
+        }
         println!("\nPod interfaces ({}):", d.pod_interfaces.len());
         let rows: Vec<Vec<String>> = d
             .pod_interfaces

@@ -14,7 +14,10 @@ use crate::{
     config::NodeConfig,
     datapath::{Datapath, LoadOptions, Origin},
     error::{DatapathError, InputError, MapsError},
-    flows::records::{Sink, spawn_reader},
+    flows::{
+        ipfix::Exporters,
+        records::{Sink, spawn_reader},
+    },
     maps::Maps,
     metrics::Shared,
     node::NodeError,
@@ -81,10 +84,16 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     }
     let sink = Sink::start(config.records.clone(), shared.records.clone())
         .map_err(DaemonError::Records)?;
+    let exporters = Exporters::start(&config.ipfix_collectors, shared.records.clone())
+        .map_err(DaemonError::Records)?;
+    if !config.ipfix_collectors.is_empty() {
+        info!(collectors = ?config.ipfix_collectors, "exporting flow records as IPFIX");
+    }
     spawn_reader(
         datapath.pins().clone(),
         Duration::from_secs(config.records_interval_secs),
         sink,
+        exporters,
         shared.records.clone(),
         config.node_name.clone(),
     )

@@ -293,6 +293,7 @@ impl Reconciler {
             pod_interfaces: pod_states,
             checks,
             records: self.shared.records.counts(),
+            ipfix_collectors: self.config.ipfix_collectors.clone(),
         }
     }
 

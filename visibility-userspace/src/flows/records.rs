@@ -19,6 +19,7 @@ use std::{
 use visibility_common::flow::{FlowKey, FlowStats};
 
 use super::{
+    ipfix::{ExportRecord, Exporters},
     record::FlowRecord,
     view::{Clock, record},
 };
@@ -67,6 +68,9 @@ pub struct RecordStats {
     pub active_flows: AtomicU64,
     /// How long the last read and emit took, in microseconds.
     pub last_read_micros: AtomicU64,
+    /// IPFIX messages (or whole intervals, when an exporter's queue was full) that did
+    /// not reach a collector.
+    pub ipfix_export_errors: AtomicU64,
 }
 
 impl RecordStats {
@@ -76,6 +80,7 @@ impl RecordStats {
             dropped: self.dropped.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             active_flows: self.active_flows.load(Ordering::Relaxed),
+            ipfix_export_errors: self.ipfix_export_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -116,9 +121,23 @@ impl Aggregator {
         node_name: &str,
         interface_name: &impl Fn(u32) -> Option<String>,
     ) -> (Vec<FlowRecord>, u64) {
+        let (deltas, evicted) = self.deltas(entries, now_ns);
+        let records = json_records(&deltas, clock, node_name, interface_name);
+        (records, evicted)
+    }
+
+    /// The interval that ends now, given the map's current entries: each flow that saw
+    /// traffic with the interval's counts (and first and last packet in it), from which
+    /// both the JSON records and the IPFIX records are made. Returns them and the
+    /// number of flows evicted since the last read.
+    pub fn deltas(
+        &mut self,
+        entries: &[(FlowKey, FlowStats)],
+        now_ns: u64,
+    ) -> (Vec<(FlowKey, FlowStats)>, u64) {
         self.reads += 1;
         let read = self.reads;
-        let mut records = Vec::new();
+        let mut deltas = Vec::new();
         for (key, stats) in entries {
             let seen = Seen {
                 packets: stats.packets,
@@ -160,7 +179,7 @@ impl Aggregator {
                     },
                     ..*stats
                 };
-                records.extend(record(key, &interval, clock, node_name, interface_name));
+                deltas.push((*key, interval));
             }
         }
         // What this read did not see, the map's LRU evicted.
@@ -174,8 +193,21 @@ impl Aggregator {
             self.previous.shrink_to(2 * flows.max(MIN_KEPT_CAPACITY));
         }
         self.last_read_ns = now_ns;
-        (records, evicted)
+        (deltas, evicted)
     }
+}
+
+/// The JSON records of an interval's flows.
+fn json_records(
+    deltas: &[(FlowKey, FlowStats)],
+    clock: &Clock,
+    node_name: &str,
+    interface_name: &impl Fn(u32) -> Option<String>,
+) -> Vec<FlowRecord> {
+    deltas
+        .iter()
+        .filter_map(|(key, stats)| record(key, stats, clock, node_name, interface_name))
+        .collect()
 }
 
 /// The writing end of the sink: a bounded queue to the writer thread.
@@ -343,11 +375,13 @@ impl RotatingFile {
     }
 }
 
-/// Reads the map and emits records every `interval`, on its own thread.
+/// Reads the map and emits records every `interval`, on its own thread: JSON lines to
+/// `sink`, and the same flows and counts as IPFIX to `exporters`.
 pub fn spawn_reader(
     pins: crate::datapath::PinDir,
     interval: Duration,
     sink: Sink,
+    exporters: Exporters,
     stats: Arc<RecordStats>,
     node_name: String,
 ) -> io::Result<()> {
@@ -371,14 +405,18 @@ pub fn spawn_reader(
                 let clock = Clock::now();
                 let names = super::view::interface_names();
                 let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-                let (records, evicted) = aggregator.interval(
-                    &entries,
-                    &clock,
-                    clock.datapath_now(),
-                    &node_name,
-                    &name_of,
-                );
-                sink.send(&records, next);
+                let (deltas, evicted) = aggregator.deltas(&entries, clock.datapath_now());
+                // IPFIX first: queuing it never waits, while the JSON sink may wait for
+                // room until the next read.
+                if exporters.has_collectors() {
+                    exporters.send(
+                        deltas
+                            .iter()
+                            .filter_map(|(key, stats)| ExportRecord::new(key, stats, &clock))
+                            .collect(),
+                    );
+                }
+                sink.send(&json_records(&deltas, &clock, &node_name, &name_of), next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
                     .active_flows

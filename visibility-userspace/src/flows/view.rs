@@ -33,10 +33,19 @@ impl Clock {
         u64::try_from(self.datapath_now_ns).unwrap_or_default()
     }
 
+    /// Wall-clock nanoseconds since the Unix epoch of a datapath time.
+    fn wall_ns(&self, datapath_ns: u64) -> i128 {
+        self.wall_now_ns - (self.datapath_now_ns - i128::from(datapath_ns))
+    }
+
+    /// Milliseconds since the Unix epoch (IPFIX's `flowStartMilliseconds`).
+    pub fn unix_millis(&self, datapath_ns: u64) -> u64 {
+        u64::try_from(self.wall_ns(datapath_ns) / 1_000_000).unwrap_or_default()
+    }
+
     /// RFC 3339 with nanoseconds.
     pub fn format(&self, datapath_ns: u64) -> String {
-        let wall = self.wall_now_ns - (self.datapath_now_ns - i128::from(datapath_ns));
-        time::OffsetDateTime::from_unix_timestamp_nanos(wall)
+        time::OffsetDateTime::from_unix_timestamp_nanos(self.wall_ns(datapath_ns))
             .ok()
             .and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
