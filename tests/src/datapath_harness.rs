@@ -45,7 +45,7 @@ use visibility::{
 use visibility_common::{
     config::Gateway,
     counters::{Counter, CounterValue},
-    flow::{FlowKey, FlowStats},
+    flow::{FlowKey, FlowStats, NatLeg},
     map_names,
     packet::Family,
     program_names,
@@ -932,12 +932,13 @@ impl DatapathLab {
             .with_context(|| format!("reading flow {key:?}"))
     }
 
-    /// Whether the NAT-leg map holds `key` (a leg `pod_egress` sent to the gateway).
-    pub fn nat_leg(&self, key: &FlowKey) -> Result<bool> {
+    /// The NAT-leg map's entry for `key` (a Service reply as it crossed the gateway):
+    /// the Service source to put back.
+    pub fn nat_leg(&self, key: &FlowKey) -> Result<Option<NatLeg>> {
         let path = self.datapath.pins().map(map_names::NAT_LEGS);
         let data = MapData::from_pin(&path).with_context(|| format!("opening {path:?}"))?;
-        let legs: HashMap<MapData, FlowKey, u8> = HashMap::try_from(Map::from_map_data(data)?)?;
-        Ok(absent_is_none(legs.get(key, 0))?.is_some())
+        let legs: HashMap<MapData, FlowKey, NatLeg> = HashMap::try_from(Map::from_map_data(data)?)?;
+        absent_is_none(legs.get(key, 0))
     }
 }
 
