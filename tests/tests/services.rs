@@ -344,3 +344,42 @@ fn both_directions_cross_the_gateway_and_the_nat_leg_map_can_be_flushed() {
         );
     });
 }
+
+/// A backend's ICMP error about Service traffic (a UDP request to a port nobody
+/// listens on) reaches the client: the node's NAT rewrote it inside and out, so it
+/// stays local, and the client's socket sees the refusal.
+#[test]
+fn an_icmp_error_from_a_backend_reaches_the_client() {
+    for_both_families(|family, tag| {
+        let mut node = service_node(&format!("s-icmp-{tag}"), family);
+        node.start().unwrap();
+        let socket = node
+            .lab
+            .pod_ns(0)
+            .udp_bind(SocketAddr::new(
+                match family {
+                    IpFamily::V4 => IpAddr::from([0, 0, 0, 0]),
+                    IpFamily::V6 => IpAddr::from([0u16; 8]),
+                },
+                0,
+            ))
+            .unwrap();
+        socket
+            .connect(SocketAddr::new(cluster_ip(family), SERVICE_PORT))
+            .unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // The first datagram draws the error; the socket reports it on the next call.
+        socket.send(b"anyone?").unwrap();
+        let refused = (0..3).any(|_| {
+            let result = socket.recv(&mut [0u8; 16]).err();
+            let _ = socket.send(b"anyone?");
+            result.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        });
+        assert!(refused, "{family:?}: the client never saw the refusal");
+        assert!(
+            node.counter("pod_egress", "pass_service_reply_unrestorable")
+                .unwrap()
+                >= 1
+        );
+    });
+}
