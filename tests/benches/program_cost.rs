@@ -28,7 +28,7 @@ use visibility_common::{
 };
 use visibility_tests::{
     datapath_harness::{
-        DatapathLab, SkbCtx, SoloProgram, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, hook_of,
+        DatapathLab, SkbCtx, SoloProgram, TC_ACT_REDIRECT, TC_ACT_UNSPEC, hook_of,
         time_runs,
     },
     lab::{POD_CIDR_V4, pod_ipv4},
@@ -192,7 +192,7 @@ fn main() -> Result<()> {
             what: "parse + Pod CIDR lookup, IPv4 UDP pod to pod",
             frame: pod_to_pod.build(),
             ctx: from_pod,
-            action: TC_ACT_OK,
+            action: TC_ACT_UNSPEC,
             counter: None,
             spends_hop: false,
             after: None,
@@ -225,7 +225,8 @@ fn main() -> Result<()> {
             action: TC_ACT_REDIRECT,
             counter: Some(Counter::RedirectedToGateway),
             spends_hop: false,
-            after: None,
+            // As the kernel runs them: pod_ingress notes the packet first.
+            after: Some((ProgramKind::PodIngress, pod_to_pod.build(), from_pod)),
         },
         Case {
             target: Target::Datapath(ProgramKind::UplinkIngress),

@@ -13,7 +13,7 @@ use visibility_common::{
 
 use crate::{
     maps::{EXEMPT_V4, EXEMPT_V6, FLOWS, POD_CIDRS_V4, POD_CIDRS_V6, POD_IFACES},
-    nat::pre_stack_of,
+    nat::PreStack,
     redirect::pod_route,
 };
 
@@ -29,6 +29,8 @@ pub struct MapLookups<'a> {
     sender: Cell<Option<PodIface>>,
     /// The flow a returning packet belongs to, once found.
     sent_flow: Cell<Option<*mut FlowStats>>,
+    /// `pod_egress`: what `pod_ingress` noted of this packet, if it did.
+    pub pre_stack: Option<PreStack>,
 }
 
 impl<'a> MapLookups<'a> {
@@ -43,6 +45,7 @@ impl<'a> MapLookups<'a> {
             now,
             sender: Cell::new(None),
             sent_flow: Cell::new(None),
+            pre_stack: None,
         }
     }
 
@@ -115,7 +118,7 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn node_nat(&self, packet: &Packet) -> NodeNat {
-        pre_stack_of(packet, self.ingress_ifindex)
+        self.pre_stack
             .map_or(NodeNat::Unknown, |pre| pre.compare(packet))
     }
 

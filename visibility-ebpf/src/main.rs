@@ -42,7 +42,7 @@ use crate::{
     account::{Size, count, flow_returned, flow_sent},
     lookups::MapLookups,
     maps::{LOG_LIMIT, NAT_LEGS, SETTINGS},
-    nat::{pre_stack_of, record_pre_stack, rewrite_source},
+    nat::{record_pre_stack, rewrite_source, take_pre_stack},
     reader::SkbReader,
     redirect::{Outcome, PASS},
 };
@@ -149,7 +149,8 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
     let mut packet = parsed(ctx, hook)?;
     let settings = SETTINGS.get(0).ok_or(PASS)?;
     let now = now();
-    let lookups = MapLookups::new(settings, ctx, now);
+    let mut lookups = MapLookups::new(settings, ctx, now);
+    lookups.pre_stack = take_pre_stack(&packet, lookups.ingress_ifindex);
     let size = Size::of(ctx, Some(&packet));
     // Later fragments take their first fragment's ports and verdict.
     let first = fragments::of_later_fragment(&mut packet);
@@ -233,7 +234,7 @@ fn send_to_gateway(
     lookups: &MapLookups,
 ) -> Outcome {
     if leg == Leg::ServiceReply {
-        let Some(pre) = pre_stack_of(packet, lookups.ingress_ifindex) else {
+        let Some(pre) = lookups.pre_stack else {
             return Outcome::pass(Counter::PassServiceReplyUnrestorable);
         };
         let (pod_addr, pod_port) = pre.source();

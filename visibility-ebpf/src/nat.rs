@@ -55,12 +55,21 @@ pub fn record_pre_stack(packet: &Packet, ifindex: u32) {
     }
 }
 
-/// This CPU's record, when it is of the packet that entered on `ingress_ifindex`.
+/// Takes this CPU's record: it is of `packet` when it was made on the interface the
+/// packet entered on, for the same family and protocol. A record serves one packet
+/// only: a packet the node's stack held back (and so sent on later, without a fresh
+/// record) must not be judged by another packet's.
 #[inline(always)]
-pub fn pre_stack_of(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack> {
-    // SAFETY: per-CPU slot, copied out at once.
-    let pre = *unsafe { &*PRE_STACK.get_ptr(0)? };
-    (pre.ifindex == ingress_ifindex
+pub fn take_pre_stack(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack> {
+    let slot = PRE_STACK.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
+    let pre = unsafe {
+        let pre = *slot;
+        (*slot).ifindex = 0;
+        pre
+    };
+    (pre.ifindex != 0
+        && pre.ifindex == ingress_ifindex
         && pre.family == packet.family as u8
         && pre.protocol == packet.protocol)
         .then_some(pre)
