@@ -28,8 +28,7 @@ use visibility_common::{
 };
 use visibility_tests::{
     datapath_harness::{
-        DatapathLab, SkbCtx, SoloProgram, TC_ACT_REDIRECT, TC_ACT_UNSPEC, hook_of,
-        time_runs,
+        DatapathLab, SkbCtx, SoloProgram, TC_ACT_REDIRECT, TC_ACT_UNSPEC, hook_of, time_runs,
     },
     lab::{POD_CIDR_V4, pod_ipv4},
 };
@@ -169,6 +168,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
+    // One CPU for every run: pod_ingress notes a packet for pod_egress per CPU, as the
+    // kernel runs both for one packet on one CPU.
+    visibility_tests::lab::pin_to_cpu(1)?;
     let mut h = DatapathLab::new("bench")?;
     // As the daemon has it: both Pods' neighbours resolved, their veths registered.
     for pod in [SRC, DST] {

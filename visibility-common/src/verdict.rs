@@ -169,23 +169,25 @@ pub fn decide_pod_egress<L: Lookups>(packet: &Packet, maps: &L) -> Verdict {
     if !maps.entered_from_pod() {
         return Verdict::Pass(Counter::PassNotFromPod);
     }
-    let reply = match maps.addr_kind(family, &packet.src) {
-        AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
-        AddrKind::Pod => {
-            if !maps.source_routes_to_sender(packet) {
-                return Verdict::Pass(Counter::PassSpoofedSource);
-            }
-            false
+    // A source the node routes back to the sender's interface is that Pod's own (the
+    // common case, which needs no Pod-CIDR lookup of the source). Any other source is
+    // classified to say why the packet stays.
+    let reply = if maps.source_routes_to_sender(packet) {
+        false
+    } else {
+        match maps.addr_kind(family, &packet.src) {
+            AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
+            AddrKind::Pod => return Verdict::Pass(Counter::PassSpoofedSource),
+            // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
+            // Service's source, or an address outside the Pod CIDRs.
+            AddrKind::Outside => match maps.node_nat(packet) {
+                NodeNat::SourceRestorable => true,
+                NodeNat::SourceUnrestorable => {
+                    return Verdict::Pass(Counter::PassServiceReplyUnrestorable);
+                }
+                _ => return Verdict::Pass(Counter::PassNotSameNode),
+            },
         }
-        // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
-        // Service's source, or an address outside the Pod CIDRs.
-        AddrKind::Outside => match maps.node_nat(packet) {
-            NodeNat::SourceRestorable => true,
-            NodeNat::SourceUnrestorable => {
-                return Verdict::Pass(Counter::PassServiceReplyUnrestorable);
-            }
-            _ => return Verdict::Pass(Counter::PassNotSameNode),
-        },
     };
     if !maps.enabled() {
         return Verdict::Pass(Counter::PassDisabled);

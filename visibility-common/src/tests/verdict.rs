@@ -82,8 +82,9 @@ impl Lookups for Fake {
     fn entered_from_pod(&self) -> bool {
         self.from_pod
     }
-    fn source_routes_to_sender(&self, _: &Packet) -> bool {
-        self.routes_to_sender
+    fn source_routes_to_sender(&self, packet: &Packet) -> bool {
+        // Only a Pod's own address routes to its interface.
+        self.routes_to_sender && self.addr_kind(packet.family, &packet.src) == AddrKind::Pod
     }
     fn node_nat(&self, _: &Packet) -> NodeNat {
         self.node_nat
