@@ -57,3 +57,17 @@ fn a_program_attaches_to_a_veth_and_counts_a_packet() {
         .unwrap();
     assert!(!datapath.is_attached(ifindex, ProgramKind::PodIngress));
 }
+
+/// Prints how many instructions the verifier walked for each program (the load's cost,
+/// which the VM tier's emulated CPU feels most). Run with `--nocapture`.
+#[test]
+fn verifier_cost_is_reported() {
+    use visibility::datapath::ProgramKind;
+    let datapath = visibility_tests::datapath_harness::PinnedDatapath::load("verifcost").unwrap();
+    for kind in ProgramKind::ALL {
+        let info = datapath.program(kind).info().unwrap();
+        let count = info.verified_instruction_count().unwrap_or(0);
+        eprintln!("{}: {count} instructions verified", kind.name());
+        assert!(count > 0);
+    }
+}
