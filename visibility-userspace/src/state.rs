@@ -97,6 +97,9 @@ pub struct DaemonStatus {
     pub ipfix_collectors: Vec<String>,
 }
 
+/// Where [`DaemonStatus::write`] writes before it renames the file into place.
+const STATUS_TMP: &str = "status.json.tmp";
+
 impl DaemonStatus {
     pub fn healthy(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
@@ -114,7 +117,7 @@ impl DaemonStatus {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let tmp = dir.join("status.json.tmp");
+        let tmp = dir.join(STATUS_TMP);
         {
             use io::Write as _;
             let mut file = fs::OpenOptions::new()
@@ -135,10 +138,13 @@ impl DaemonStatus {
         process_alive(status.pid).then_some(status)
     }
 
-    /// Removes the status file (on a clean exit, and by teardown).
+    /// Removes the status file (on a clean exit, and by teardown), with the temporary
+    /// file of a write that a killed daemon never finished: left behind, it kept the
+    /// state directory from going (the cause of a flaky teardown test).
     pub fn remove(pin_dir: &Path) {
         let dir = state_dir(pin_dir);
         let _ = fs::remove_file(dir.join("status.json"));
+        let _ = fs::remove_file(dir.join(STATUS_TMP));
         let _ = fs::remove_dir(dir);
     }
 }
@@ -157,6 +163,19 @@ fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon killed between writing its status to the temporary file and renaming it
+    /// leaves that file behind; removing the status removes it and the directory too.
+    /// Needs root (it writes under /run/visibility).
+    #[test]
+    fn a_half_written_status_is_removed_with_its_directory() {
+        let pin_dir = Path::new("/sys/fs/bpf/vis-unit-half-written");
+        let dir = state_dir(pin_dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(STATUS_TMP), b"{").unwrap();
+        DaemonStatus::remove(pin_dir);
+        assert!(!dir.exists(), "{} is still there", dir.display());
+    }
 
     #[test]
     fn state_dirs_differ_per_pin_dir() {
