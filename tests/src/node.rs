@@ -51,6 +51,18 @@ fn unique_pin_dir(tag: &str) -> PathBuf {
     ))
 }
 
+/// How much slower than a host this machine runs CPU-bound work: 1, or what
+/// `VISIBILITY_TEST_TIME_SCALE` says (the VM tier's emulated CPU sets it). Budgets for
+/// CPU-bound work, such as the verifier's walk of the programs when a daemon starts,
+/// are multiplied by it; budgets for exchanges on the network are not.
+pub fn time_scale() -> u32 {
+    std::env::var("VISIBILITY_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|scale| scale.parse().ok())
+        .filter(|scale| *scale >= 1)
+        .unwrap_or(1)
+}
+
 /// Runs `visibility --pin-dir <pin_dir> args...` in the current (root) network namespace,
 /// for commands that need no lab, such as ones given a pin directory that holds nothing.
 pub fn run_cli<S: AsRef<str>>(pin_dir: &Path, args: &[S]) -> Result<Output> {
@@ -300,10 +312,11 @@ impl Node {
 
     /// Waits until the daemon (the one this fixture runs now) reports `count` attached Pod
     /// interfaces. Generous: verifying the programs on a busy machine, with many tests
-    /// loading theirs at once, can take seconds.
+    /// loading theirs at once, can take seconds; on an emulated CPU, [`time_scale`] times
+    /// as long.
     pub fn wait_until_attached(&self, count: usize) -> Result<()> {
         let pid = self.daemon_pid();
-        self.wait_for(Duration::from_secs(30), |status| {
+        self.wait_for(Duration::from_secs(30) * time_scale(), |status| {
             if pid.is_some() && status["daemon"]["pid"].as_u64() != pid.map(u64::from) {
                 return None;
             }
