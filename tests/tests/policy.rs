@@ -19,7 +19,7 @@
 //! nftables, iptables, conntrack-tools, util-linux `nsenter` and iputils `ping`.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -114,6 +114,23 @@ fn ping_works(lab: &Lab, from: usize, to: usize, family: IpFamily, size: usize) 
         )
         .output()
         .is_ok_and(|out| out.status.success())
+}
+
+/// Gives `ns` the address `addr` as one of its own, on `dev`, and sends a UDP datagram
+/// from it to `dst` port 9000: how a spoofing Pod, or a sender on the network claiming
+/// a Pod's address, would.
+fn send_from_borrowed_address(ns: &Netns, dev: &str, addr: IpAddr, dst: IpAddr, payload: &[u8]) {
+    let with_prefix = format!("{addr}/{}", if addr.is_ipv4() { 32 } else { 128 });
+    let mut add = vec!["addr", "add", with_prefix.as_str(), "dev", dev];
+    if addr.is_ipv6() {
+        add.push("nodad");
+    }
+    ns.run("ip", add).unwrap();
+    ns.in_ns(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(addr, 0)).unwrap();
+        socket.send_to(payload, SocketAddr::new(dst, 9000)).unwrap();
+    })
+    .unwrap();
 }
 
 /// How the node enforces a policy, as NetworkPolicy engines do in `filter FORWARD`.
@@ -355,15 +372,6 @@ fn a_spoofed_source_is_not_delivered_through_the_gateway() {
         node.start().expect("starting the daemon");
         let lab = &node.lab;
         let (spoofed, dst) = (lab.pod_ip(2, family), lab.pod_ip(1, family));
-        // Pod 0 takes Pod 2's address as a second one, and sends from it.
-        let prefix = if family == IpFamily::V4 { "32" } else { "128" };
-        let mut add = vec!["addr", "add"];
-        let with_prefix = format!("{spoofed}/{prefix}");
-        add.extend([with_prefix.as_str(), "dev", "eth0"]);
-        if family == IpFamily::V6 {
-            add.push("nodad");
-        }
-        lab.pod_ns(0).run("ip", add).unwrap();
         lab.flush_gateway_flows().unwrap();
         let before = node
             .counter("pod_egress", Counter::PassSpoofedSource.name())
@@ -376,14 +384,8 @@ fn a_spoofed_source_is_not_delivered_through_the_gateway() {
             WORKS,
         )
         .unwrap();
-        lab.pod_ns(0)
-            .in_ns(|| {
-                let socket = UdpSocket::bind(SocketAddr::new(spoofed, 0)).unwrap();
-                socket
-                    .send_to(b"spoofed", SocketAddr::new(dst, 9000))
-                    .unwrap();
-            })
-            .unwrap();
+        // Pod 0 takes Pod 2's address as a second one, and sends from it.
+        send_from_borrowed_address(lab.pod_ns(0), "eth0", spoofed, dst, b"spoofed");
         let received = server.join().unwrap();
         assert_eq!(
             received.len(),
@@ -426,14 +428,6 @@ fn a_packet_injected_on_the_uplink_meets_the_node_filter() {
         lab.node()
             .run_with_stdin("nft", ["-f", "-"], &ruleset)
             .unwrap();
-        // The gateway sends with Pod 0's address, which it takes as a local one.
-        let prefix = if family == IpFamily::V4 { "32" } else { "128" };
-        let with_prefix = format!("{claimed}/{prefix}");
-        let mut add = vec!["addr", "add", with_prefix.as_str(), "dev", "lo"];
-        if family == IpFamily::V6 {
-            add.push("nodad");
-        }
-        lab.gateway().run("ip", add).unwrap();
         let before = node
             .counter("uplink_ingress", Counter::PassUnsentPodToPod.name())
             .unwrap();
@@ -445,14 +439,8 @@ fn a_packet_injected_on_the_uplink_meets_the_node_filter() {
             BLOCKED,
         )
         .unwrap();
-        lab.gateway()
-            .in_ns(|| {
-                let socket = UdpSocket::bind(SocketAddr::new(claimed, 0)).unwrap();
-                socket
-                    .send_to(b"injected", SocketAddr::new(dst, 9000))
-                    .unwrap();
-            })
-            .unwrap();
+        // The gateway sends with Pod 0's address, which it takes as a local one.
+        send_from_borrowed_address(lab.gateway(), "lo", claimed, dst, b"injected");
         let received = server.join().unwrap_or_default();
         assert!(
             received.is_empty(),

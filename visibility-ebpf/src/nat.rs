@@ -17,7 +17,7 @@ use visibility_common::{
     verdict::NodeNat,
 };
 
-use crate::maps::PRE_STACK;
+use crate::{maps::PRE_STACK, redirect::words};
 
 /// A packet's addresses and ports as `pod_ingress` saw them: the value of
 /// [`crate::maps::PRE_STACK`].
@@ -191,21 +191,4 @@ pub fn rewrite_source(
         ctx.store(port_offset, &new_port, 0).map_err(|_| ())?;
     }
     Ok(())
-}
-
-/// An address as four words in memory order, for `bpf_csum_diff`.
-#[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        out[i] = u32::from_ne_bytes([
-            addr[4 * i],
-            addr[4 * i + 1],
-            addr[4 * i + 2],
-            addr[4 * i + 3],
-        ]);
-        i += 1;
-    }
-    out
 }

@@ -109,9 +109,10 @@ fn fib_params(family: Family, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> F
     params
 }
 
-/// An address as the kernel's `__be32[4]`: the bytes in order, whatever the host's order.
+/// An address as the kernel's `__be32[4]`: the bytes in order, whatever the host's
+/// order (as `bpf_fib_lookup` and `bpf_csum_diff` take it).
 #[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
+pub fn words(addr: &[u8; 16]) -> [u32; 4] {
     let mut out = [0u32; 4];
     let mut i = 0;
     while i < 4 {
