@@ -39,18 +39,6 @@ impl FlowKey {
         }
     }
 
-    /// The key of the other direction. ICMP keys are not symmetric, so callers only
-    /// use this for TCP and UDP.
-    pub fn reversed(&self) -> Self {
-        Self {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            ..*self
-        }
-    }
-
     pub fn family(&self) -> Option<Family> {
         match self.family {
             4 => Some(Family::V4),
@@ -228,20 +216,5 @@ mod tests {
                 assert!(!path.name().is_empty());
             }
         }
-    }
-
-    #[test]
-    fn reversing_twice_is_identity() {
-        let key = FlowKey {
-            src_addr: [1; 16],
-            dst_addr: [2; 16],
-            src_port: 3,
-            dst_port: 4,
-            family: 6,
-            protocol: 6,
-            _pad: [0; 2],
-        };
-        assert_eq!(key.reversed().reversed(), key);
-        assert_eq!(key.reversed().src_port, 4);
     }
 }
