@@ -148,17 +148,6 @@ impl Counter {
                 | Counter::RedirectedServiceReply
         )
     }
-
-    /// Whether the packet was dropped.
-    pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Counter::DroppedGatewayUnresolved
-                | Counter::DroppedNoGatewayRoute
-                | Counter::DroppedRewriteFailed
-                | Counter::DroppedTooBig
-        )
-    }
 }
 
 /// Counters per hook.

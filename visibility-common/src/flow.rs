@@ -85,17 +85,6 @@ impl Path {
         })
     }
 
-    /// Every path, in number order.
-    pub const ALL: [Path; 7] = [
-        Path::ViaGateway,
-        Path::ViaGatewayServiceLeg,
-        Path::ViaGatewayServiceReply,
-        Path::Exempt,
-        Path::NotSameNode,
-        Path::Local,
-        Path::Dropped,
-    ];
-
     /// A stable snake_case name for the CLI, records and metrics.
     pub const fn name(self) -> &'static str {
         match self {
