@@ -1068,7 +1068,9 @@ fn status_fails_while_a_health_check_fails() {
     lab.node()
         .run("ip", ["neigh", "flush", "dev", NODE_UPLINK])
         .unwrap();
-    // Redirected packets make the node resolve the gateway, which fails.
+    // The daemon keeps the gateway's entry managed: the kernel probes it again, and
+    // fails. Meanwhile Pod-to-Pod packets are dropped at the gateway's door
+    // (`dropped_gateway_unresolved`), never delivered around it.
     let _ = lab
         .pod_ns(0)
         .ping_once(lab.pod_ipv4(1), Duration::from_secs(1));
@@ -1087,10 +1089,11 @@ fn status_fails_while_a_health_check_fails() {
     lab.gateway()
         .run("ip", ["link", "set", GATEWAY_IFNAME, "arp", "on"])
         .unwrap();
-    lab.pod_ns(0).ping(lab.pod_ipv4(1), 2).unwrap();
+    // The kernel's next probe of the managed entry resolves it; then traffic flows.
     node.wait_for(WAIT, |s| (s["healthy"] == true).then_some(()))
         .unwrap();
     assert!(node.cli(&["status"]).unwrap().status.success());
+    lab.pod_ns(0).ping(lab.pod_ipv4(1), 2).unwrap();
 }
 
 /// Without an uplink for a family that has a Pod CIDR nothing of that family can take
