@@ -250,6 +250,15 @@ fn a_spoofed_source_is_not_sent_to_the_gateway(h: &DatapathLab) {
             .run(ProgramKind::PodEgress, &frame, forwarded(h, OTHER))
             .unwrap();
         assert_eq!(out.return_value, TC_ACT_REDIRECT, "{family:?}");
+        // Its flow is now judged, which spares the owner's next packets the lookups;
+        // a copy from another Pod's veth, under the same flow key, is judged anew and
+        // stays, and the owner's packets still go out after it.
+        for (from, action) in [(SRC, TC_ACT_UNSPEC), (OTHER, TC_ACT_REDIRECT)] {
+            let out = h
+                .run(ProgramKind::PodEgress, &frame, forwarded(h, from))
+                .unwrap();
+            assert_eq!(out.return_value, action, "{family:?}: after a judged flow");
+        }
     }
 }
 

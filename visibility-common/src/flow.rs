@@ -156,12 +156,47 @@ pub struct FlowStats {
     pub tcp_flags: u8,
     /// A [`Path`].
     pub path: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// When `pod_egress` last judged the flow own-Pod-to-Pod from `ingress_ifindex`
+    /// with every lookup (see [`crate::verdict::Lookups::judged_own_pod_flow`]), as
+    /// [`judged_at`]; 0 when it never did.
+    pub judged_at: u32,
+}
+
+/// A coarse clock reading in units of 2^20 ns (about a millisecond), as
+/// [`FlowStats::judged_at`] keeps it: four bytes instead of eight keep the flow entry
+/// (and the program's stack) as it was. It wraps every 52 days; compare with
+/// `wrapping_sub`.
+pub const fn judged_at(now_ns: u64) -> u32 {
+    (now_ns >> 20) as u32
 }
 
 impl FlowStats {
     pub fn path(&self) -> Option<Path> {
         Path::from_u8(self.path)
+    }
+
+    /// Whether `pod_egress` judged the flow own-Pod-to-Pod, from the Pod interface
+    /// `ingress_ifindex`, within [`crate::ROUTE_CACHE_TTL_NS`] before `now_ns`.
+    #[inline(always)]
+    pub fn judged_lately(&self, ingress_ifindex: u32, now_ns: u64) -> bool {
+        self.judged_at != 0
+            && self.ingress_ifindex == ingress_ifindex
+            && judged_at(now_ns).wrapping_sub(self.judged_at) < judged_at(crate::ROUTE_CACHE_TTL_NS)
+            && matches!(
+                self.path(),
+                Some(Path::ViaGateway | Path::ViaGatewayServiceLeg)
+            )
+    }
+
+    /// Keeps that `pod_egress` judged the flow own-Pod-to-Pod from `ingress_ifindex`
+    /// at `now_ns`, unless an earlier judgement still holds.
+    #[inline(always)]
+    pub fn note_judged(&mut self, ingress_ifindex: u32, now_ns: u64) {
+        if !self.judged_lately(ingress_ifindex, now_ns) {
+            self.ingress_ifindex = ingress_ifindex;
+            self.judged_at = judged_at(now_ns);
+        }
     }
 }
 
@@ -193,8 +228,37 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(core::mem::size_of::<FlowStats>(), 6 * 8 + 2 * 4 + 8);
+        assert_eq!(
+            core::mem::size_of::<FlowStats>(),
+            6 * 8 + 2 * 4 + 1 + 1 + 2 + 4
+        );
         assert_eq!(core::mem::size_of::<NatLeg>(), 16 + 2 + 6);
+    }
+
+    #[test]
+    fn a_judgement_holds_for_the_route_cache_time_from_its_interface_only() {
+        let start = 5 * crate::ROUTE_CACHE_TTL_NS;
+        let mut stats = FlowStats {
+            path: Path::ViaGateway as u8,
+            ingress_ifindex: 7,
+            ..FlowStats::default()
+        };
+        assert!(!stats.judged_lately(7, start), "never judged");
+        stats.note_judged(7, start);
+        assert!(stats.judged_lately(7, start + crate::ROUTE_CACHE_TTL_NS / 2));
+        assert!(!stats.judged_lately(8, start), "another interface");
+        assert!(
+            !stats.judged_lately(7, start + 2 * crate::ROUTE_CACHE_TTL_NS),
+            "stale"
+        );
+        // A later packet on the cached judgement does not extend it.
+        stats.note_judged(7, start + crate::ROUTE_CACHE_TTL_NS / 2);
+        assert!(!stats.judged_lately(7, start + crate::ROUTE_CACHE_TTL_NS + 1 << 20));
+        stats.path = Path::Local as u8;
+        assert!(
+            !stats.judged_lately(7, start),
+            "a flow kept local is judged anew"
+        );
     }
 
     #[test]

@@ -93,6 +93,14 @@ pub trait Lookups {
     fn is_exempt(&self, family: Family, addr: &[u8; 16], protocol: u8, port: u16) -> bool;
     /// A gateway is configured for the family.
     fn has_gateway(&self, family: Family) -> bool;
+    /// `pod_egress`: the packet's flow was judged own-Pod-to-Pod within
+    /// [`crate::ROUTE_CACHE_TTL_NS`]: to a Pod, from the Pod interface this packet
+    /// entered on, with that Pod's own source. The three lookups behind that judgement
+    /// (the destination's Pod CIDR, the sender's interface, the route back to it) are
+    /// then not asked again, as the route cache answers for that long anyway; what may
+    /// change from one packet to the next (on or off, exemptions, the gateway, the
+    /// node's NAT) still is.
+    fn judged_own_pod_flow(&self, packet: &Packet) -> bool;
     /// `pod_egress`: the packet entered the node on a Pod interface.
     fn entered_from_pod(&self) -> bool;
     /// `pod_egress`: the node routes the packet's source to the interface the packet
@@ -161,32 +169,12 @@ pub fn decide_pod_egress<L: Lookups>(packet: &Packet, maps: &L) -> Verdict {
         return Verdict::Pass(Counter::PassLinkScope);
     }
     let family = packet.family;
-    match maps.addr_kind(family, &packet.dst) {
-        AddrKind::Outside => return Verdict::Pass(Counter::PassNotSameNode),
-        AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
-        AddrKind::Pod => {}
-    }
-    if !maps.entered_from_pod() {
-        return Verdict::Pass(Counter::PassNotFromPod);
-    }
-    // A source the node routes back to the sender's interface is that Pod's own (the
-    // common case, which needs no Pod-CIDR lookup of the source). Any other source is
-    // classified to say why the packet stays.
-    let reply = if maps.source_routes_to_sender(packet) {
+    let reply = if maps.judged_own_pod_flow(packet) {
         false
     } else {
-        match maps.addr_kind(family, &packet.src) {
-            AddrKind::Node => return Verdict::Pass(Counter::PassNodeAddress),
-            AddrKind::Pod => return Verdict::Pass(Counter::PassSpoofedSource),
-            // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
-            // Service's source, or an address outside the Pod CIDRs.
-            AddrKind::Outside => match maps.node_nat(packet) {
-                NodeNat::SourceRestorable => true,
-                NodeNat::SourceUnrestorable => {
-                    return Verdict::Pass(Counter::PassServiceReplyUnrestorable);
-                }
-                _ => return Verdict::Pass(Counter::PassNotSameNode),
-            },
+        match judge_pod_to_pod(packet, maps) {
+            Ok(reply) => reply,
+            Err(verdict) => return verdict,
         }
     };
     if !maps.enabled() {
@@ -206,6 +194,41 @@ pub fn decide_pod_egress<L: Lookups>(packet: &Packet, maps: &L) -> Verdict {
         Leg::Direct
     };
     Verdict::ToGateway(leg)
+}
+
+/// `pod_egress`, for a flow not judged lately: whether the packet goes to a Pod, from
+/// a Pod interface, with that Pod's own source (`Ok(false)`) or with a Service's
+/// source that the node's NAT gave a backend's reply (`Ok(true)`); else the pass.
+#[inline(always)]
+fn judge_pod_to_pod<L: Lookups>(packet: &Packet, maps: &L) -> Result<bool, Verdict> {
+    let family = packet.family;
+    match maps.addr_kind(family, &packet.dst) {
+        AddrKind::Outside => return Err(Verdict::Pass(Counter::PassNotSameNode)),
+        AddrKind::Node => return Err(Verdict::Pass(Counter::PassNodeAddress)),
+        AddrKind::Pod => {}
+    }
+    if !maps.entered_from_pod() {
+        return Err(Verdict::Pass(Counter::PassNotFromPod));
+    }
+    // A source the node routes back to the sender's interface is that Pod's own (the
+    // common case, which needs no Pod-CIDR lookup of the source). Any other source is
+    // classified to say why the packet stays.
+    if maps.source_routes_to_sender(packet) {
+        return Ok(false);
+    }
+    match maps.addr_kind(family, &packet.src) {
+        AddrKind::Node => Err(Verdict::Pass(Counter::PassNodeAddress)),
+        AddrKind::Pod => Err(Verdict::Pass(Counter::PassSpoofedSource)),
+        // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
+        // Service's source, or an address outside the Pod CIDRs.
+        AddrKind::Outside => match maps.node_nat(packet) {
+            NodeNat::SourceRestorable => Ok(true),
+            NodeNat::SourceUnrestorable => {
+                Err(Verdict::Pass(Counter::PassServiceReplyUnrestorable))
+            }
+            _ => Err(Verdict::Pass(Counter::PassNotSameNode)),
+        },
+    }
 }
 
 /// `uplink_ingress`: what the network sends the node. Only packets of flows the

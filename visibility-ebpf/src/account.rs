@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use visibility_common::{
     counters::{Counter, slot},
-    flow::{FlowKey, FlowStats, Path},
+    flow::{FlowKey, FlowStats, Path, judged_at},
     packet::{ETH_HLEN, Packet},
     verdict::Hook,
 };
@@ -55,10 +55,53 @@ fn add(field: &mut u64, value: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
 }
 
+/// How a sent packet's flow is found and whether its judgement is new.
+#[derive(Clone, Copy)]
+pub struct SentFlow {
+    /// The flow's entry, when the verdict already looked it up under this packet's key.
+    pub found: Option<*mut FlowStats>,
+    /// The packet was judged own-Pod-to-Pod: the flow keeps when and from which
+    /// interface, so that its next packets need not be judged with every lookup (see
+    /// [`visibility_common::verdict::Lookups::judged_own_pod_flow`]).
+    pub judged: bool,
+}
+
+impl SentFlow {
+    /// A flow to look up, with no judgement to keep.
+    pub const UNKNOWN: Self = Self {
+        found: None,
+        judged: false,
+    };
+}
+
 /// Counts a packet a Pod sent, on the path its verdict chose, at `now` (coarse
 /// monotonic nanoseconds).
 #[inline(always)]
-pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u32, now: u64) {
+pub fn flow_sent(
+    hook: Hook,
+    packet: &Packet,
+    path: Path,
+    size: Size,
+    ifindex: u32,
+    now: u64,
+    flow: SentFlow,
+) {
+    let update = |stats: &mut FlowStats| {
+        add(&mut stats.packets, size.packets);
+        add(&mut stats.bytes, size.bytes);
+        // Plain stores: a lost flag or a slightly older time between two CPUs is harmless.
+        stats.last_seen_ns = now;
+        stats.tcp_flags |= packet.tcp_flags;
+        stats.path = path as u8;
+        if flow.judged {
+            stats.note_judged(ifindex, now);
+        }
+    };
+    if let Some(stats) = flow.found {
+        // SAFETY: a map value pointer from a successful lookup in this run.
+        update(unsafe { &mut *stats });
+        return;
+    }
     let fresh = FlowStats {
         packets: size.packets,
         bytes: size.bytes,
@@ -67,16 +110,10 @@ pub fn flow_sent(hook: Hook, packet: &Packet, path: Path, size: Size, ifindex: u
         ingress_ifindex: ifindex,
         tcp_flags: packet.tcp_flags,
         path: path as u8,
+        judged_at: if flow.judged { judged_at(now) } else { 0 },
         ..FlowStats::default()
     };
-    upsert(hook, packet, size, &fresh, |stats| {
-        add(&mut stats.packets, size.packets);
-        add(&mut stats.bytes, size.bytes);
-        // Plain stores: a lost flag or a slightly older time between two CPUs is harmless.
-        stats.last_seen_ns = now;
-        stats.tcp_flags |= packet.tcp_flags;
-        stats.path = path as u8;
-    });
+    upsert(hook, packet, size, &fresh, update);
 }
 
 /// Counts a packet that came back from the gateway and was handed to a Pod, in the

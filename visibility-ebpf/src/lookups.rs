@@ -27,8 +27,9 @@ pub struct MapLookups<'a> {
     pub now: u64,
     /// The Pod interface the packet entered on, once asked.
     sender: Cell<Option<PodIface>>,
-    /// The flow a returning packet belongs to, once found.
-    sent_flow: Cell<Option<*mut FlowStats>>,
+    /// The packet's flow, once found: by [`Lookups::judged_own_pod_flow`] at
+    /// `pod_egress`, by [`Lookups::was_sent`] at the uplink.
+    flow: Cell<Option<*mut FlowStats>>,
     /// `pod_egress`: what `pod_ingress` noted of this packet, if it did.
     pub pre_stack: Option<PreStack>,
 }
@@ -44,15 +45,21 @@ impl<'a> MapLookups<'a> {
             ingress_ifindex,
             now,
             sender: Cell::new(None),
-            sent_flow: Cell::new(None),
+            flow: Cell::new(None),
             pre_stack: None,
         }
     }
 
-    /// The flow [`Lookups::was_sent`] found.
+    /// The flow [`Lookups::judged_own_pod_flow`] or [`Lookups::was_sent`] found.
     #[inline(always)]
-    pub fn sent_flow(&self) -> Option<*mut FlowStats> {
-        self.sent_flow.get()
+    pub fn flow(&self) -> Option<*mut FlowStats> {
+        self.flow.get()
+    }
+
+    /// Forgets the flow found: the packet was rewritten into another flow's.
+    #[inline(always)]
+    pub fn forget_flow(&self) {
+        self.flow.set(None);
     }
 }
 
@@ -90,6 +97,16 @@ impl Lookups for MapLookups<'_> {
     #[inline(always)]
     fn has_gateway(&self, family: Family) -> bool {
         self.settings.gateway(family).is_configured()
+    }
+
+    #[inline(always)]
+    fn judged_own_pod_flow(&self, packet: &Packet) -> bool {
+        let Some(stats) = FLOWS.get_ptr_mut(FlowKey::from_packet(packet)) else {
+            return false;
+        };
+        self.flow.set(Some(stats));
+        // SAFETY: map value pointer from a successful lookup; reads of plain fields.
+        unsafe { (*stats).judged_lately(self.ingress_ifindex, self.now) }
     }
 
     #[inline(always)]
@@ -132,7 +149,7 @@ impl Lookups for MapLookups<'_> {
         let sent = path.is_some_and(|path| path.takes_gateway())
             && self.now.wrapping_sub(last_sent) < RETURN_WINDOW_NS;
         if sent {
-            self.sent_flow.set(Some(stats));
+            self.flow.set(Some(stats));
         }
         sent
     }

@@ -39,7 +39,7 @@ use visibility_common::{
 };
 
 use crate::{
-    account::{Size, count, flow_returned, flow_sent},
+    account::{SentFlow, Size, count, flow_returned, flow_sent},
     lookups::MapLookups,
     maps::{LOG_LIMIT, NAT_LEGS, SETTINGS},
     nat::{record_pre_stack, rewrite_source, take_pre_stack},
@@ -137,7 +137,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if let Some(path) = Path::of_sent(counter)
         && packet.transport == Transport::Read
     {
-        flow_sent(hook, &packet, path, size, ifindex, now());
+        flow_sent(hook, &packet, path, size, ifindex, now(), SentFlow::UNKNOWN);
     }
     Ok(PASS)
 }
@@ -170,7 +170,20 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
     };
     count(hook, outcome.counter, size);
     if let Some(path) = Path::of_sent(outcome.counter) {
-        flow_sent(hook, &packet, path, size, lookups.ingress_ifindex, now);
+        let flow = SentFlow {
+            found: lookups.flow(),
+            judged: first.is_none()
+                && matches!(path, Path::ViaGateway | Path::ViaGatewayServiceLeg),
+        };
+        flow_sent(
+            hook,
+            &packet,
+            path,
+            size,
+            lookups.ingress_ifindex,
+            now,
+            flow,
+        );
     }
     if matches!(
         outcome.counter,
@@ -246,6 +259,8 @@ fn send_to_gateway(
         if rewrite_source(ctx, packet, &pod_addr, pod_port).is_err() {
             return Outcome::drop(Counter::DroppedRewriteFailed);
         }
+        // The flow found under the Service's source is not this packet's any more.
+        lookups.forget_flow();
         packet.src = pod_addr;
         packet.src_port = pod_port;
         // Without the entry the returning reply goes to the node's stack, whose
@@ -268,7 +283,7 @@ fn try_uplink_ingress(ctx: &TcContext) -> Result<i32, i32> {
     // Later fragments take their first fragment's ports.
     let first = fragments::of_later_fragment(&mut packet);
     let verdict = decide_uplink(&packet, &lookups);
-    let outcome = match (verdict, lookups.sent_flow()) {
+    let outcome = match (verdict, lookups.flow()) {
         (Verdict::ToPod, Some(flow)) => {
             if first.is_none() {
                 // The gateway may have fragmented anew; its later fragments follow.

@@ -22,6 +22,9 @@ struct Fake {
     routes_to_sender: bool,
     node_nat: NodeNat,
     sent: bool,
+    /// The flow was judged own-Pod-to-Pod lately: the lookups behind that judgement
+    /// answer as if nothing matched, to show they are not asked.
+    judged: bool,
 }
 
 /// The fake on a node where everything is in order: visibility on, a gateway, the
@@ -34,6 +37,16 @@ const NORMAL: Fake = Fake {
     routes_to_sender: true,
     node_nat: NodeNat::Unchanged,
     sent: true,
+    judged: false,
+};
+
+/// A flow judged lately, on a node whose Pod-CIDR, interface and route lookups would
+/// all say no.
+const JUDGED: Fake = Fake {
+    judged: true,
+    from_pod: false,
+    routes_to_sender: false,
+    ..NORMAL
 };
 
 const POD_A: u8 = 10;
@@ -78,6 +91,9 @@ impl Lookups for Fake {
     }
     fn has_gateway(&self, _: Family) -> bool {
         self.gateway
+    }
+    fn judged_own_pod_flow(&self, _: &Packet) -> bool {
+        self.judged
     }
     fn entered_from_pod(&self) -> bool {
         self.from_pod
@@ -184,6 +200,53 @@ fn pod_ingress_only_counts() {
 fn pod_egress_sends_pod_to_pod_after_the_node_stack() {
     use Counter::*;
     let rows = [
+        Row {
+            name: "a flow judged lately skips the lookups behind that judgement",
+            src: OUTSIDE,
+            dst: OUTSIDE,
+            fake: JUDGED,
+            verdict: Verdict::ToGateway(Leg::Direct),
+        },
+        Row {
+            name: "a flow judged lately: the node's DNAT still makes it a Service leg",
+            src: POD_A,
+            dst: POD_B,
+            fake: Fake {
+                node_nat: NodeNat::DestinationChanged,
+                ..JUDGED
+            },
+            verdict: Verdict::ToGateway(Leg::ServiceLeg),
+        },
+        Row {
+            name: "a flow judged lately: visibility off still keeps it local",
+            src: POD_A,
+            dst: POD_B,
+            fake: Fake {
+                enabled: false,
+                ..JUDGED
+            },
+            verdict: Verdict::Pass(PassDisabled),
+        },
+        Row {
+            name: "a flow judged lately: an exemption still keeps it local",
+            src: POD_A,
+            dst: POD_B,
+            fake: Fake {
+                exempt: true,
+                ..JUDGED
+            },
+            verdict: Verdict::Pass(PassExempt),
+        },
+        Row {
+            name: "a flow judged lately: without a gateway it stays local",
+            src: POD_A,
+            dst: POD_B,
+            fake: Fake {
+                gateway: false,
+                ..JUDGED
+            },
+            verdict: Verdict::Pass(PassNoGateway),
+        },
         Row {
             name: "pod to pod, unchanged by the node",
             src: POD_A,
