@@ -253,7 +253,7 @@ mod tests {
         );
         // A later packet on the cached judgement does not extend it.
         stats.note_judged(7, start + crate::ROUTE_CACHE_TTL_NS / 2);
-        assert!(!stats.judged_lately(7, start + crate::ROUTE_CACHE_TTL_NS + 1 << 20));
+        assert!(!stats.judged_lately(7, start + crate::ROUTE_CACHE_TTL_NS + (1 << 20)));
         stats.path = Path::Local as u8;
         assert!(
             !stats.judged_lately(7, start),
