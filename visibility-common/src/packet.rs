@@ -30,7 +30,14 @@ pub const IPV6_HOP_LIMIT_OFFSET: usize = ETH_HLEN + 7;
 /// of RFC 1624, equation 3, `HC' = ~(~HC + ~m + m')`.
 #[inline(always)]
 pub fn checksum_replace16(check: u16, old: u16, new: u16) -> u16 {
-    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    fold_checksum(u32::from(!check) + u32::from(!old) + u32::from(new))
+}
+
+/// The Internet checksum (RFC 1071) of a sum of 16-bit words: the sum folded to 16
+/// bits with end-around carry, complemented. Two folds are enough for a sum of up to
+/// 65,537 words.
+#[inline(always)]
+pub fn fold_checksum(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
@@ -201,9 +208,7 @@ fn ipv4_header_checksum_ok<R: PacketReader + ?Sized>(
         sum += u32::from(be16([word[0], word[1]])) + u32::from(be16([word[2], word[3]]));
         offset += 4;
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    Some(sum == 0xffff)
+    Some(fold_checksum(sum) == 0)
 }
 
 #[inline(always)]

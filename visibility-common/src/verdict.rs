@@ -36,6 +36,17 @@ impl Leg {
             Leg::ServiceReply => Counter::RedirectedServiceReply,
         }
     }
+
+    /// The leg whose packets are counted in `counter`, when it is one of
+    /// [`Leg::counter`]'s.
+    pub const fn of_counter(counter: Counter) -> Option<Self> {
+        match counter {
+            Counter::RedirectedToGateway => Some(Leg::Direct),
+            Counter::RedirectedServiceLeg => Some(Leg::ServiceLeg),
+            Counter::RedirectedServiceReply => Some(Leg::ServiceReply),
+            _ => None,
+        }
+    }
 }
 
 /// What happens to a packet.

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use visibility_common::{
     config::Gateway,
-    packet::{ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, Packet},
+    packet::{ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, fold_checksum},
 };
 
 use crate::{
@@ -32,14 +32,6 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 const TTL: u8 = 64;
-
-/// Folds a 32-bit sum of 16-bit words into the Internet checksum.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
 
 /// The sum of `bytes` as big-endian 16-bit words.
 #[inline(always)]
@@ -149,7 +141,7 @@ fn icmpv4(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
     ip[9] = IPPROTO_ICMP;
     ip[12..16].copy_from_slice(&gateway.node_addr[..4]);
     ip[16..20].copy_from_slice(&packet.src[..4]);
-    let check = fold(sum_words(&ip[..IPV4_HEADER_LEN])).to_be_bytes();
+    let check = fold_checksum(sum_words(&ip[..IPV4_HEADER_LEN])).to_be_bytes();
     ip[10] = check[0];
     ip[11] = check[1];
     let mtu = (mtu.min(u32::from(u16::MAX)) as u16).to_be_bytes();
@@ -163,7 +155,7 @@ fn icmpv4(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
         mtu[0],
         mtu[1],
     ];
-    let check = fold(sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
+    let check = fold_checksum(sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
     scratch.icmp[2] = check[0];
     scratch.icmp[3] = check[1];
 }
@@ -186,7 +178,8 @@ fn icmpv6(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
     // The pseudo-header: both addresses, the upper-layer length and the next header.
     let pseudo =
         sum_words(&ip[8..40]) + (ICMP_HEADER_LEN + INNER_LEN) as u32 + u32::from(IPPROTO_ICMPV6);
-    let check = fold(pseudo + sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
+    let check =
+        fold_checksum(pseudo + sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
     scratch.icmp[2] = check[0];
     scratch.icmp[3] = check[1];
 }

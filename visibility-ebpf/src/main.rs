@@ -155,8 +155,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
     // Later fragments take their first fragment's ports and verdict.
     let first = fragments::of_later_fragment(&mut packet);
     let verdict = match first.and_then(|entry| entry.verdict()) {
-        Some(counter) if counter.is_redirect_to_gateway() => Verdict::ToGateway(leg_of(counter)),
-        Some(counter) => Verdict::Pass(counter),
+        Some(counter) => {
+            Leg::of_counter(counter).map_or(Verdict::Pass(counter), Verdict::ToGateway)
+        }
         None => decide_pod_egress(&packet, &lookups),
     };
     if first.is_none() {
@@ -214,16 +215,6 @@ fn log_allowed(now: u64) -> bool {
         *last = now;
     }
     true
-}
-
-/// The leg a redirect counter stands for.
-#[inline(always)]
-fn leg_of(counter: Counter) -> Leg {
-    match counter {
-        Counter::RedirectedServiceLeg => Leg::ServiceLeg,
-        Counter::RedirectedServiceReply => Leg::ServiceReply,
-        _ => Leg::Direct,
-    }
 }
 
 /// Counts, besides the verdict, a packet judged without ports.

@@ -321,12 +321,6 @@ impl Datapath {
         }
     }
 
-    /// The logger's file descriptor, readable when records are pending.
-    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd as _;
-        self.logger.as_ref().map(|logger| logger.as_fd())
-    }
-
     /// Whether `kind` is attached to the interface, as far as the pins say.
     pub fn is_attached(&self, ifindex: u32, kind: ProgramKind) -> bool {
         self.pins.link(ifindex, kind).exists()

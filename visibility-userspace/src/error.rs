@@ -43,9 +43,6 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The named interface does not exist.
-    #[error("no interface named {0}; `ip link` lists the interfaces of this node")]
-    NoInterface(String),
 }
 
 /// Reading and writing the pinned maps.

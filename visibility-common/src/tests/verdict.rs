@@ -506,6 +506,11 @@ fn verdicts_count_in_their_slots() {
             crate::flow::Path::of_sent(*counter).is_some_and(|p| p.takes_gateway()),
             "{counter:?}"
         );
+        assert_eq!(
+            Leg::of_counter(*counter).map(Leg::counter),
+            counter.is_redirect_to_gateway().then_some(*counter),
+            "{counter:?}"
+        );
     }
     assert_eq!(Counter::from_index(Counter::ALL.len() as u32), None);
 }
