@@ -8,6 +8,7 @@
 #[cfg(any(test, feature = "builder"))]
 extern crate alloc;
 
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod flow;
@@ -41,6 +42,8 @@ pub mod map_names {
     pub const NAT_LEGS: &str = "VIS_NAT_LEGS";
     /// `PerCpuArray<CounterValue>`: one slot per [`crate::counters::Counter`].
     pub const COUNTERS: &str = "VIS_COUNTERS";
+    /// `Array<JiffiesClock>` with one entry: how the datapath tells the time.
+    pub const CLOCK: &str = "VIS_CLOCK";
 }
 
 /// Names of the TC programs in the eBPF object.
@@ -51,6 +54,10 @@ pub mod program_names {
     pub const POD_EGRESS: &str = "pod_egress";
     /// The uplink, ingress: packets that come back from the gateway.
     pub const UPLINK_INGRESS: &str = "uplink_ingress";
+    /// Never attached: run with `BPF_PROG_TEST_RUN`, it writes a [`clock::ClockSample`]
+    /// (jiffies, then the coarse monotonic clock, native-endian u64s) over the first 16
+    /// bytes of the frame it is given.
+    pub const CLOCK_SAMPLE: &str = "clock_sample";
     /// Benchmark baseline, never attached: parse and Pod CIDR lookup only.
     pub const BENCH_BASELINE: &str = "bench_baseline";
     /// The benchmark lab's gateway fast path, never attached by the daemon: a router

@@ -29,7 +29,11 @@ mod nat;
 mod reader;
 mod redirect;
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    macros::classifier,
+    programs::TcContext,
+};
 use visibility_common::{
     counters::Counter,
     flow::{FlowKey, NatLeg, Path},
@@ -41,7 +45,7 @@ use visibility_common::{
 use crate::{
     account::{SentFlow, Size, count, flow_returned, flow_sent},
     lookups::MapLookups,
-    maps::{LOG_LIMIT, NAT_LEGS, SETTINGS},
+    maps::{CLOCK, LOG_LIMIT, NAT_LEGS, SETTINGS},
     nat::{record_pre_stack, rewrite_source, take_pre_stack},
     reader::SkbReader,
     redirect::{Outcome, PASS},
@@ -112,12 +116,34 @@ fn parsed(ctx: &TcContext, hook: Hook) -> Result<Packet, i32> {
     })
 }
 
-/// The coarse clock: a tick's resolution is enough for flow times, the cached routes'
-/// age and the return window, and it reads no clock source.
+/// The coarse monotonic clock: a tick's resolution is enough for flow times, the
+/// cached routes' age and the return window. From jiffies, which the verifier inlines,
+/// once the daemon has measured the tick (see `visibility_common::clock`); until then
+/// from the helper.
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: time helper, no arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: time helpers, no arguments.
+    unsafe {
+        CLOCK
+            .get(0)
+            .and_then(|clock| clock.now_ns(bpf_jiffies64()))
+            .unwrap_or_else(|| bpf_ktime_get_coarse_ns())
+    }
+}
+
+/// Never attached: samples both clocks at one instant for the daemon, which runs it
+/// with `BPF_PROG_TEST_RUN` to measure the tick. Writes jiffies and the coarse
+/// monotonic clock over the first 16 bytes of the frame.
+#[classifier]
+pub fn clock_sample(ctx: TcContext) -> i32 {
+    // SAFETY: time helpers, no arguments.
+    let sample = unsafe { [bpf_jiffies64(), bpf_ktime_get_coarse_ns()] };
+    match reader::packet_ptr::<[u64; 2]>(&ctx, 0) {
+        // SAFETY: `packet_ptr` checked the 16 bytes are in the linear data.
+        Some(out) => unsafe { out.write_unaligned(sample) },
+        None => return redirect::DROP,
+    }
+    PASS
 }
 
 /// Counts, notes the packet for `pod_egress`, and hands it to the node's stack.

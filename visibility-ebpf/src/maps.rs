@@ -8,6 +8,7 @@ use aya_ebpf::{
 use visibility_common::{
     DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES,
     NAT_LEG_CAPACITY, POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
+    clock::JiffiesClock,
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats, NatLeg},
@@ -70,6 +71,11 @@ pub static PRE_STACK: PerCpuArray<PreStack> = PerCpuArray::with_max_entries(1, 0
 /// scratch slot, not pinned.
 #[map(name = "VIS_ICMP_SCRATCH")]
 pub static ICMP_SCRATCH: PerCpuArray<crate::icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// How to turn jiffies into the coarse monotonic clock, as the daemon measured it.
+/// Pinned, so a restarted daemon finds it measured.
+#[map(name = "VIS_CLOCK")]
+pub static CLOCK: Array<JiffiesClock> = Array::pinned(1, 0);
 
 #[map(name = "VIS_COUNTERS")]
 pub static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

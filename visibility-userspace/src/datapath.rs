@@ -3,7 +3,8 @@
 //!
 //! Layout under the pin directory (root-only):
 //! - `maps/VIS_*`: every map, pinned by name by the loader;
-//! - `programs/{pod_ingress,pod_egress,uplink_ingress}`;
+//! - `programs/{pod_ingress,pod_egress,uplink_ingress}`, and `programs/clock_sample`,
+//!   never attached, which [`Datapath::sync_clock`] runs to measure the datapath's clock;
 //! - `links/if<ifindex>_<program>`: TCX links, so attachments outlive the daemon.
 //!
 //! Kernels before 6.6 have no TCX; there programs attach as clsact filters, which
@@ -17,14 +18,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData},
     programs::{
-        SchedClassifier, TcAttachType,
+        SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
         tc::{self, TcAttachOptions},
     },
     util::KernelVersion,
 };
-use visibility_common::{map_names, program_names};
+use visibility_common::{
+    clock::{ClockSample, JiffiesClock, MIN_TICKS_BETWEEN_SAMPLES},
+    map_names, program_names,
+};
 
 use crate::error::DatapathError;
 
@@ -127,6 +132,9 @@ impl PinDir {
     pub fn program(&self, kind: ProgramKind) -> PathBuf {
         self.programs().join(kind.name())
     }
+    pub fn clock_sample_program(&self) -> PathBuf {
+        self.programs().join(program_names::CLOCK_SAMPLE)
+    }
     pub fn links(&self) -> PathBuf {
         self.0.join("links")
     }
@@ -162,6 +170,9 @@ pub struct Datapath {
     pins: PinDir,
     programs: Vec<(ProgramKind, SchedClassifier)>,
     mode: AttachMode,
+    /// Samples the kernel's clocks (see [`Datapath::sync_clock`]); `None` when adopting
+    /// a datapath pinned before it existed, whose programs read the clock themselves.
+    clock_sample: Option<SchedClassifier>,
     /// Forwards the programs' aya-log records. Kept alive for as long as the programs:
     /// dropping it closes the log map.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -246,15 +257,84 @@ impl Datapath {
             let info = program.info().ok()?;
             aya_log::EbpfLogger::init_from_id(info.id()).ok()
         });
-        Ok((
-            Self {
-                pins,
-                programs,
-                mode: AttachMode::current(),
-                logger,
-            },
-            origin,
-        ))
+        let datapath = Self {
+            clock_sample: SchedClassifier::from_pin(pins.clock_sample_program()).ok(),
+            pins,
+            programs,
+            mode: AttachMode::current(),
+            logger,
+        };
+        // Without it the programs read the clock through a helper: slower, not wrong.
+        if let Err(error) = datapath.sync_clock() {
+            tracing::warn!(%error, "measuring the datapath's clock; it reads the kernel's instead");
+        }
+        Ok((datapath, origin))
+    }
+
+    /// Measures how the kernel's tick count maps onto the coarse monotonic clock, or,
+    /// once measured, takes the offset anew (NTP slews the monotonic clock), and writes
+    /// it to the clock map, from which the programs read the time without a helper
+    /// call. The first measurement waits a few ticks (at most about 60 ms).
+    pub fn sync_clock(&self) -> Result<JiffiesClock, DatapathError> {
+        let path = self.pins.map(map_names::CLOCK);
+        let map = MapData::from_pin(&path).map_err(|e| DatapathError::Map {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        let mut map: Array<MapData, JiffiesClock> =
+            Array::try_from(Map::Array(map)).map_err(|e| DatapathError::Map {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+        let current = map.get(&0, 0).unwrap_or_default();
+        let first = self.sample_clock()?;
+        let clock = if current.ns_per_tick != 0 {
+            current.resynced(first)
+        } else {
+            let mut measured = None;
+            for _ in 0..6 {
+                std::thread::sleep(std::time::Duration::from_millis(
+                    10 * MIN_TICKS_BETWEEN_SAMPLES.div_ceil(4),
+                ));
+                measured = JiffiesClock::from_samples(first, self.sample_clock()?);
+                if measured.is_some() {
+                    break;
+                }
+            }
+            measured.ok_or(DatapathError::ClockUnmeasurable)?
+        };
+        map.set(0, clock, 0).map_err(|e| DatapathError::Map {
+            path,
+            source: Box::new(e),
+        })?;
+        Ok(clock)
+    }
+
+    /// Both of the kernel's clocks at one instant, from `clock_sample`.
+    fn sample_clock(&self) -> Result<ClockSample, DatapathError> {
+        let program = self
+            .clock_sample
+            .as_ref()
+            .ok_or(DatapathError::ClockUnmeasurable)?;
+        // An Ethernet frame's worth, of which the program overwrites the first 16 bytes.
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .map_err(|source| DatapathError::Program {
+                program: program_names::CLOCK_SAMPLE,
+                source: Box::new(source),
+            })?;
+        let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().expect("eight bytes"));
+        Ok(ClockSample {
+            jiffies: word(0),
+            coarse_ns: word(8),
+        })
     }
 
     fn load_and_pin(pins: &PinDir, options: &LoadOptions) -> Result<(), DatapathError> {
@@ -284,6 +364,23 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
+        let clock_error = |source| DatapathError::Program {
+            program: program_names::CLOCK_SAMPLE,
+            source: Box::new(source),
+        };
+        let clock_sample: &mut SchedClassifier = ebpf
+            .program_mut(program_names::CLOCK_SAMPLE)
+            .ok_or_else(|| clock_error(aya::programs::ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(clock_error)?;
+        load_retrying(clock_sample).map_err(clock_error)?;
+        let path = pins.clock_sample_program();
+        clock_sample
+            .pin(&path)
+            .map_err(|source| DatapathError::Link {
+                path,
+                source: Box::new(source),
+            })?;
         Ok(())
     }
 

@@ -36,6 +36,19 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// A pinned map could not be opened or written.
+    #[error("map {path}: {source}")]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kernel's tick could not be measured: the sampling program is missing (a
+    /// datapath pinned by an older daemon) or the clocks did not move as expected.
+    #[error(
+        "the datapath's clock could not be measured; the programs read the kernel's clock instead"
+    )]
+    ClockUnmeasurable,
     /// A link could not be pinned or adopted.
     #[error("link {path}: {source}")]
     Link {

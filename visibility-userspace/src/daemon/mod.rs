@@ -51,6 +51,9 @@ pub enum DaemonError {
 const DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often the programs' log records are forwarded.
 const LOG_FLUSH: Duration = Duration::from_millis(250);
+/// How often the datapath's clock takes its offset anew: NTP slews the monotonic clock
+/// by at most half a millisecond a second, so flow times stay within 5 ms of it.
+const CLOCK_SYNC: Duration = Duration::from_secs(10);
 
 /// Runs until SIGTERM or SIGINT. The datapath stays loaded and attached after the
 /// daemon exits; a restarted daemon adopts it.
@@ -106,6 +109,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut tick = tokio::time::interval(Duration::from_secs(config.reconcile_interval_secs));
     let mut log_flush = tokio::time::interval(LOG_FLUSH);
+    let mut clock_sync = tokio::time::interval(CLOCK_SYNC);
 
     loop {
         tokio::select! {
@@ -117,6 +121,11 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
                 reconciler.reconcile(&handle, &mut datapath, &mut maps).await;
             }
             _ = log_flush.tick() => datapath.flush_logs(),
+            _ = clock_sync.tick() => {
+                if let Err(error) = datapath.sync_clock() {
+                    warn!(%error, "keeping the datapath's clock in step");
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
