@@ -29,7 +29,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Map, Value, json};
 
-use crate::run::{display, output, run};
+use crate::{
+    paths::{target_dir, workspace_root},
+    run::{display, run},
+    setup::is_root,
+};
 
 const README_START: &str = "<!-- bench:start -->";
 const README_END: &str = "<!-- bench:end -->";
@@ -162,7 +166,7 @@ impl BenchArgs {
     pub fn smoke() -> Self {
         Self {
             quick: true,
-            out: Some(target_dir(&workspace_root()).join("bench-smoke")),
+            out: Some(target_dir().join("bench-smoke")),
             ..Self::default()
         }
     }
@@ -170,7 +174,7 @@ impl BenchArgs {
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    if output(Command::new("id").arg("-u"))?.trim() != "0" {
+    if !is_root() {
         bail!(
             "the benchmarks need root (network namespaces, BPF): run `sudo -E cargo xtask bench`"
         );
@@ -180,7 +184,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let out_dir = std::path::absolute(
         args.out
             .clone()
-            .unwrap_or_else(|| target_dir(&root).join("bench")),
+            .unwrap_or_else(|| target_dir().join("bench")),
     )
     .context("--out")?;
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -337,26 +341,6 @@ fn compare(root: &Path, out_dir: &Path, name: &str, args: &[String]) -> anyhow::
 /// A benchmark's JSON document.
 fn parse_json(text: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(text)?)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|dir| {
-            if dir.is_relative() {
-                root.join(dir)
-            } else {
-                dir
-            }
-        })
-        .unwrap_or_else(|| root.join("target"))
 }
 
 fn skipped(why: &str) -> Value {

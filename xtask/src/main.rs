@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod paths;
 mod run;
 mod setup;
 mod test;

@@ -172,19 +172,26 @@ fn debian_packages() -> anyhow::Result<()> {
     for (package, why) in DEBIAN_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
         step("installing", &format!("{package}: {why}"));
     }
-    if !nix_is_root() {
+    if !is_root() {
         bail!(
             "installing Debian packages needs root: run `sudo apt-get install -y {}`",
             missing.join(" ")
         );
     }
+    install_debian_packages(&missing)
+}
+
+/// `apt-get install`s the packages (as root), without their recommendations.
+pub fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn nix_is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
