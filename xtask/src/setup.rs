@@ -38,7 +38,7 @@ const NIGHTLY: &str = "nightly";
 
 #[derive(clap::Args, Default)]
 pub struct SetupArgs {
-    /// Only the Rust side (rust-src, bpf-linker): for image builds, which need no test tools.
+    /// Only the Rust side (rust-src, bpf-linker, cargo-machete): for image builds, which need no test tools.
     #[arg(long)]
     no_debian_packages: bool,
 }
@@ -47,6 +47,7 @@ pub fn setup(args: &SetupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     rust_src()?;
     bpf_linker()?;
+    cargo_machete()?;
     if !args.no_debian_packages {
         debian_packages()?;
     }
@@ -139,6 +140,16 @@ fn bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix))?;
     fs::write(&stamp, libllvm.to_string_lossy().as_bytes())?;
     Ok(())
+}
+
+/// cargo-machete, which `cargo xtask test` runs to fail on unused dependencies.
+fn cargo_machete() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo-machete").arg("--version")) {
+        step("cargo-machete", "present");
+        return Ok(());
+    }
+    step("cargo-machete", "installing (about a minute)");
+    run(Command::new("cargo").args(["install", "cargo-machete", "--locked"]))
 }
 
 fn cache_dir() -> PathBuf {
