@@ -23,10 +23,7 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{
-        Once,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Once,
     time::Duration,
 };
 
@@ -52,9 +49,12 @@ use visibility_common::{
     verdict::Hook,
 };
 
-use crate::lab::{
-    GATEWAY_IFNAME, GATEWAY_IPV4, GATEWAY_IPV6, IpFamily, Lab, LabConfig, NODE_IPV4, NODE_IPV6,
-    NODE_UPLINK, Netns, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, POD_IFNAME,
+use crate::{
+    lab::{
+        GATEWAY_IFNAME, GATEWAY_IPV4, GATEWAY_IPV6, IpFamily, Lab, LabConfig, NODE_IPV4, NODE_IPV6,
+        NODE_UPLINK, Netns, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_GATEWAY_V6, POD_IFNAME,
+    },
+    unique,
 };
 
 /// `TC_ACT_OK`: the packet goes on through the kernel, and no other TC program on the
@@ -106,21 +106,12 @@ fn require_root() -> Result<()> {
 // Pin directories
 // ---------------------------------------------------------------------------------------
 
-static PIN_COUNTER: AtomicUsize = AtomicUsize::new(0);
 static STALE_PINS: Once = Once::new();
 
 /// A pin directory of this process that no other has: `/sys/fs/bpf/vis-test-<tag>-<pid>-<n>`.
 /// Only the ASCII letters and digits of `tag` are used, at most 12.
 pub fn unique_pin_path(tag: &str) -> PathBuf {
-    let tag: String = tag
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .take(12)
-        .collect();
-    let tag = if tag.is_empty() { "x".to_string() } else { tag };
-    let n = PIN_COUNTER.fetch_add(1, Ordering::Relaxed);
-    Path::new(BPFFS_ROOT).join(format!("{PIN_PREFIX}{tag}-{}-{n}", std::process::id()))
+    Path::new(BPFFS_ROOT).join(format!("{PIN_PREFIX}{}", unique::name(tag)))
 }
 
 /// Removes the pin directories of processes that are gone (`vis-test-<tag>-<pid>-<n>`
@@ -139,7 +130,7 @@ pub fn cleanup_stale_pins() -> Result<Vec<PathBuf>> {
         let Some(pid) = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if !unique::is_left_over(pid) {
             continue;
         }
         remove_pins(&PinDir::new(&path), |_| None)

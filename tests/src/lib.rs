@@ -19,3 +19,4 @@ pub mod lab;
 pub mod netd;
 pub mod node;
 pub mod records;
+pub mod unique;

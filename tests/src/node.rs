@@ -11,7 +11,7 @@ use std::{
     process::{Command, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -43,12 +43,7 @@ pub fn binary() -> PathBuf {
 
 /// A unique bpffs pin directory per node, removed on drop.
 fn unique_pin_dir(tag: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    PathBuf::from(format!(
-        "/sys/fs/bpf/vis-{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
+    PathBuf::from(format!("/sys/fs/bpf/vis-{}", crate::unique::name(tag)))
 }
 
 /// How much slower than a host this machine runs CPU-bound work: 1, or what
