@@ -10,7 +10,13 @@ use crate::{
         IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, MAX_IPV6_EXTENSION_HEADERS,
         Packet, PacketReader, ParseError, checksum_replace16, is_link_scope, parse,
     },
-    testing::{FrameBuilder, Transport, checksum, ipv4_header_checksum_ok},
+    testing::{
+        DST4, DST6, FrameBuilder, IPV4_FLAGS_FRAGMENT, IPV4_TOTAL_LEN, IPV4_VERSION_IHL,
+        IPV6_FIRST_EXTENSION, IPV6_NEXT_HEADER, IPV6_PAYLOAD_LEN, SRC4, SRC6, Transport, checksum,
+        fix_ipv4_checksum, ipv4_header_checksum_ok,
+        odd_frames::{OddFrame, odd_frames},
+        set_be16,
+    },
 };
 
 const HOPOPTS: u8 = 0;
@@ -30,20 +36,6 @@ const ACK: u8 = 0x10;
 const URG: u8 = 0x20;
 const ECE: u8 = 0x40;
 const CWR: u8 = 0x80;
-
-const SRC4: [u8; 4] = [10, 0, 1, 10];
-const DST4: [u8; 4] = [10, 0, 1, 20];
-const SRC6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
-const DST6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14];
-
-/// Byte offsets of IPv4 header fields in a frame.
-const IPV4_VERSION_IHL: usize = ETH_HLEN;
-const IPV4_TOTAL_LEN: usize = ETH_HLEN + 2;
-const IPV4_FLAGS_FRAGMENT: usize = ETH_HLEN + 6;
-/// Byte offsets of IPv6 header fields in a frame.
-const IPV6_PAYLOAD_LEN: usize = ETH_HLEN + 4;
-const IPV6_NEXT_HEADER: usize = ETH_HLEN + 6;
-const IPV6_FIRST_EXTENSION: usize = ETH_HLEN + 40;
 
 fn v4(addr: [u8; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -80,13 +72,6 @@ fn icmp(kind: u8, code: u8, id: u16) -> Transport {
     }
 }
 
-fn builder(family: Family, transport: Transport) -> FrameBuilder {
-    match family {
-        Family::V4 => FrameBuilder::ipv4(SRC4, DST4, transport),
-        Family::V6 => FrameBuilder::ipv6(SRC6, DST6, transport),
-    }
-}
-
 fn src_of(family: Family) -> [u8; 16] {
     match family {
         Family::V4 => v4(SRC4),
@@ -106,35 +91,13 @@ fn parse_frame(frame: &[u8]) -> Result<Packet, ParseError> {
     parse(frame, frame.len())
 }
 
-/// Recomputes the IPv4 header checksum after a test changed the header.
-fn fix_ipv4_checksum(frame: &mut [u8]) {
-    let header_len = usize::from(frame[IPV4_VERSION_IHL] & 0x0f) * 4;
-    frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2].fill(0);
-    let end = (ETH_HLEN + header_len).min(frame.len());
-    let sum = checksum(&[&frame[ETH_HLEN..end]]);
-    frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2].copy_from_slice(&sum.to_be_bytes());
-}
-
-fn set_be16(frame: &mut [u8], at: usize, value: u16) {
-    frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
-}
-
-/// Replaces the ethertype, and inserts `tag` (a VLAN tag, say) before it.
-fn with_ethertype(frame: &[u8], tag: &[u8], ethertype: u16) -> Vec<u8> {
-    let mut out = frame[..12].to_vec();
-    out.extend_from_slice(tag);
-    out.extend_from_slice(&ethertype.to_be_bytes());
-    out.extend_from_slice(&frame[ETH_HLEN..]);
-    out
-}
-
 // ---------------------------------------------------------------------------
 // Well-formed frames
 // ---------------------------------------------------------------------------
 
 #[test]
 fn tcp_ipv4_yields_every_field() {
-    let frame = builder(Family::V4, tcp(40_000, 80, SYN | ACK))
+    let frame = FrameBuilder::of(Family::V4, tcp(40_000, 80, SYN | ACK))
         .ttl(17)
         .payload(b"hello")
         .build();
@@ -162,7 +125,7 @@ fn tcp_ipv4_yields_every_field() {
 
 #[test]
 fn tcp_ipv6_yields_every_field() {
-    let frame = builder(Family::V6, tcp(443, 51_234, FIN | PSH | ACK))
+    let frame = FrameBuilder::of(Family::V6, tcp(443, 51_234, FIN | PSH | ACK))
         .ttl(3)
         .payload(&[0xab; 11])
         .build();
@@ -212,7 +175,7 @@ fn tcp_ports_and_flags_are_read_in_host_order() {
     for family in [Family::V4, Family::V6] {
         for &(src_port, dst_port) in &ports {
             for &flag in &flags {
-                let frame = builder(family, tcp(src_port, dst_port, flag)).build();
+                let frame = FrameBuilder::of(family, tcp(src_port, dst_port, flag)).build();
                 let packet = parse_frame(&frame).unwrap();
                 assert_eq!(packet.family, family);
                 assert_eq!(packet.protocol, IPPROTO_TCP);
@@ -230,7 +193,7 @@ fn tcp_ports_and_flags_are_read_in_host_order() {
 fn udp_yields_ports_and_no_flags() {
     for family in [Family::V4, Family::V6] {
         for (src_port, dst_port) in [(53u16, 40_001u16), (40_001, 53), (0xbeef, 0x0102)] {
-            let frame = builder(family, udp(src_port, dst_port))
+            let frame = FrameBuilder::of(family, udp(src_port, dst_port))
                 .payload(&[0xff; 9])
                 .build();
             let packet = parse_frame(&frame).unwrap();
@@ -257,7 +220,7 @@ fn icmp_echo_carries_identifier_and_type_code() {
         (11, 0, 0x5555, 0, 0x0b00),     // time exceeded: no identifier
     ];
     for (kind, code, id, src_port, dst_port) in cases {
-        let frame = builder(Family::V4, icmp(kind, code, id))
+        let frame = FrameBuilder::of(Family::V4, icmp(kind, code, id))
             .payload(b"ping")
             .build();
         let packet = parse_frame(&frame).unwrap();
@@ -284,7 +247,7 @@ fn icmpv6_echo_carries_identifier_and_type_code() {
         (0, 0, 0x5555, 0, 0x0000),
     ];
     for (kind, code, id, src_port, dst_port) in cases {
-        let frame = builder(Family::V6, icmp(kind, code, id)).build();
+        let frame = FrameBuilder::of(Family::V6, icmp(kind, code, id)).build();
         let packet = parse_frame(&frame).unwrap();
         assert_eq!(packet.protocol, IPPROTO_ICMPV6);
         assert_eq!(
@@ -299,7 +262,7 @@ fn icmpv6_echo_carries_identifier_and_type_code() {
 #[test]
 fn icmpv6_echo_type_numbers_mean_nothing_in_icmpv4() {
     for kind in [128u8, 129] {
-        let frame = builder(Family::V4, icmp(kind, 0, 0x4242)).build();
+        let frame = FrameBuilder::of(Family::V4, icmp(kind, 0, 0x4242)).build();
         let packet = parse_frame(&frame).unwrap();
         assert_eq!(packet.protocol, IPPROTO_ICMP);
         assert_eq!(
@@ -316,13 +279,13 @@ fn sctp_carries_ports() {
         header.extend_from_slice(&5000u16.to_be_bytes());
         header.extend_from_slice(&6000u16.to_be_bytes());
         header.extend_from_slice(&[0; 8]);
-        let frame = builder(family, Transport::Raw { protocol: SCTP })
+        let frame = FrameBuilder::of(family, Transport::Raw { protocol: SCTP })
             .payload(&header)
             .build();
         let packet = parse_frame(&frame).unwrap();
         assert_eq!((packet.src_port, packet.dst_port), (5000, 6000));
         // Shorter than SCTP's 12-byte common header: no ports.
-        let frame = builder(family, Transport::Raw { protocol: SCTP })
+        let frame = FrameBuilder::of(family, Transport::Raw { protocol: SCTP })
             .payload(&header[..8])
             .build();
         assert_eq!(
@@ -338,7 +301,7 @@ fn other_protocols_carry_no_ports() {
         // SCTP is read like UDP (its ports open its header); see below.
         for protocol in [GRE, 50, 253, NO_NEXT_HEADER] {
             for payload in [&[][..], &[0xa5; 3][..], &[0x5a; 64][..]] {
-                let frame = builder(family, Transport::Raw { protocol })
+                let frame = FrameBuilder::of(family, Transport::Raw { protocol })
                     .payload(payload)
                     .build();
                 let packet = parse_frame(&frame).unwrap();
@@ -361,7 +324,7 @@ fn other_protocols_carry_no_ports() {
 fn ethernet_padding_is_not_part_of_the_ip_packet() {
     // Frames shorter than 60 bytes are padded on the wire; ip_len comes from the IP header.
     for family in [Family::V4, Family::V6] {
-        let mut frame = builder(family, udp(1000, 2000)).build();
+        let mut frame = FrameBuilder::of(family, udp(1000, 2000)).build();
         let unpadded = frame.len();
         frame.resize(unpadded + 18, 0);
         let packet = parse_frame(&frame).unwrap();
@@ -374,14 +337,14 @@ fn ethernet_padding_is_not_part_of_the_ip_packet() {
 fn largest_ipv6_packet_length_does_not_wrap() {
     // payload length 65535: the IP packet is 65575 bytes, more than a u16 holds. It
     // must not wrap around to a tiny length (which would corrupt byte counters).
-    let frame = builder(Family::V6, Transport::Raw { protocol: GRE })
+    let frame = FrameBuilder::of(Family::V6, Transport::Raw { protocol: GRE })
         .payload(&vec![0; 65_535])
         .build();
     assert_eq!(frame.len(), ETH_HLEN + 40 + 65_535);
     let packet = parse_frame(&frame).unwrap();
     assert_eq!(packet.ip_len, u16::MAX);
     // The largest length that fits is exact.
-    let frame = builder(Family::V6, Transport::Raw { protocol: GRE })
+    let frame = FrameBuilder::of(Family::V6, Transport::Raw { protocol: GRE })
         .payload(&vec![0; 65_495])
         .build();
     assert_eq!(parse_frame(&frame).unwrap().ip_len, u16::MAX);
@@ -389,7 +352,7 @@ fn largest_ipv6_packet_length_does_not_wrap() {
 
 #[test]
 fn rewrite_offsets_point_at_the_fields() {
-    let frame = builder(Family::V4, tcp(1, 2, 0)).ttl(0x77).build();
+    let frame = FrameBuilder::of(Family::V4, tcp(1, 2, 0)).ttl(0x77).build();
     assert_eq!(frame[IPV4_TTL_OFFSET], 0x77);
     let header = &frame[ETH_HLEN..ETH_HLEN + 20];
     let mut zeroed = header.to_vec();
@@ -398,7 +361,7 @@ fn rewrite_offsets_point_at_the_fields() {
         u16::from_be_bytes([frame[IPV4_CHECKSUM_OFFSET], frame[IPV4_CHECKSUM_OFFSET + 1]]),
         checksum(&[&zeroed])
     );
-    let frame = builder(Family::V6, tcp(1, 2, 0)).ttl(0x66).build();
+    let frame = FrameBuilder::of(Family::V6, tcp(1, 2, 0)).ttl(0x66).build();
     assert_eq!(frame[IPV6_HOP_LIMIT_OFFSET], 0x66);
     assert_eq!(parse_frame(&frame).unwrap().ttl, 0x66);
 }
@@ -428,7 +391,7 @@ fn ipv4_options_are_skipped() {
         let mut options = vec![0x01; options_len]; // NOPs
         options[options_len - 1] = 0x00; // end of options list
         for transport in [tcp(40_000, 22, SYN), udp(5353, 5353), icmp(8, 0, 0x0102)] {
-            let mut b = builder(Family::V4, transport.clone());
+            let mut b = FrameBuilder::of(Family::V4, transport.clone());
             b.ipv4_options = options.clone();
             let frame = b.build();
             assert!(ipv4_header_checksum_ok(&frame));
@@ -486,7 +449,7 @@ fn ipv4_fragments_are_reported() {
         Transport::Raw { protocol: GRE },
     ] {
         for (flags_fragment, is_fragment) in cases {
-            let mut frame = builder(Family::V4, transport.clone()).build();
+            let mut frame = FrameBuilder::of(Family::V4, transport.clone()).build();
             set_be16(&mut frame, IPV4_FLAGS_FRAGMENT, flags_fragment);
             fix_ipv4_checksum(&mut frame);
             let packet = parse_frame(&frame).expect("fragments parse");
@@ -516,7 +479,7 @@ fn ipv4_fragments_are_reported() {
 #[test]
 fn a_non_first_ipv4_fragment_too_short_for_a_header_is_a_fragment() {
     // A trailing fragment may carry fewer bytes than a TCP header; it is still a fragment.
-    let mut frame = builder(
+    let mut frame = FrameBuilder::of(
         Family::V4,
         Transport::Raw {
             protocol: IPPROTO_TCP,
@@ -561,7 +524,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport() {
             udp(546, 547),
             icmp(128, 0, 0x0a0b),
         ] {
-            let mut b = builder(Family::V6, transport.clone()).payload(b"xyz");
+            let mut b = FrameBuilder::of(Family::V6, transport.clone()).payload(b"xyz");
             b.ipv6_extensions = chain
                 .iter()
                 .map(|&(p, len)| (p, extension_body(len)))
@@ -602,7 +565,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport() {
 #[test]
 fn ipv6_authentication_header_length_is_in_four_byte_units() {
     // AH: length field is (total / 4) - 2. A 24-byte AH, then TCP.
-    let mut b = builder(Family::V6, tcp(1234, 5678, ACK));
+    let mut b = FrameBuilder::of(Family::V6, tcp(1234, 5678, ACK));
     b.ipv6_extensions = vec![(AH, extension_body(22))];
     let mut frame = b.build();
     frame[IPV6_FIRST_EXTENSION + 1] = 24 / 4 - 2;
@@ -619,8 +582,8 @@ fn ipv6_other_next_headers_end_the_walk() {
         (vec![(HOPOPTS, extension_body(6))], NO_NEXT_HEADER),
         (vec![(DSTOPTS, extension_body(6))], GRE),
     ] {
-        let mut b =
-            builder(Family::V6, Transport::Raw { protocol }).payload(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut b = FrameBuilder::of(Family::V6, Transport::Raw { protocol })
+            .payload(&[1, 2, 3, 4, 5, 6, 7, 8]);
         b.ipv6_extensions = chain;
         let packet = parse_frame(&b.build()).unwrap();
         assert_eq!(
@@ -640,7 +603,7 @@ fn ipv6_fragment_header_is_a_fragment() {
     ];
     for chain in chains {
         for transport in [tcp(1, 2, SYN), udp(3, 4)] {
-            let mut b = builder(Family::V6, transport);
+            let mut b = FrameBuilder::of(Family::V6, transport);
             // A fragment header is 8 bytes: the two-byte head and six more (offset 0,
             // identification 7); the others get bodies that would mislead as ports.
             b.ipv6_extensions = chain
@@ -667,7 +630,7 @@ fn ipv6_fragment_header_is_a_fragment() {
 fn too_many_ipv6_extension_headers_leave_the_transport_unreadable() {
     // The kernel forwards such packets; they are judged without ports.
     for count in MAX_IPV6_EXTENSION_HEADERS + 1..MAX_IPV6_EXTENSION_HEADERS + 4 {
-        let mut b = builder(Family::V6, tcp(1, 2, SYN));
+        let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = (0..count).map(|_| (DSTOPTS, extension_body(6))).collect();
         let packet = parse_frame(&b.build()).expect("the IPv6 header is fine");
         assert_eq!(
@@ -686,7 +649,7 @@ fn what_follows_the_last_walked_extension_header_decides() {
     // (next header after the walked ones, result)
     // One more extension header than the walk takes: the transport is not reached.
     for last in [FRAGMENT, HOPOPTS, ROUTING, DSTOPTS, AH] {
-        let mut b = builder(Family::V6, tcp(1, 2, SYN));
+        let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = walked
             .iter()
             .chain([&last])
@@ -699,7 +662,7 @@ fn what_follows_the_last_walked_extension_header_decides() {
             "then {last}"
         );
     }
-    let mut b = builder(Family::V6, tcp(1, 2, SYN));
+    let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
     b.ipv6_extensions = walked.iter().map(|&p| (p, extension_body(6))).collect();
     let packet = parse_frame(&b.build()).unwrap();
     assert_eq!(
@@ -716,7 +679,7 @@ fn what_follows_the_last_walked_extension_header_decides() {
 #[test]
 fn ipv6_extension_header_longer_than_the_payload_leaves_the_transport_unreadable() {
     for (kind, len_byte) in [(HOPOPTS, 3u8), (DSTOPTS, 200), (ROUTING, 255), (AH, 255)] {
-        let mut b = builder(Family::V6, tcp(1, 2, SYN));
+        let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
         b.ipv6_extensions = vec![(kind, extension_body(6))];
         let mut frame = b.build();
         // The header claims more bytes than the 8 + 20 that follow the IPv6 header.
@@ -731,7 +694,7 @@ fn ipv6_extension_header_longer_than_the_payload_leaves_the_transport_unreadable
 
 #[test]
 fn ipv6_extension_header_leaving_too_little_for_tcp_leaves_it_unreadable() {
-    let mut b = builder(Family::V6, tcp(1, 2, SYN));
+    let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
     b.ipv6_extensions = vec![(HOPOPTS, extension_body(6))];
     let mut frame = b.build();
     // 16 bytes of hop-by-hop options leave 12 of the 28 for TCP.
@@ -750,44 +713,55 @@ fn ipv6_extension_header_leaving_too_little_for_tcp_leaves_it_unreadable() {
 /// and payload.
 fn sample_frames() -> Vec<(&'static str, Vec<u8>)> {
     let mut frames = vec![
-        ("tcp4", builder(Family::V4, tcp(40_000, 80, SYN)).build()),
-        ("tcp6", builder(Family::V6, tcp(40_000, 80, SYN)).build()),
+        (
+            "tcp4",
+            FrameBuilder::of(Family::V4, tcp(40_000, 80, SYN)).build(),
+        ),
+        (
+            "tcp6",
+            FrameBuilder::of(Family::V6, tcp(40_000, 80, SYN)).build(),
+        ),
         (
             "tcp4+payload",
-            builder(Family::V4, tcp(40_000, 80, PSH | ACK))
+            FrameBuilder::of(Family::V4, tcp(40_000, 80, PSH | ACK))
                 .payload(&[7; 16])
                 .build(),
         ),
         (
             "tcp6+payload",
-            builder(Family::V6, tcp(40_000, 80, PSH | ACK))
+            FrameBuilder::of(Family::V6, tcp(40_000, 80, PSH | ACK))
                 .payload(&[7; 16])
                 .build(),
         ),
-        ("udp4", builder(Family::V4, udp(53, 53)).build()),
+        ("udp4", FrameBuilder::of(Family::V4, udp(53, 53)).build()),
         (
             "udp6",
-            builder(Family::V6, udp(53, 53)).payload(&[1; 3]).build(),
+            FrameBuilder::of(Family::V6, udp(53, 53))
+                .payload(&[1; 3])
+                .build(),
         ),
-        ("icmp4", builder(Family::V4, icmp(8, 0, 9)).build()),
-        ("icmp6", builder(Family::V6, icmp(128, 0, 9)).build()),
+        ("icmp4", FrameBuilder::of(Family::V4, icmp(8, 0, 9)).build()),
+        (
+            "icmp6",
+            FrameBuilder::of(Family::V6, icmp(128, 0, 9)).build(),
+        ),
         (
             "gre4",
-            builder(Family::V4, Transport::Raw { protocol: GRE })
+            FrameBuilder::of(Family::V4, Transport::Raw { protocol: GRE })
                 .payload(&[1; 4])
                 .build(),
         ),
         (
             "gre6",
-            builder(Family::V6, Transport::Raw { protocol: GRE })
+            FrameBuilder::of(Family::V6, Transport::Raw { protocol: GRE })
                 .payload(&[1; 4])
                 .build(),
         ),
     ];
-    let mut b = builder(Family::V4, tcp(40_000, 80, SYN));
+    let mut b = FrameBuilder::of(Family::V4, tcp(40_000, 80, SYN));
     b.ipv4_options = vec![1; 12];
     frames.push(("tcp4+options", b.build()));
-    let mut b = builder(Family::V6, tcp(40_000, 80, SYN));
+    let mut b = FrameBuilder::of(Family::V6, tcp(40_000, 80, SYN));
     b.ipv6_extensions = vec![(HOPOPTS, extension_body(6)), (ROUTING, extension_body(14))];
     frames.push(("tcp6+extensions", b.build()));
     frames
@@ -848,7 +822,9 @@ fn a_reader_shorter_than_the_frame_length_never_panics() {
 #[test]
 fn ip_length_beyond_the_frame_is_malformed() {
     for family in [Family::V4, Family::V6] {
-        let frame = builder(family, tcp(1, 2, SYN)).payload(&[0; 10]).build();
+        let frame = FrameBuilder::of(family, tcp(1, 2, SYN))
+            .payload(&[0; 10])
+            .build();
         let (at, ip_len) = match family {
             Family::V4 => (IPV4_TOTAL_LEN, frame.len() - ETH_HLEN),
             Family::V6 => (IPV6_PAYLOAD_LEN, frame.len() - ETH_HLEN - 40),
@@ -881,417 +857,9 @@ fn ip_length_beyond_the_frame_is_malformed() {
 // Odd and bad frames
 // ---------------------------------------------------------------------------
 
-/// A change to a good frame, and what parsing the result must give.
-struct Case {
-    name: &'static str,
-    frame: Vec<u8>,
-    expected: Result<(), ParseError>,
-}
-
-fn modified(family: Family, transport: Transport, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut frame = builder(family, transport).build();
-    change(&mut frame);
-    if family == Family::V4 && frame.len() >= ETH_HLEN + 20 && frame[12..14] == [0x08, 0x00] {
-        fix_ipv4_checksum(&mut frame);
-    }
-    frame
-}
-
-fn odd_frames() -> Vec<Case> {
-    let tcp4 = builder(Family::V4, tcp(1, 2, SYN)).build();
-    let tcp6 = builder(Family::V6, tcp(1, 2, SYN)).build();
-    let mut arp = tcp4[..12].to_vec();
-    arp.extend_from_slice(&0x0806u16.to_be_bytes());
-    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
-    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 10, 0, 1, 10]);
-    arp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 1, 20]);
-    let mut v4_version_in_v6 = tcp4.clone();
-    v4_version_in_v6[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
-    v4_version_in_v6.resize(tcp6.len(), 0);
-
-    vec![
-        Case {
-            name: "zero length",
-            frame: vec![],
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "one byte",
-            frame: vec![0x45],
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "Ethernet header only, IPv4",
-            frame: tcp4[..ETH_HLEN].to_vec(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "Ethernet header only, IPv6",
-            frame: tcp6[..ETH_HLEN].to_vec(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "Ethernet header only, unknown type",
-            frame: with_ethertype(&tcp4[..ETH_HLEN], &[], 0x88b5),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "ARP",
-            frame: arp,
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "VLAN-tagged IPv4",
-            frame: with_ethertype(&tcp4, &[0x81, 0x00, 0x00, 0x64], 0x0800),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "VLAN-tagged IPv6",
-            frame: with_ethertype(&tcp6, &[0x81, 0x00, 0x00, 0x64], 0x86DD),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "VLAN ethertype alone",
-            frame: with_ethertype(&tcp4, &[], 0x8100),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "QinQ-tagged IPv4",
-            frame: with_ethertype(
-                &tcp4,
-                &[0x88, 0xa8, 0x00, 0x64, 0x81, 0x00, 0x00, 0x65],
-                0x0800,
-            ),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "IPv6 ethertype byte-swapped",
-            frame: with_ethertype(&tcp6, &[], 0xDD86),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "LLDP",
-            frame: with_ethertype(&tcp4, &[], 0x88cc),
-            expected: Err(ParseError::NotIp),
-        },
-        Case {
-            name: "IHL 0",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x40),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IHL 1",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x41),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IHL 4",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x44),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IHL 4, other protocol",
-            frame: modified(Family::V4, Transport::Raw { protocol: GRE }, |f| {
-                f[IPV4_VERSION_IHL] = 0x44
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IHL 6 without options: TCP header too short",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x46),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IHL 15 past the total length",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x4f),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 6 in an IPv4 ethertype",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x65),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "whole IPv6 packet under an IPv4 ethertype",
-            frame: with_ethertype(&tcp6, &[], 0x0800),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 4 in an IPv6 ethertype",
-            frame: v4_version_in_v6,
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 0, IPv4",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0x05),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 15, IPv4",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| f[IPV4_VERSION_IHL] = 0xf5),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 0, IPv6",
-            frame: modified(Family::V6, tcp(1, 2, SYN), |f| f[ETH_HLEN] = 0x00),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "version 7, IPv6",
-            frame: modified(Family::V6, tcp(1, 2, SYN), |f| f[ETH_HLEN] = 0x70),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IPv6 traffic class and flow label are ignored",
-            frame: modified(Family::V6, tcp(1, 2, SYN), |f| {
-                f[ETH_HLEN..ETH_HLEN + 4].copy_from_slice(&[0x6f, 0xff, 0xff, 0xff])
-            }),
-            expected: Ok(()),
-        },
-        Case {
-            name: "total length 0",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 0)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "total length 19",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 19)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "total length 19, other protocol",
-            frame: modified(Family::V4, Transport::Raw { protocol: GRE }, |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 19)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "total length below IHL 6",
-            frame: {
-                let mut b = builder(Family::V4, Transport::Raw { protocol: GRE }).payload(&[0; 8]);
-                b.ipv4_options = vec![1; 4];
-                let mut f = b.build();
-                set_be16(&mut f, IPV4_TOTAL_LEN, 20);
-                fix_ipv4_checksum(&mut f);
-                f
-            },
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "total length equal to the header, other protocol",
-            frame: modified(Family::V4, Transport::Raw { protocol: GRE }, |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 20)
-            }),
-            expected: Ok(()),
-        },
-        Case {
-            name: "total length equal to the header, TCP",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 20)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IPv4 total length one past the frame",
-            frame: modified(Family::V4, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV4_TOTAL_LEN, 41)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IPv6 payload length one past the frame",
-            frame: modified(Family::V6, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV6_PAYLOAD_LEN, 21)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IPv6 payload length 0 (jumbogram), TCP",
-            frame: modified(Family::V6, tcp(1, 2, SYN), |f| {
-                set_be16(f, IPV6_PAYLOAD_LEN, 0)
-            }),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "IPv6 payload length 0, no next header",
-            frame: modified(
-                Family::V6,
-                Transport::Raw {
-                    protocol: NO_NEXT_HEADER,
-                },
-                |_| {},
-            ),
-            expected: Ok(()),
-        },
-        Case {
-            name: "TCP/IPv4 header of 19 bytes",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 19])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "TCP/IPv4 header of 14 bytes (ports and flags)",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 14])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "TCP/IPv4 header of 0 bytes",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "TCP/IPv4 header of 20 bytes",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 20])
-            .build(),
-            expected: Ok(()),
-        },
-        Case {
-            name: "TCP/IPv6 header of 19 bytes",
-            frame: builder(
-                Family::V6,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 19])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "TCP/IPv6 header of 14 bytes (ports and flags)",
-            frame: builder(
-                Family::V6,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 14])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "TCP/IPv6 header of 20 bytes",
-            frame: builder(
-                Family::V6,
-                Transport::Raw {
-                    protocol: IPPROTO_TCP,
-                },
-            )
-            .payload(&[0x11; 20])
-            .build(),
-            expected: Ok(()),
-        },
-        Case {
-            name: "TCP/IPv6 header of 19 bytes with the frame padded",
-            frame: {
-                let mut f = builder(
-                    Family::V6,
-                    Transport::Raw {
-                        protocol: IPPROTO_TCP,
-                    },
-                )
-                .payload(&[0x11; 19])
-                .build();
-                f.resize(f.len() + 20, 0);
-                f
-            },
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "UDP/IPv4 header of 7 bytes",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_UDP,
-                },
-            )
-            .payload(&[0x11; 7])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "UDP/IPv6 header of 4 bytes (ports)",
-            frame: builder(
-                Family::V6,
-                Transport::Raw {
-                    protocol: IPPROTO_UDP,
-                },
-            )
-            .payload(&[0x11; 4])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "UDP/IPv4 header of 8 bytes",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_UDP,
-                },
-            )
-            .payload(&[0x11; 8])
-            .build(),
-            expected: Ok(()),
-        },
-        Case {
-            name: "ICMP header of 6 bytes (identifier)",
-            frame: builder(
-                Family::V4,
-                Transport::Raw {
-                    protocol: IPPROTO_ICMP,
-                },
-            )
-            .payload(&[8, 0, 0, 0, 0, 1])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-        Case {
-            name: "ICMPv6 header of 7 bytes",
-            frame: builder(
-                Family::V6,
-                Transport::Raw {
-                    protocol: IPPROTO_ICMPV6,
-                },
-            )
-            .payload(&[128, 0, 0, 0, 0, 1, 0])
-            .build(),
-            expected: Err(ParseError::Malformed),
-        },
-    ]
-}
-
 #[test]
 fn odd_frames_are_classified() {
-    for Case {
+    for OddFrame {
         name,
         frame,
         expected,
@@ -1309,7 +877,7 @@ fn odd_frames_are_classified() {
 
 #[test]
 fn odd_frames_never_panic_when_truncated() {
-    for Case { name, frame, .. } in odd_frames() {
+    for OddFrame { name, frame, .. } in odd_frames() {
         for len in 0..=frame.len() {
             let result = parse(&frame[..len], len);
             if len < frame.len() {
