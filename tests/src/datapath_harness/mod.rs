@@ -213,6 +213,25 @@ impl DatapathLab {
         self.run_repeated(kind, frame, ctx, 1)
     }
 
+    /// Runs program `kind` once on `frame`, and returns its output and the counter slots
+    /// the run moved, in slot order.
+    pub fn run_counted(
+        &self,
+        kind: ProgramKind,
+        frame: &[u8],
+        ctx: SkbCtx,
+    ) -> Result<(RunOutput, Vec<(Hook, Counter)>)> {
+        let before = self.counters()?;
+        let out = self.run(kind, frame, ctx)?;
+        let moved = self
+            .counters()?
+            .since(&before)
+            .into_iter()
+            .map(|(hook, counter, _)| (hook, counter))
+            .collect();
+        Ok((out, moved))
+    }
+
     /// Runs program `kind` `repeat` times on one skb made of `frame` (see [`test_run`]).
     pub fn run_repeated(
         &self,

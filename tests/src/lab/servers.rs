@@ -49,12 +49,59 @@ pub struct Received {
     pub data: Vec<u8>,
 }
 
-type ServerThread = JoinHandle<Result<Vec<Received>>>;
+/// What both servers share: the thread that serves a fixed number of requests, with a
+/// flag that stops it when the server is dropped unjoined.
+#[derive(Debug)]
+struct Serving {
+    addr: SocketAddr,
+    kind: &'static str,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<Vec<Received>>>>,
+}
 
-fn join_server(handle: Option<ServerThread>, kind: &str) -> Result<Vec<Received>> {
-    match handle.expect("joined once").join() {
-        Ok(result) => result.with_context(|| format!("{kind} server")),
-        Err(panic) => std::panic::resume_unwind(panic),
+impl Serving {
+    /// Runs `serve_one` on a thread named `<kind>-server-<addr>` until it has returned
+    /// `count` requests, the server is dropped, or `serve_one` fails.
+    /// `serve_one` returns `None` when nothing came in yet.
+    fn spawn(
+        kind: &'static str,
+        addr: SocketAddr,
+        count: usize,
+        mut serve_one: impl FnMut(usize) -> Result<Option<Received>> + Send + 'static,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("{}-server-{addr}", kind.to_ascii_lowercase()))
+            .spawn(move || -> Result<Vec<Received>> {
+                let mut received = Vec::with_capacity(count);
+                while received.len() < count {
+                    ensure!(!stopped.load(Ordering::Relaxed), "stopped");
+                    if let Some(one) = serve_one(received.len())? {
+                        received.push(one);
+                    }
+                }
+                Ok(received)
+            })?;
+        Ok(Self {
+            addr,
+            kind,
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    fn join(mut self) -> Result<Vec<Received>> {
+        match self.handle.take().expect("joined once").join() {
+            Ok(result) => result.with_context(|| format!("{} server", self.kind)),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -64,11 +111,7 @@ fn join_server(handle: Option<ServerThread>, kind: &str) -> Result<Vec<Received>
 ///
 /// Dropping it without [`TcpServer::join`] stops the thread soon after.
 #[derive(Debug)]
-pub struct TcpServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    handle: Option<ServerThread>,
-}
+pub struct TcpServer(Serving);
 
 impl TcpServer {
     /// Listens on `bind` in `ns` (port 0 picks a free port) and serves `connections`
@@ -83,64 +126,45 @@ impl TcpServer {
         let listener = ns.tcp_listen(bind)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
         let deadline = Instant::now() + timeout;
-        let handle = std::thread::Builder::new()
-            .name(format!("tcp-server-{addr}"))
-            .spawn(move || -> Result<Vec<Received>> {
-                let mut received = Vec::with_capacity(connections);
-                while received.len() < connections {
-                    ensure!(!stop2.load(Ordering::Relaxed), "stopped");
-                    match listener.accept() {
-                        Ok((mut stream, peer)) => {
-                            stream.set_nonblocking(false)?;
-                            let mut data = Vec::new();
-                            read_to_end_until(&mut stream, &mut data, deadline)
-                                .with_context(|| format!("reading from {peer}"))?;
-                            if let Some(answer) = reply.for_request(&data) {
-                                stream.set_write_timeout(Some(remaining(deadline)?))?;
-                                stream
-                                    .write_all(&answer)
-                                    .with_context(|| format!("replying to {peer}"))?;
-                            }
-                            let _ = stream.shutdown(Shutdown::Both);
-                            received.push(Received { peer, data });
-                        }
-                        Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {
-                            ensure!(
-                                Instant::now() < deadline,
-                                "timed out on {addr} after {} of {connections} connections",
-                                received.len()
-                            );
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(e) => return Err(e).context("accept"),
+        let serving = Serving::spawn("TCP", addr, connections, move |served| {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    stream.set_nonblocking(false)?;
+                    let mut data = Vec::new();
+                    read_to_end_until(&mut stream, &mut data, deadline)
+                        .with_context(|| format!("reading from {peer}"))?;
+                    if let Some(answer) = reply.for_request(&data) {
+                        stream.set_write_timeout(Some(remaining(deadline)?))?;
+                        stream
+                            .write_all(&answer)
+                            .with_context(|| format!("replying to {peer}"))?;
                     }
+                    let _ = stream.shutdown(Shutdown::Both);
+                    Ok(Some(Received { peer, data }))
                 }
-                Ok(received)
-            })?;
-        Ok(Self {
-            addr,
-            stop,
-            handle: Some(handle),
-        })
+                Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "timed out on {addr} after {served} of {connections} connections"
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                    Ok(None)
+                }
+                Err(e) => Err(e).context("accept"),
+            }
+        })?;
+        Ok(Self(serving))
     }
 
     /// The address the server listens on (with the real port).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr
     }
 
     /// Waits for the server to finish and returns what it received, in order.
-    pub fn join(mut self) -> Result<Vec<Received>> {
-        join_server(self.handle.take(), "TCP")
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    pub fn join(self) -> Result<Vec<Received>> {
+        self.0.join()
     }
 }
 
@@ -149,11 +173,7 @@ impl Drop for TcpServer {
 ///
 /// Dropping it without [`UdpServer::join`] stops the thread soon after.
 #[derive(Debug)]
-pub struct UdpServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    handle: Option<ServerThread>,
-}
+pub struct UdpServer(Serving);
 
 impl UdpServer {
     /// Binds `bind` in `ns` (port 0 picks a free port) and handles `datagrams` datagrams;
@@ -167,58 +187,36 @@ impl UdpServer {
     ) -> Result<Self> {
         let socket = ns.udp_bind(bind)?;
         let addr = socket.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
         let deadline = Instant::now() + timeout;
-        let handle = std::thread::Builder::new()
-            .name(format!("udp-server-{addr}"))
-            .spawn(move || -> Result<Vec<Received>> {
-                let mut received = Vec::with_capacity(datagrams);
-                while received.len() < datagrams {
-                    ensure!(!stop2.load(Ordering::Relaxed), "stopped");
-                    ensure!(
-                        Instant::now() < deadline,
-                        "timed out on {addr} after {} of {datagrams} datagrams",
-                        received.len()
-                    );
-                    // Short slices so a drop is noticed quickly.
-                    let slice = remaining(deadline)
-                        .unwrap_or(Duration::from_millis(1))
-                        .min(Duration::from_millis(50));
-                    match udp_recv(&socket, slice) {
-                        Ok((data, peer)) => {
-                            if let Some(answer) = reply.for_request(&data) {
-                                socket
-                                    .send_to(&answer, peer)
-                                    .with_context(|| format!("replying to {peer}"))?;
-                            }
-                            received.push(Received { peer, data });
-                        }
-                        Err(_) => continue,
-                    }
-                }
-                Ok(received)
-            })?;
-        Ok(Self {
-            addr,
-            stop,
-            handle: Some(handle),
-        })
+        let serving = Serving::spawn("UDP", addr, datagrams, move |served| {
+            ensure!(
+                Instant::now() < deadline,
+                "timed out on {addr} after {served} of {datagrams} datagrams"
+            );
+            // Short slices so a drop is noticed quickly.
+            let slice = remaining(deadline)
+                .unwrap_or(Duration::from_millis(1))
+                .min(Duration::from_millis(50));
+            let Ok((data, peer)) = udp_recv(&socket, slice) else {
+                return Ok(None);
+            };
+            if let Some(answer) = reply.for_request(&data) {
+                socket
+                    .send_to(&answer, peer)
+                    .with_context(|| format!("replying to {peer}"))?;
+            }
+            Ok(Some(Received { peer, data }))
+        })?;
+        Ok(Self(serving))
     }
 
     /// The address the server is bound to (with the real port).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr
     }
 
     /// Waits for the server to finish and returns what it received, in order.
-    pub fn join(mut self) -> Result<Vec<Received>> {
-        join_server(self.handle.take(), "UDP")
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    pub fn join(self) -> Result<Vec<Received>> {
+        self.0.join()
     }
 }
