@@ -290,7 +290,7 @@ fn run() -> Result<()> {
                 Ok(measured) => measured,
                 Err(error) => {
                     if mode == Mode::Visibility {
-                        print_log_tail(&node);
+                        node.print_daemon_log_tail(40);
                     }
                     return Err(error.context(format!("round {round}, mode {}", mode.name())));
                 }
@@ -533,18 +533,6 @@ fn profile_modes(node: &mut Node, dir: &Path, options: &Options) -> Result<Value
         "method": "perf record -g of the client CPU during one UDP run per mode; a category's time is its inclusive share of the samples times the CPU's time per packet received",
         "modes": modes,
     }))
-}
-
-/// The last lines of the daemon's log, for a failed run.
-fn print_log_tail(node: &Node) {
-    if let Ok(log) = node.daemon_log() {
-        let lines: Vec<&str> = log.lines().collect();
-        eprintln!("--- the daemon's last log lines ---");
-        for line in &lines[lines.len().saturating_sub(40)..] {
-            eprintln!("{line}");
-        }
-        eprintln!("--- end of the daemon's log ---");
-    }
 }
 
 fn moved_counters(status: &Value) -> Value {

@@ -178,6 +178,19 @@ impl Node {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
     }
 
+    /// Prints the last `count` lines of the captured daemon log to standard error, if it
+    /// is captured: why a benchmark's daemon did not do what it should.
+    pub fn print_daemon_log_tail(&self, count: usize) {
+        if let Ok(log) = self.daemon_log() {
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- the daemon's last log lines ---");
+            for line in &lines[lines.len().saturating_sub(count)..] {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of the daemon's log ---");
+        }
+    }
+
     /// The `visibility daemon args...` command, with standard error captured if asked.
     fn daemon_command(&self, args: &[String]) -> Result<Command> {
         let mut all = vec!["daemon".to_owned()];
