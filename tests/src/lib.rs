@@ -20,3 +20,12 @@ pub mod netd;
 pub mod node;
 pub mod records;
 pub mod unique;
+
+/// Fails the test unless it runs as root, which the kernel tests need (network
+/// namespaces, veths, nftables, bpffs, BPF).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the kernel tests need root (network namespaces, veths, nftables, bpffs, BPF): run them as root"
+    );
+}

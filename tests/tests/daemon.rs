@@ -17,6 +17,7 @@ use std::{
 };
 
 use serde_json::Value;
+use visibility_tests::require_root;
 use visibility_tests::{
     lab::{
         DEFAULT_TIMEOUT, GATEWAY_IFNAME, GATEWAY_IPV4, GATEWAY_IPV6, Lab, NODE_UPLINK, POD_CIDR_V4,
@@ -33,13 +34,6 @@ const MESSAGE_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a message may wait for its echo before the connection counts as broken (a
 /// lost packet costs a retransmission, 200 ms at first; a broken path never recovers).
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the daemon tests need root (network namespaces, bpffs, BPF)"
-    );
-}
 
 /// A lab with `pods` Pods whose node runs the daemon with the default flags.
 fn started(tag: &str, pods: usize) -> Node {
