@@ -5,7 +5,8 @@ use serde_json::Value;
 use visibility_tests::require_root;
 use visibility_tests::{
     lab::{Lab, POD_CIDR_V4, POD_CIDR_V6},
-    node::{Node, TcpLoad, poll},
+    node::{Node, poll},
+    tcp_load::TcpLoad,
 };
 
 use crate::common::*;

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use visibility_tests::node::{TcpLoad, counter_in, poll};
+use visibility_tests::{
+    node::{counter_in, poll},
+    tcp_load::TcpLoad,
+};
 
 use crate::common::*;
 
