@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use visibility_tests::lab::{Lab, pin_to_cpu};
 
-use crate::{figures::*, options::*};
+use crate::{figures::*, options::*, udp::nothing_came};
 
 /// How the ping-pong's two ends wait for a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +56,7 @@ pub(crate) fn round_trips(
                         Ok((n, peer)) => {
                             server.send_to(&buf[..n], peer).context("RR server: send")?;
                         }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock
-                                    | std::io::ErrorKind::TimedOut
-                                    | std::io::ErrorKind::Interrupted
-                            ) => {}
+                        Err(e) if nothing_came(&e) => {}
                         Err(e) => return Err(e).context("RR server: receive"),
                     }
                 }

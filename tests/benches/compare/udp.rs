@@ -54,13 +54,7 @@ pub(crate) fn udp_pps(
                             count += 1;
                             received.store(count, Ordering::Relaxed);
                         }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock
-                                    | std::io::ErrorKind::TimedOut
-                                    | std::io::ErrorKind::Interrupted
-                            ) => {}
+                        Err(e) if nothing_came(&e) => {}
                         Err(e) => return Err(e).context("UDP receiver"),
                     }
                 }
@@ -233,4 +227,15 @@ pub(crate) fn perf_report(path: &Path, children: &str) -> Result<String> {
         path.display()
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether a receive on a socket with a timeout (or a non-blocking one) failed only
+/// because nothing came in time: the caller tries again.
+pub(crate) fn nothing_came(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
