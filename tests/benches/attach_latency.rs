@@ -115,21 +115,9 @@ fn run() -> Result<()> {
     node.capture_daemon_log();
     let result = measure(&mut node, &options, started);
     if result.is_err() {
-        print_log_tail(&node);
+        node.print_daemon_log_tail(40);
     }
     result
-}
-
-/// The last lines of the daemon's log, for a failed run.
-fn print_log_tail(node: &Node) {
-    if let Ok(log) = node.daemon_log() {
-        let lines: Vec<&str> = log.lines().collect();
-        eprintln!("--- the daemon's last log lines ---");
-        for line in &lines[lines.len().saturating_sub(40)..] {
-            eprintln!("{line}");
-        }
-        eprintln!("--- end of the daemon's log ---");
-    }
 }
 
 fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {

@@ -10,6 +10,9 @@
 //!   its picture.
 //! * [`records`]: the daemon's JSON flow records as tests read them, and an HTTP exchange
 //!   to record.
+//! * [`tcp_load`]: a long-running TCP conversation between two Pods.
+//! * [`netd`]: GKE's netd policy routing on a lab node, for comparison.
+//! * [`unique`]: names no other test process uses, for namespaces, pins and files.
 //!
 //! Most tests in `tests/` need root (network namespaces, nftables, BPF).
 
@@ -19,3 +22,14 @@ pub mod lab;
 pub mod netd;
 pub mod node;
 pub mod records;
+pub mod tcp_load;
+pub mod unique;
+
+/// Fails the test unless it runs as root, which the kernel tests need (network
+/// namespaces, veths, nftables, bpffs, BPF).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the kernel tests need root (network namespaces, veths, nftables, bpffs, BPF): run them as root"
+    );
+}

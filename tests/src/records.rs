@@ -5,7 +5,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr},
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -42,11 +41,9 @@ pub struct RecordFile {
 
 impl RecordFile {
     pub fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let path = PathBuf::from(format!(
-            "/tmp/vis-records-{tag}-{}-{}.jsonl",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+            "/tmp/vis-records-{}.jsonl",
+            crate::unique::name(tag)
         ));
         let file = Self { path };
         file.remove();

@@ -15,17 +15,11 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use visibility_tests::require_root;
 use visibility_tests::{
     lab::POD_CIDR_V4,
     node::{Node, binary, output_within, run_cli},
 };
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the CLI tests need root (network namespaces, bpffs, BPF)"
-    );
-}
 
 /// A lab with two Pods whose daemon runs with an exemption, so that lists are not empty.
 fn started(tag: &str) -> Node {

@@ -31,6 +31,7 @@ use visibility_tests::lab::{
     UdpServer, udp_recv,
 };
 use visibility_tests::node::Node;
+use visibility_tests::require_root;
 
 /// Timeout of exchanges that must work. Generous enough for a loaded CI machine; a
 /// working exchange takes milliseconds.
@@ -67,13 +68,6 @@ per_family! {
 // ---------------------------------------------------------------------------------------
 // Fixture
 // ---------------------------------------------------------------------------------------
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the datapath netns tests need root (network namespaces, nftables, bpffs, BPF)"
-    );
-}
 
 fn family_tag(family: IpFamily) -> &'static str {
     match family {

@@ -155,17 +155,12 @@ fn fragments_take_their_first_fragments_path(h: &DatapathLab) {
         let mut sent = Vec::new();
         for part in [Part::First, Part::Middle, Part::Last] {
             let frame = fragment(family, SRC, DST, part, id);
-            let before = h.counters().unwrap();
-            let out = h
-                .run(ProgramKind::PodEgress, &frame, forwarded(h, SRC))
+            let (out, moved) = h
+                .run_counted(ProgramKind::PodEgress, &frame, forwarded(h, SRC))
                 .unwrap();
             assert_eq!(out.return_value, TC_ACT_REDIRECT, "{family:?} {part:?}");
-            let moved = h.counters().unwrap().since(&before);
             assert_eq!(
-                moved
-                    .iter()
-                    .map(|(hook, c, _)| (*hook, *c))
-                    .collect::<Vec<_>>(),
+                moved,
                 [(Hook::PodEgress, Counter::RedirectedToGateway)],
                 "{family:?} {part:?}"
             );
@@ -230,18 +225,13 @@ fn a_later_fragment_without_its_first_goes_to_the_gateway(h: &DatapathLab) {
 fn a_spoofed_source_is_not_sent_to_the_gateway(h: &DatapathLab) {
     for family in FAMILIES {
         let frame = builder(family, OTHER, DST, udp()).build();
-        let before = h.counters().unwrap();
-        let out = h
-            .run(ProgramKind::PodEgress, &frame, forwarded(h, SRC))
+        let (out, moved) = h
+            .run_counted(ProgramKind::PodEgress, &frame, forwarded(h, SRC))
             .unwrap();
         assert_eq!(out.return_value, TC_ACT_UNSPEC, "{family:?}");
         assert_eq!(out.data, frame, "{family:?}: passed unchanged");
-        let moved = h.counters().unwrap().since(&before);
         assert_eq!(
-            moved
-                .iter()
-                .map(|(hook, c, _)| (*hook, *c))
-                .collect::<Vec<_>>(),
+            moved,
             [(Hook::PodEgress, Counter::PassSpoofedSource)],
             "{family:?}"
         );
@@ -271,18 +261,13 @@ fn the_uplink_hands_on_only_what_was_sent(h: &DatapathLab) {
         b.src_mac = h.gateway_mac();
         b.dst_mac = h.uplink_mac();
         let frame = b.build();
-        let before = h.counters().unwrap();
-        let out = h
-            .run(ProgramKind::UplinkIngress, &frame, h.uplink_ctx())
+        let (out, moved) = h
+            .run_counted(ProgramKind::UplinkIngress, &frame, h.uplink_ctx())
             .unwrap();
         assert_eq!(out.return_value, TC_ACT_UNSPEC, "{family:?}");
         assert_eq!(out.data, frame, "{family:?}");
-        let moved = h.counters().unwrap().since(&before);
         assert_eq!(
-            moved
-                .iter()
-                .map(|(hook, c, _)| (*hook, *c))
-                .collect::<Vec<_>>(),
+            moved,
             [(Hook::Uplink, Counter::PassUnsentPodToPod)],
             "{family:?}"
         );

@@ -14,15 +14,9 @@ use visibility_tests::lab::{
     DEFAULT_TIMEOUT, GATEWAY_IPV4, GATEWAY_IPV6, IpFamily, Lab, LabConfig, NODE_IPV4, NODE_IPV6,
     NODE_UPLINK, Netns, Reply, TcpServer, UdpServer, list_netns,
 };
+use visibility_tests::require_root;
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the lab tests need root (network namespaces, veths, nftables)"
-    );
-}
 
 fn lab(tag: &str, config: LabConfig) -> Lab {
     require_root();

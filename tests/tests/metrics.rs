@@ -16,17 +16,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use visibility_tests::node::{Node, poll};
+use visibility_tests::require_root;
 
 /// Each lab node has its own network namespace, so a fixed port cannot clash with another
 /// test's daemon (nor with anything on the machine).
 const METRICS_ADDR: &str = "127.0.0.1:19476";
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the metrics tests need root (network namespaces, bpffs, BPF)"
-    );
-}
 
 /// A lab node whose daemon serves metrics on [`METRICS_ADDR`].
 fn node_with_metrics(tag: &str) -> Node {

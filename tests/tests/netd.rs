@@ -8,17 +8,11 @@
 
 use std::net::SocketAddr;
 
+use visibility_tests::require_root;
 use visibility_tests::{
     lab::{DEFAULT_TIMEOUT, Lab, LabConfig, NODE_UPLINK, Reply, TcpServer, UdpServer},
     netd::{Netd, NetdConfig},
 };
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the netd test needs root (network namespaces, veths, nftables)"
-    );
-}
 
 /// Pings, a UDP echo and a TCP request from Pod 0 to Pod 1 (IPv4); returns whether the
 /// gateway's flow log has Pod 0 ↔ Pod 1 flows, and how many packets it forwarded.

@@ -24,6 +24,7 @@ use std::{
 };
 
 use visibility_common::{counters::Counter, hook::Hook, program_names};
+use visibility_tests::require_root;
 use visibility_tests::{
     datapath_harness::SoloProgram,
     lab::{IpFamily, Lab, LabConfig, NODE_UPLINK, Netns, Reply, TcpServer, UdpServer, udp_recv},
@@ -40,13 +41,6 @@ const PORT: u16 = 8080;
 const FRAGMENTED: usize = 3000;
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the policy tests need root (network namespaces, nftables, iptables, bpffs, BPF)"
-    );
-}
 
 fn tag(name: &str, family: IpFamily) -> String {
     format!(

@@ -17,6 +17,7 @@ use std::{
 use anyhow::bail;
 use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use visibility_tests::require_root;
 use visibility_tests::{
     lab::{Background, DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, UdpServer},
     node::{Node, poll},
@@ -29,13 +30,6 @@ use visibility_tests::{
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 /// How long a record may take to appear: one 5 s interval, a read, and slack.
 const RECORD_WAIT: Duration = Duration::from_secs(12);
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the record tests need root (network namespaces, bpffs, BPF)"
-    );
-}
 
 /// A lab node whose daemon writes records to `file` every 5 s, named `node_name`.
 fn node_with_records(tag: &str, pods: usize, file: &RecordFile, node_name: &str) -> Node {

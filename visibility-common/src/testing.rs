@@ -1,8 +1,29 @@
-//! Builds Ethernet frames for tests, with checksums that verify, and checks them.
+//! Builds Ethernet frames for tests, with checksums that verify, changes them by hand
+//! (and fixes the IPv4 checksum after), and checks them. [`odd_frames`] is a table of
+//! frames made odd on purpose.
+
+pub mod odd_frames;
 
 use alloc::vec::Vec;
 
-use crate::packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::packet::{
+    ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_CHECKSUM_OFFSET,
+};
+
+/// The addresses a frame goes between when the test does not care which.
+pub const SRC4: [u8; 4] = [10, 0, 1, 10];
+pub const DST4: [u8; 4] = [10, 0, 1, 20];
+pub const SRC6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+pub const DST6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x14];
+
+/// Byte offsets of IPv4 header fields in a frame.
+pub const IPV4_VERSION_IHL: usize = ETH_HLEN;
+pub const IPV4_TOTAL_LEN: usize = ETH_HLEN + 2;
+pub const IPV4_FLAGS_FRAGMENT: usize = ETH_HLEN + 6;
+/// Byte offsets of IPv6 header fields in a frame.
+pub const IPV6_PAYLOAD_LEN: usize = ETH_HLEN + 4;
+pub const IPV6_NEXT_HEADER: usize = ETH_HLEN + 6;
+pub const IPV6_FIRST_EXTENSION: usize = ETH_HLEN + 40;
 
 /// What follows the IP header.
 #[derive(Clone, Debug)]
@@ -69,6 +90,14 @@ impl FrameBuilder {
 
     pub fn ipv6(src: [u8; 16], dst: [u8; 16], transport: Transport) -> Self {
         Self::new(src, dst, true, transport)
+    }
+
+    /// A frame in `family` from [`SRC4`] to [`DST4`], or from [`SRC6`] to [`DST6`].
+    pub fn of(family: Family, transport: Transport) -> Self {
+        match family {
+            Family::V4 => Self::ipv4(SRC4, DST4, transport),
+            Family::V6 => Self::ipv6(SRC6, DST6, transport),
+        }
     }
 
     fn new(src: [u8; 16], dst: [u8; 16], v6: bool, transport: Transport) -> Self {
@@ -261,4 +290,27 @@ fn l4_checksum(
 pub fn ipv4_header_checksum_ok(frame: &[u8]) -> bool {
     let header_len = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
     checksum(&[&frame[ETH_HLEN..ETH_HLEN + header_len]]) == 0
+}
+
+/// Recomputes the IPv4 header checksum after a test changed the header.
+pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let header_len = usize::from(frame[IPV4_VERSION_IHL] & 0x0f) * 4;
+    frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2].fill(0);
+    let end = (ETH_HLEN + header_len).min(frame.len());
+    let sum = checksum(&[&frame[ETH_HLEN..end]]);
+    frame[IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Writes `value` big-endian at byte `at`.
+pub fn set_be16(frame: &mut [u8], at: usize, value: u16) {
+    frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+/// Replaces the ethertype, and inserts `tag` (a VLAN tag, say) before it.
+pub fn with_ethertype(frame: &[u8], tag: &[u8], ethertype: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(tag);
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out.extend_from_slice(&frame[ETH_HLEN..]);
+    out
 }

@@ -4,16 +4,10 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{
-    run::{output, run},
-    setup,
-};
+use crate::{run::run, setup};
 
 pub fn demo() -> anyhow::Result<()> {
-    if output(Command::new("id").arg("-u"))
-        .map(|uid| uid.trim() != "0")
-        .unwrap_or(true)
-    {
+    if !setup::is_root() {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
     setup::setup(&setup::SetupArgs::default())?;
@@ -30,6 +24,6 @@ pub fn demo() -> anyhow::Result<()> {
         "demo",
     ]))?;
     run(&mut Command::new(
-        crate::run::workspace_root().join("target/debug/demo"),
+        crate::paths::target_dir().join("debug/demo"),
     ))
 }

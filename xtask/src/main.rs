@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod paths;
 mod run;
 mod setup;
 mod test;
@@ -21,15 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Make this machine ready: nightly rust-src, bpf-linker, and the Debian tools the
-    /// tests use. Idempotent: a second run only checks.
+    /// Make this machine ready: nightly rust-src, bpf-linker, cargo-machete, and the
+    /// Debian tools the tests use. Idempotent: a second run only checks.
     Setup(setup::SetupArgs),
     /// The built-in demo (needs root): builds what it needs, creates a node with Pods
     /// and a gateway in network namespaces, and replays GKE's "verify intranode
     /// visibility" walkthrough, step by step. Removes everything at the end.
     Demo,
-    /// Run every check and test: setup, rustfmt, clippy (host crates and the eBPF
-    /// crate), unit tests, and the kernel tests (needs root).
+    /// Run every check and test: setup, rustfmt, unused dependencies (cargo machete),
+    /// clippy (host crates and the eBPF crate), unit tests, and the kernel tests (needs
+    /// root).
     Test(test::TestArgs),
     /// Benchmarks (needs root): off, netd and visibility side by side in one lab, attach
     /// latency and the microbenchmarks; writes target/bench/results.{json,svg}.

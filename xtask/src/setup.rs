@@ -38,7 +38,7 @@ const NIGHTLY: &str = "nightly";
 
 #[derive(clap::Args, Default)]
 pub struct SetupArgs {
-    /// Only the Rust side (rust-src, bpf-linker): for image builds, which need no test tools.
+    /// Only the Rust side (rust-src, bpf-linker, cargo-machete): for image builds, which need no test tools.
     #[arg(long)]
     no_debian_packages: bool,
 }
@@ -47,6 +47,7 @@ pub fn setup(args: &SetupArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     rust_src()?;
     bpf_linker()?;
+    cargo_machete()?;
     if !args.no_debian_packages {
         debian_packages()?;
     }
@@ -141,6 +142,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-machete, which `cargo xtask test` runs to fail on unused dependencies.
+fn cargo_machete() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo-machete").arg("--version")) {
+        step("cargo-machete", "present");
+        return Ok(());
+    }
+    step("cargo-machete", "installing (about a minute)");
+    run(Command::new("cargo").args(["install", "cargo-machete", "--locked"]))
+}
+
 fn cache_dir() -> PathBuf {
     let base = env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -172,19 +183,26 @@ fn debian_packages() -> anyhow::Result<()> {
     for (package, why) in DEBIAN_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
         step("installing", &format!("{package}: {why}"));
     }
-    if !nix_is_root() {
+    if !is_root() {
         bail!(
             "installing Debian packages needs root: run `sudo apt-get install -y {}`",
             missing.join(" ")
         );
     }
+    install_debian_packages(&missing)
+}
+
+/// `apt-get install`s the packages (as root), without their recommendations.
+pub fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn nix_is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -24,6 +24,9 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         setup::setup(&setup::SetupArgs::default())?;
     }
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    // Every dependency of every crate is used (a false positive is listed, with its
+    // reason, under `[package.metadata.cargo-machete]` in the crate's Cargo.toml).
+    run(Command::new("cargo").arg("machete"))?;
     // Host crates (the default members: all but the eBPF crate). AYA_BUILD_SKIP keeps
     // clippy from building the eBPF object.
     run(Command::new("cargo")

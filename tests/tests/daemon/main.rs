@@ -1,0 +1,21 @@
+//! The real `visibility` binary on a lab node: the daemon in the node's namespace and
+//! every CLI command against its pin directory, with traffic between Pods and the
+//! gateway's flow log and counters as the judge.
+//!
+//! **These tests need root** (network namespaces, veths, nftables, bpffs and BPF), the
+//! binary built (`cargo build -p visibility-userspace`, or `VISIBILITY_BIN`), and
+//! iproute2, nftables, conntrack, iputils `ping` and `bpftool`. They run in parallel:
+//! every test has its own lab and its own pin directory, removed on drop.
+//!
+//! Run: `cargo build -p visibility-userspace && cargo test -p visibility-tests --test daemon`
+//!
+//! One file a topic: [`control`], [`pods`], [`teardown`], [`status`], [`flows`] and
+//! [`logs`]; [`common`] holds what they share.
+
+mod common;
+mod control;
+mod flows;
+mod logs;
+mod pods;
+mod status;
+mod teardown;

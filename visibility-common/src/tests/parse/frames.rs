@@ -1,0 +1,86 @@
+//! What the parser's tests share: protocol numbers, TCP flags, transports, the test
+//! addresses in every family, and parsing a frame as the datapath does.
+
+use alloc::vec::Vec;
+
+use crate::{
+    packet::{Family, Packet, ParseError, parse},
+    testing::{DST4, DST6, SRC4, SRC6, Transport},
+};
+
+pub(super) const HOPOPTS: u8 = 0;
+pub(super) const ROUTING: u8 = 43;
+pub(super) const FRAGMENT: u8 = 44;
+pub(super) const AH: u8 = 51;
+pub(super) const NO_NEXT_HEADER: u8 = 59;
+pub(super) const DSTOPTS: u8 = 60;
+pub(super) const GRE: u8 = 47;
+pub(super) const SCTP: u8 = 132;
+
+pub(super) const FIN: u8 = 0x01;
+pub(super) const SYN: u8 = 0x02;
+pub(super) const RST: u8 = 0x04;
+pub(super) const PSH: u8 = 0x08;
+pub(super) const ACK: u8 = 0x10;
+pub(super) const URG: u8 = 0x20;
+pub(super) const ECE: u8 = 0x40;
+pub(super) const CWR: u8 = 0x80;
+
+pub(super) fn v4(addr: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&addr);
+    out
+}
+
+pub(super) fn v6(words: [u16; 8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        out[2 * i..2 * i + 2].copy_from_slice(&w.to_be_bytes());
+    }
+    out
+}
+
+pub(super) fn tcp(src_port: u16, dst_port: u16, flags: u8) -> Transport {
+    Transport::Tcp {
+        src_port,
+        dst_port,
+        flags,
+    }
+}
+
+pub(super) fn udp(src_port: u16, dst_port: u16) -> Transport {
+    Transport::Udp { src_port, dst_port }
+}
+
+pub(super) fn icmp(kind: u8, code: u8, id: u16) -> Transport {
+    Transport::Icmp {
+        kind,
+        code,
+        id,
+        seq: 7,
+    }
+}
+
+pub(super) fn src_of(family: Family) -> [u8; 16] {
+    match family {
+        Family::V4 => v4(SRC4),
+        Family::V6 => SRC6,
+    }
+}
+
+pub(super) fn dst_of(family: Family) -> [u8; 16] {
+    match family {
+        Family::V4 => v4(DST4),
+        Family::V6 => DST6,
+    }
+}
+
+/// Parses a frame whose length is the slice's length, as the datapath sees it.
+pub(super) fn parse_frame(frame: &[u8]) -> Result<Packet, ParseError> {
+    parse(frame, frame.len())
+}
+
+/// An extension header body that, read as ports, would give the wrong answer.
+pub(super) fn extension_body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| 0xc0 | (i as u8 & 0x3f)).collect()
+}
