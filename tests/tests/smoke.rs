@@ -71,3 +71,69 @@ fn verifier_cost_is_reported() {
         assert!(count > 0);
     }
 }
+
+/// The daemon measures the kernel's tick, and the programs' times, read from jiffies
+/// without a helper call, are `CLOCK_MONOTONIC` as userspace reads it (to within the
+/// coarse clock's tick). Needs root.
+#[test]
+fn the_datapath_clock_is_measured_and_keeps_monotonic_time() {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    use visibility_common::{
+        flow::FlowKey,
+        packet::IPPROTO_UDP,
+        testing::{FrameBuilder, Transport},
+    };
+
+    let datapath = visibility_tests::datapath_harness::PinnedDatapath::load("clock").unwrap();
+    let maps = datapath.maps().unwrap();
+    let clock = maps.clock().unwrap();
+    let hz = 1_000_000_000 / clock.ns_per_tick;
+    assert!(
+        (100..=1000).contains(&hz),
+        "a tick of {} ns is no kernel's HZ",
+        clock.ns_per_tick
+    );
+
+    let monotonic = || {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        u64::try_from(now.tv_sec()).unwrap() * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap()
+    };
+    // A packet from a Pod to the internet: pod_ingress starts its flow at `now`.
+    let (src, dst, port) = ([10, 0, 1, 10], [8, 8, 8, 8], 53);
+    let frame = FrameBuilder::ipv4(
+        src,
+        dst,
+        Transport::Udp {
+            src_port: 40000,
+            dst_port: port,
+        },
+    )
+    .build();
+    let before = monotonic();
+    datapath
+        .program(ProgramKind::PodIngress)
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    let after = monotonic();
+    let mut key = FlowKey {
+        src_port: 40000,
+        dst_port: port,
+        family: 4,
+        protocol: IPPROTO_UDP,
+        ..FlowKey::default()
+    };
+    key.src_addr[..4].copy_from_slice(&src);
+    key.dst_addr[..4].copy_from_slice(&dst);
+    let flow = maps.flows().get(&key, 0).unwrap();
+    // The coarse clock lags by up to a tick; allow one more for the measurement.
+    let slack = 2 * clock.ns_per_tick;
+    assert!(
+        flow.first_seen_ns + slack >= before && flow.first_seen_ns <= after + slack,
+        "the flow started at {} ns, between {before} and {after} ns by CLOCK_MONOTONIC",
+        flow.first_seen_ns
+    );
+}

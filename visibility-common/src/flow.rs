@@ -161,6 +161,26 @@ pub struct FlowStats {
     /// with every lookup (see [`crate::verdict::Lookups::judged_own_pod_flow`]), as
     /// [`judged_at`]; 0 when it never did.
     pub judged_at: u32,
+    /// The way the uplink hands the flow's returning packets to their Pod, as the FIB
+    /// last answered: the destination Pod's MAC and the node's, in the order of the
+    /// Ethernet header, out of `egress_ifindex`. Reused for
+    /// [`crate::ROUTE_CACHE_TTL_NS`] (see [`FlowStats::pod_route_lately`]), so that a
+    /// returning packet needs no lookup besides its flow's.
+    pub pod_macs: [u8; 12],
+    /// When the FIB gave `pod_macs`, as [`judged_at`]; 0 before it did.
+    pub pod_route_at: u32,
+    /// 1 when `egress_ifindex` is a Pod veth, whose peer can be handed the packet.
+    pub pod_route_veth: u8,
+    pub _pad_route: [u8; 7],
+}
+
+/// A resolved way to a Pod: its interface, the MACs, and whether the interface is a
+/// Pod veth (see [`FlowStats::pod_macs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WayToPod {
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+    pub veth: bool,
 }
 
 /// A coarse clock reading in units of 2^20 ns (about a millisecond), as
@@ -187,6 +207,29 @@ impl FlowStats {
                 self.path(),
                 Some(Path::ViaGateway | Path::ViaGatewayServiceLeg)
             )
+    }
+
+    /// The way to the flow's Pod that the uplink learned within
+    /// [`crate::ROUTE_CACHE_TTL_NS`] before `now_ns`.
+    #[inline(always)]
+    pub fn pod_route_lately(&self, now_ns: u64) -> Option<WayToPod> {
+        let fresh = self.pod_route_at != 0
+            && judged_at(now_ns).wrapping_sub(self.pod_route_at)
+                < judged_at(crate::ROUTE_CACHE_TTL_NS);
+        fresh.then_some(WayToPod {
+            ifindex: self.egress_ifindex,
+            macs: self.pod_macs,
+            veth: self.pod_route_veth != 0,
+        })
+    }
+
+    /// Keeps the way to the flow's Pod that the FIB gave at `now_ns`.
+    #[inline(always)]
+    pub fn note_pod_route(&mut self, way: &WayToPod, now_ns: u64) {
+        self.egress_ifindex = way.ifindex;
+        self.pod_macs = way.macs;
+        self.pod_route_veth = u8::from(way.veth);
+        self.pod_route_at = judged_at(now_ns);
     }
 
     /// Keeps that `pod_egress` judged the flow own-Pod-to-Pod from `ingress_ifindex`
@@ -230,7 +273,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
             core::mem::size_of::<FlowStats>(),
-            6 * 8 + 2 * 4 + 1 + 1 + 2 + 4
+            6 * 8 + 2 * 4 + 1 + 1 + 2 + 4 + 12 + 4 + 1 + 7
         );
         assert_eq!(core::mem::size_of::<NatLeg>(), 16 + 2 + 6);
     }
@@ -258,6 +301,27 @@ mod tests {
         assert!(
             !stats.judged_lately(7, start),
             "a flow kept local is judged anew"
+        );
+    }
+
+    #[test]
+    fn the_way_to_a_pod_is_kept_for_the_route_cache_time() {
+        let start = 5 * crate::ROUTE_CACHE_TTL_NS;
+        let way = WayToPod {
+            ifindex: 9,
+            macs: [1; 12],
+            veth: true,
+        };
+        let mut stats = FlowStats::default();
+        assert_eq!(stats.pod_route_lately(start), None, "never learned");
+        stats.note_pod_route(&way, start);
+        assert_eq!(
+            stats.pod_route_lately(start + crate::ROUTE_CACHE_TTL_NS / 2),
+            Some(way)
+        );
+        assert_eq!(
+            stats.pod_route_lately(start + 2 * crate::ROUTE_CACHE_TTL_NS),
+            None
         );
     }
 

@@ -10,7 +10,7 @@ use visibility_common::{
     verdict::Hook,
 };
 
-use crate::maps::{COUNTERS, FLOWS};
+use crate::maps::{COUNTERS, FLOWS, NEW_FLOW};
 
 /// Wire packets and IP bytes of one skb. A GSO super-packet counts as its segments;
 /// its headers are counted once.
@@ -102,7 +102,15 @@ pub fn flow_sent(
         update(unsafe { &mut *stats });
         return;
     }
-    let fresh = FlowStats {
+    // A new flow's entry is built in this CPU's scratch slot, not on the stack, which
+    // the rest of the program needs.
+    let Some(fresh) = NEW_FLOW.get_ptr_mut(0) else {
+        count(hook, Counter::FlowUpdateFailed, size);
+        return;
+    };
+    // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
+    let fresh = unsafe { &mut *fresh };
+    *fresh = FlowStats {
         packets: size.packets,
         bytes: size.bytes,
         first_seen_ns: now,
@@ -113,7 +121,7 @@ pub fn flow_sent(
         judged_at: if flow.judged { judged_at(now) } else { 0 },
         ..FlowStats::default()
     };
-    upsert(hook, packet, size, &fresh, update);
+    upsert(hook, packet, size, fresh, update);
 }
 
 /// Counts a packet that came back from the gateway and was handed to a Pod, in the

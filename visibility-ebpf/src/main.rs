@@ -344,7 +344,7 @@ fn deliver(
     } else {
         lookups.ingress_ifindex
     };
-    let outcome = redirect::to_pod(ctx, packet, uplink, lookups.now);
+    let outcome = redirect::to_pod(ctx, packet, uplink, lookups.now, flow);
     if outcome.counter == Counter::DeliveredFromGateway {
         flow_returned(flow, size, outcome.ifindex);
     }

@@ -67,6 +67,11 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
 #[map(name = "VIS_PRE_STACK")]
 pub static PRE_STACK: PerCpuArray<PreStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's room for building a new flow's entry before it is added to [`FLOWS`]:
+/// the programs' stacks are full. A scratch slot, not pinned.
+#[map(name = "VIS_NEW_FLOW")]
+pub static NEW_FLOW: PerCpuArray<FlowStats> = PerCpuArray::with_max_entries(1, 0);
+
 /// Each CPU's room for building an ICMP error: too large for the program's stack. A
 /// scratch slot, not pinned.
 #[map(name = "VIS_ICMP_SCRATCH")]

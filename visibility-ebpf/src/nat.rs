@@ -63,16 +63,14 @@ pub fn record_pre_stack(packet: &Packet, ifindex: u32) {
 pub fn take_pre_stack(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack> {
     let slot = PRE_STACK.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
-    let pre = unsafe {
-        let pre = *slot;
-        (*slot).ifindex = 0;
-        pre
-    };
-    (pre.ifindex != 0
-        && pre.ifindex == ingress_ifindex
-        && pre.family == packet.family as u8
-        && pre.protocol == packet.protocol)
-        .then_some(pre)
+    let slot = unsafe { &mut *slot };
+    let of_packet = slot.ifindex != 0
+        && slot.ifindex == ingress_ifindex
+        && slot.family == packet.family as u8
+        && slot.protocol == packet.protocol;
+    slot.ifindex = 0;
+    // Copied only when it is this packet's.
+    of_packet.then_some(*slot)
 }
 
 impl PreStack {

@@ -18,6 +18,7 @@ use visibility_common::{
     ROUTE_CACHE_TTL_NS,
     config::Gateway,
     counters::Counter,
+    flow::{FlowStats, WayToPod},
     packet::{
         Family, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet,
         checksum_replace16,
@@ -491,37 +492,65 @@ pub fn pod_route(
 
 /// Hands a packet that came back from the gateway to the destination Pod, as the
 /// node's routing table says, without going through the node's stack again: the node
-/// judged it on its way out. `now` is the coarse clock, for the age of the cached
-/// route.
+/// judged it on its way out. The way is the one the flow's last packets took while it
+/// is fresh (see [`FlowStats::pod_route_lately`]), else the FIB's, kept in the flow
+/// when resolved. `now` is the coarse clock, for the age of the cached routes.
 #[inline(always)]
-pub fn to_pod(ctx: &TcContext, packet: &Packet, uplink: u32, now: u64) -> Outcome {
-    // A route back out of the uplink would loop; leave such packets to the kernel.
-    let Some(route) = pod_route(ctx, packet.family, &packet.dst, uplink, now)
-        .filter(|route| route.ifindex != uplink)
-    else {
-        return Outcome::pass(Counter::PassNoPodRoute);
+pub fn to_pod(
+    ctx: &TcContext,
+    packet: &Packet,
+    uplink: u32,
+    now: u64,
+    flow: *mut FlowStats,
+) -> Outcome {
+    // SAFETY: a map value pointer from a successful lookup in this run.
+    let flow = unsafe { &mut *flow };
+    let way = match flow.pod_route_lately(now) {
+        Some(way) => way,
+        // A route back out of the uplink would loop; leave such packets to the kernel.
+        None => match pod_route(ctx, packet.family, &packet.dst, uplink, now)
+            .filter(|route| route.ifindex != uplink)
+        {
+            None => return Outcome::pass(Counter::PassNoPodRoute),
+            Some(route) if route.resolved == 0 => {
+                if let Err(reason) = decrement_ttl(ctx, packet) {
+                    return Outcome::drop(reason);
+                }
+                let action = redirect_via_neighbour(route.ifindex);
+                return Outcome::redirected(
+                    Counter::DeliveredFromGateway,
+                    action,
+                    true,
+                    route.ifindex,
+                );
+            }
+            Some(route) => {
+                let way = WayToPod {
+                    ifindex: route.ifindex,
+                    macs: route.macs,
+                    veth: route.is_veth != 0,
+                };
+                flow.note_pod_route(&way, now);
+                way
+            }
+        },
     };
     if let Err(reason) = decrement_ttl(ctx, packet) {
         return Outcome::drop(reason);
     }
-    let counter = Counter::DeliveredFromGateway;
-    if route.resolved == 0 {
-        let action = redirect_via_neighbour(route.ifindex);
-        return Outcome::redirected(counter, action, true, route.ifindex);
-    }
-    if rewrite_macs(ctx, &route.macs).is_err() {
+    if rewrite_macs(ctx, &way.macs).is_err() {
         return Outcome::drop(Counter::DroppedRewriteFailed);
     }
     // SAFETY: plain helper calls.
     let action = unsafe {
-        if route.is_veth != 0 {
+        if way.veth {
             // Straight into the Pod's namespace, skipping the host veth's queue.
-            bpf_redirect_peer(route.ifindex, 0)
+            bpf_redirect_peer(way.ifindex, 0)
         } else {
-            bpf_redirect(route.ifindex, 0)
+            bpf_redirect(way.ifindex, 0)
         }
     };
-    Outcome::redirected(counter, action, false, route.ifindex)
+    Outcome::redirected(Counter::DeliveredFromGateway, action, false, way.ifindex)
 }
 
 /// Forwards a packet as a router would, when the FIB has a route for it out of an

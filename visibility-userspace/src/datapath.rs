@@ -18,7 +18,6 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData},
     programs::{
         SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
@@ -31,7 +30,7 @@ use visibility_common::{
     map_names, program_names,
 };
 
-use crate::error::DatapathError;
+use crate::{error::DatapathError, maps::Maps};
 
 /// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
 pub static EBPF_OBJECT: &[u8] =
@@ -264,10 +263,6 @@ impl Datapath {
             mode: AttachMode::current(),
             logger,
         };
-        // Without it the programs read the clock through a helper: slower, not wrong.
-        if let Err(error) = datapath.sync_clock() {
-            tracing::warn!(%error, "measuring the datapath's clock; it reads the kernel's instead");
-        }
         Ok((datapath, origin))
     }
 
@@ -275,19 +270,9 @@ impl Datapath {
     /// once measured, takes the offset anew (NTP slews the monotonic clock), and writes
     /// it to the clock map, from which the programs read the time without a helper
     /// call. The first measurement waits a few ticks (at most about 60 ms).
-    pub fn sync_clock(&self) -> Result<JiffiesClock, DatapathError> {
-        let path = self.pins.map(map_names::CLOCK);
-        let map = MapData::from_pin(&path).map_err(|e| DatapathError::Map {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
-        let mut map: Array<MapData, JiffiesClock> =
-            Array::try_from(Map::Array(map)).map_err(|e| DatapathError::Map {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-        let current = map.get(&0, 0).unwrap_or_default();
+    pub fn sync_clock(&self, maps: &mut Maps) -> Result<JiffiesClock, DatapathError> {
         let first = self.sample_clock()?;
+        let current = maps.clock()?;
         let clock = if current.ns_per_tick != 0 {
             current.resynced(first)
         } else {
@@ -303,10 +288,7 @@ impl Datapath {
             }
             measured.ok_or(DatapathError::ClockUnmeasurable)?
         };
-        map.set(0, clock, 0).map_err(|e| DatapathError::Map {
-            path,
-            source: Box::new(e),
-        })?;
+        maps.set_clock(clock)?;
         Ok(clock)
     }
 

@@ -36,13 +36,9 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    /// A pinned map could not be opened or written.
-    #[error("map {path}: {source}")]
-    Map {
-        path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    /// A map could not be read or written.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
     /// The kernel's tick could not be measured: the sampling program is missing (a
     /// datapath pinned by an older daemon) or the clocks did not move as expected.
     #[error(
@@ -79,6 +75,10 @@ pub enum MapsError {
     /// The map is full.
     #[error("the {map} map is full ({max} entries)")]
     Full { map: &'static str, max: u32 },
+    /// The map is not pinned: the datapath was pinned by an older daemon, before the
+    /// map existed. `visibility teardown` and a restart pin a current datapath.
+    #[error("the {0} map is not pinned (a datapath from an older daemon)")]
+    Missing(&'static str),
 }
 
 impl MapsError {

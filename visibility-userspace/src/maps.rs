@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::IpNet;
 use visibility_common::{
+    clock::JiffiesClock,
     config::{
         ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NODE_ADDR_ENTRY, NodeAddr,
         POD_CIDR_ENTRY, PodIface, Settings,
@@ -45,6 +46,8 @@ pub struct Maps {
     // Opened as a HashMap: aya reads LRU hash maps through the same type.
     flows: HashMap<MapData, FlowKey, FlowStats>,
     counters: PerCpuArray<MapData, CounterValue>,
+    /// `None` in a datapath pinned before the clock map existed.
+    clock: Option<Array<MapData, JiffiesClock>>,
 }
 
 fn open<T>(pins: &PinDir, name: &'static str) -> Result<T, MapsError>
@@ -108,7 +111,26 @@ impl Maps {
             pod_ifaces: open(pins, map_names::POD_IFACES)?,
             flows: open(pins, map_names::FLOWS)?,
             counters: open(pins, map_names::COUNTERS)?,
+            clock: open(pins, map_names::CLOCK).ok(),
         })
+    }
+
+    /// How the datapath tells time; all zero until measured.
+    pub fn clock(&self) -> Result<JiffiesClock, MapsError> {
+        match &self.clock {
+            Some(map) => map.get(&0, 0).map_err(MapsError::map(map_names::CLOCK)),
+            None => Ok(JiffiesClock::default()),
+        }
+    }
+
+    /// Sets how the datapath tells time.
+    pub fn set_clock(&mut self, clock: JiffiesClock) -> Result<(), MapsError> {
+        let map = self
+            .clock
+            .as_mut()
+            .ok_or(MapsError::Missing(map_names::CLOCK))?;
+        map.set(0, clock, 0)
+            .map_err(MapsError::map(map_names::CLOCK))
     }
 
     pub fn settings(&self) -> Result<Settings, MapsError> {

@@ -53,7 +53,13 @@ impl PinnedDatapath {
             "{} held a datapath already",
             guard.path().display()
         );
-        Ok(Self { datapath, guard })
+        let loaded = Self { datapath, guard };
+        // As the daemon does, so that the programs read the clock as they do there.
+        loaded
+            .datapath
+            .sync_clock(&mut loaded.maps()?)
+            .context("measuring the datapath's clock")?;
+        Ok(loaded)
     }
 
     pub fn program(&self, kind: ProgramKind) -> &SchedClassifier {
