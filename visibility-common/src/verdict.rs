@@ -119,6 +119,10 @@ pub trait Lookups {
     fn source_routes_to_sender(&self, packet: &Packet) -> bool;
     /// `pod_egress`: what the node's stack changed since `pod_ingress` saw the packet.
     fn node_nat(&self, packet: &Packet) -> NodeNat;
+    /// `pod_egress`: the node routes the source `pod_ingress` noted for the packet (what
+    /// a Service reply's source is put back to) to the interface the packet entered on,
+    /// as [`Lookups::source_routes_to_sender`] asks of the packet's own source.
+    fn noted_source_routes_to_sender(&self, packet: &Packet) -> bool;
     /// `uplink_ingress`: the packet belongs to a flow that the datapath sent to the
     /// gateway within [`crate::RETURN_WINDOW_NS`].
     fn was_sent(&self, packet: &Packet) -> bool;
@@ -233,7 +237,10 @@ fn judge_pod_to_pod<L: Lookups>(packet: &Packet, maps: &L) -> Result<bool, Verdi
         // From a Pod interface, yet not a Pod's source: a reply the node's NAT gave a
         // Service's source, or an address outside the Pod CIDRs.
         AddrKind::Outside => match maps.node_nat(packet) {
-            NodeNat::SourceRestorable => Ok(true),
+            // The source put back goes to the gateway in the sender's name: it must be
+            // the sender's own, as a direct packet's source must.
+            NodeNat::SourceRestorable if maps.noted_source_routes_to_sender(packet) => Ok(true),
+            NodeNat::SourceRestorable => Err(Verdict::Pass(Counter::PassSpoofedSource)),
             NodeNat::SourceUnrestorable => {
                 Err(Verdict::Pass(Counter::PassServiceReplyUnrestorable))
             }

@@ -50,6 +50,30 @@ impl<'a> MapLookups<'a> {
         }
     }
 
+    /// Whether the node routes `addr` to the interface the packet entered on (or to that
+    /// interface's bridge), as strict rp_filter requires.
+    #[inline(always)]
+    fn routes_to_sender(&self, family: Family, addr: &[u8; 16]) -> bool {
+        let Some(sender) = self.sender.get() else {
+            return false;
+        };
+        // SAFETY: the context pointer is valid for the whole program run.
+        let here = unsafe { (*self.ctx.skb.skb).ifindex };
+        // 0: an entry written before the field existed; the interface itself.
+        let expected = match sender.route_ifindex {
+            0 => self.ingress_ifindex,
+            ifindex => ifindex,
+        };
+        pod_route(self.ctx, family, addr, here, self.now)
+            .is_some_and(|route| route.ifindex == expected)
+    }
+
+    /// Forgets the Pod interface the packet entered on, once the verdict is made.
+    #[inline(always)]
+    pub fn forget_sender(&self) {
+        self.sender.set(None);
+    }
+
     /// The flow [`Lookups::judged_own_pod_flow`] or [`Lookups::was_sent`] found.
     #[inline(always)]
     pub fn flow(&self) -> Option<*mut FlowStats> {
@@ -101,6 +125,9 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn judged_own_pod_flow(&self, packet: &Packet) -> bool {
+        if !crate::takes_flow_shortcuts() {
+            return false;
+        }
         let Some(stats) = FLOWS.get_ptr_mut(FlowKey::from_packet(packet)) else {
             return false;
         };
@@ -119,24 +146,19 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn source_routes_to_sender(&self, packet: &Packet) -> bool {
-        let Some(sender) = self.sender.get() else {
-            return false;
-        };
-        // SAFETY: the context pointer is valid for the whole program run.
-        let here = unsafe { (*self.ctx.skb.skb).ifindex };
-        // 0: an entry written before the field existed; the interface itself.
-        let expected = match sender.route_ifindex {
-            0 => self.ingress_ifindex,
-            ifindex => ifindex,
-        };
-        pod_route(self.ctx, packet.family, &packet.src, here, self.now)
-            .is_some_and(|route| route.ifindex == expected)
+        self.routes_to_sender(packet.family, &packet.src)
     }
 
     #[inline(always)]
     fn node_nat(&self, packet: &Packet) -> NodeNat {
         self.pre_stack
             .map_or(NodeNat::Unknown, |pre| pre.compare(packet))
+    }
+
+    #[inline(always)]
+    fn noted_source_routes_to_sender(&self, packet: &Packet) -> bool {
+        self.pre_stack
+            .is_some_and(|pre| self.routes_to_sender(packet.family, &pre.source().0))
     }
 
     #[inline(always)]

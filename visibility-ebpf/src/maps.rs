@@ -12,6 +12,7 @@ use visibility_common::{
     config::{ExemptRules, NodeAddr, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats, NatLeg},
+    packet::Packet,
 };
 
 use crate::{
@@ -66,6 +67,12 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry> =
 /// changed. A scratch slot, not pinned.
 #[map(name = "VIS_PRE_STACK")]
 pub static PRE_STACK: PerCpuArray<PreStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's copy of the packet `pod_egress` judges, read back so that the verifier
+/// knows nothing of its fields (see `unknown_to_verifier` in main.rs). A scratch slot,
+/// not pinned.
+#[map(name = "VIS_PACKET")]
+pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
 
 /// Each CPU's room for building a new flow's entry before it is added to [`FLOWS`]:
 /// the programs' stacks are full. A scratch slot, not pinned.

@@ -8,7 +8,7 @@
 //! packet takes to the gateway and swaps back for the Service's when it returns.
 
 use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
@@ -130,14 +130,26 @@ pub fn rewrite_source(
     port: u16,
 ) -> Result<(), ()> {
     let check = l4_checksum_offset(packet);
+    // A later fragment has no transport header: its datagram's checksum and ports are
+    // in the first fragment, which took the change of address into its checksum.
+    let has_transport_header = packet.fragment != FragmentPart::Later;
+    let is_udp = packet.protocol == IPPROTO_UDP;
     // A UDP checksum of zero over IPv4 means there is none: leave it so.
-    let udp_without_checksum = packet.family == Family::V4
-        && packet.protocol == IPPROTO_UDP
+    let udp_without_checksum = has_transport_header
+        && packet.family == Family::V4
+        && is_udp
         && ctx.load::<u16>(check).map_err(|_| ())? == 0;
-    let l4_flags = if udp_without_checksum {
+    // A UDP checksum that comes out as zero is sent as 0xffff: zero means "none" over
+    // IPv4 and is invalid over IPv6.
+    let mangled_0 = if is_udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let l4_flags = if udp_without_checksum || !has_transport_header {
         None
     } else {
-        Some(u64::from(BPF_F_PSEUDO_HDR))
+        Some(u64::from(BPF_F_PSEUDO_HDR) | mangled_0)
     };
     match packet.family {
         Family::V4 => {
@@ -165,15 +177,23 @@ pub fn rewrite_source(
             if diff < 0 {
                 return Err(());
             }
-            if let Some(flags) = l4_flags {
-                ctx.l4_csum_replace(check, 0, diff as u64, flags)
-                    .map_err(|_| ())?;
-                // With BPF_F_PSEUDO_HDR the helper also moves `skb->csum` by the
-                // address change, as IPv4 needs (its header checksum field changes too).
-                // An IPv6 header has no checksum, so the packet's bytes sum as before:
-                // move `skb->csum` back. A no-op unless the driver supplied it.
+            match l4_flags {
+                Some(flags) => {
+                    ctx.l4_csum_replace(check, 0, diff as u64, flags)
+                        .map_err(|_| ())?;
+                    // With BPF_F_PSEUDO_HDR the helper also moves `skb->csum` by the
+                    // address change, as IPv4 needs (its header checksum field changes
+                    // too). An IPv6 header has no checksum, so the packet's bytes sum as
+                    // before: move `skb->csum` back. A no-op unless the driver supplied it.
+                    // SAFETY: plain helper call on the program's own skb.
+                    unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+                }
+                // A later fragment: no checksum moves against the address, so the bytes'
+                // sum moves with it. A no-op unless the driver supplied `skb->csum`.
                 // SAFETY: plain helper call on the program's own skb.
-                unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+                None => unsafe {
+                    bpf_csum_update(ctx.skb.skb, diff as u32);
+                },
             }
             ctx.store(IPV6_SRC_OFFSET, addr, 0).map_err(|_| ())?;
         }
@@ -181,10 +201,15 @@ pub fn rewrite_source(
     let port_offset = usize::from(packet.l4_offset);
     let old_port = packet.src_port.to_be();
     let new_port = port.to_be();
-    if old_port != new_port {
+    if has_transport_header && old_port != new_port {
         if l4_flags.is_some() {
-            ctx.l4_csum_replace(check, u64::from(old_port), u64::from(new_port), CSUM_SIZE_2)
-                .map_err(|_| ())?;
+            ctx.l4_csum_replace(
+                check,
+                u64::from(old_port),
+                u64::from(new_port),
+                mangled_0 | CSUM_SIZE_2,
+            )
+            .map_err(|_| ())?;
         }
         ctx.store(port_offset, &new_port, 0).map_err(|_| ())?;
     }

@@ -27,7 +27,7 @@ use aya::{
 };
 use visibility_common::{
     clock::{ClockSample, JiffiesClock, MIN_TICKS_BETWEEN_SAMPLES},
-    map_names, program_names,
+    global_names, map_names, program_names,
 };
 
 use crate::{error::DatapathError, maps::Maps};
@@ -328,9 +328,17 @@ impl Datapath {
         ] {
             create_private_dir(&dir)?;
         }
+        let (major, minor) = visibility_common::FLOW_SHORTCUTS_MIN_KERNEL;
+        let flow_shortcuts = KernelVersion::current()
+            .is_ok_and(|version| version >= KernelVersion::new(major, minor, 0));
         let mut ebpf: Ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
             .map_max_entries(map_names::FLOWS, options.flow_capacity)
+            .override_global(
+                global_names::JUDGE_EVERY_PACKET,
+                &u8::from(!flow_shortcuts),
+                true,
+            )
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for kind in ProgramKind::ALL {

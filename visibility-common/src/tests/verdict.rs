@@ -22,6 +22,8 @@ struct Fake {
     routes_to_sender: bool,
     node_nat: NodeNat,
     sent: bool,
+    /// The source `pod_ingress` noted routes back to the sender.
+    noted_routes_to_sender: bool,
     /// The flow was judged own-Pod-to-Pod lately: the lookups behind that judgement
     /// answer as if nothing matched, to show they are not asked.
     judged: bool,
@@ -37,6 +39,7 @@ const NORMAL: Fake = Fake {
     routes_to_sender: true,
     node_nat: NodeNat::Unchanged,
     sent: true,
+    noted_routes_to_sender: true,
     judged: false,
 };
 
@@ -104,6 +107,9 @@ impl Lookups for Fake {
     }
     fn node_nat(&self, _: &Packet) -> NodeNat {
         self.node_nat
+    }
+    fn noted_source_routes_to_sender(&self, _: &Packet) -> bool {
+        self.noted_routes_to_sender
     }
     fn was_sent(&self, _: &Packet) -> bool {
         self.sent
@@ -283,6 +289,17 @@ fn pod_egress_sends_pod_to_pod_after_the_node_stack() {
                 ..NORMAL
             },
             verdict: Verdict::ToGateway(Leg::ServiceReply),
+        },
+        Row {
+            name: "a Service reply whose noted source is not the sender's: never sent in its name",
+            src: OUTSIDE,
+            dst: POD_B,
+            fake: Fake {
+                node_nat: NodeNat::SourceRestorable,
+                noted_routes_to_sender: false,
+                ..NORMAL
+            },
+            verdict: Verdict::Pass(PassSpoofedSource),
         },
         Row {
             name: "a Service reply whose source cannot be put back (ICMP error)",
