@@ -145,6 +145,17 @@ fn trie_prefixes<K: Pod + AsRef<[u8]>, V: Pod>(
     Ok(out)
 }
 
+/// The exempt tries' prefixes, as the kernel has them.
+fn exempt_prefixes(lab: &DatapathLab) -> Result<Vec<Prefix<ExemptRules>>> {
+    let exempt_v4: LpmTrie<MapData, [u8; 4], ExemptRules> =
+        LpmTrie::try_from(open_pinned(lab, map_names::EXEMPT_V4)?)?;
+    let exempt_v6: LpmTrie<MapData, [u8; 16], ExemptRules> =
+        LpmTrie::try_from(open_pinned(lab, map_names::EXEMPT_V6)?)?;
+    let mut exempt = trie_prefixes(&exempt_v4, Family::V4)?;
+    exempt.extend(trie_prefixes(&exempt_v6, Family::V6)?);
+    Ok(exempt)
+}
+
 /// The lab node's facts and a copy of its configuration maps, read back from the kernel.
 fn node_facts(lab: &DatapathLab) -> Result<NodeFacts> {
     let mut pods = Vec::new();
@@ -175,16 +186,11 @@ fn node_facts(lab: &DatapathLab) -> Result<NodeFacts> {
         LpmTrie::try_from(open_pinned(lab, map_names::POD_CIDRS_V4)?)?;
     let pods_v6: LpmTrie<MapData, [u8; 16], u8> =
         LpmTrie::try_from(open_pinned(lab, map_names::POD_CIDRS_V6)?)?;
-    let exempt_v4: LpmTrie<MapData, [u8; 4], ExemptRules> =
-        LpmTrie::try_from(open_pinned(lab, map_names::EXEMPT_V4)?)?;
-    let exempt_v6: LpmTrie<MapData, [u8; 16], ExemptRules> =
-        LpmTrie::try_from(open_pinned(lab, map_names::EXEMPT_V6)?)?;
     let ifaces: HashMap<MapData, u32, PodIface> =
         HashMap::try_from(open_pinned(lab, map_names::POD_IFACES)?)?;
     let mut pod_trie = trie_prefixes(&pods_v4, Family::V4)?;
     pod_trie.extend(trie_prefixes(&pods_v6, Family::V6)?);
-    let mut exempt = trie_prefixes(&exempt_v4, Family::V4)?;
-    exempt.extend(trie_prefixes(&exempt_v6, Family::V6)?);
+    let exempt = exempt_prefixes(lab)?;
     let pod_ifaces = ifaces.iter().collect::<Result<StdHashMap<_, _>, _>>()?;
     Ok(NodeFacts {
         pods,
@@ -216,7 +222,83 @@ struct Harness {
     consistent: HashSet<MapKey>,
     /// The counters after the last step.
     counters: Vec<CounterValue>,
+    /// The settings in the maps now, and the gateways to put back.
+    config: Config,
+    gateways: [visibility_common::config::Gateway; 2],
     packets: u64,
+}
+
+/// The settings a case runs with: visibility on, a gateway per family, the exempt
+/// ranges. Most cases run with all of them; a case file says otherwise in a line
+/// `config enabled=0 gateway_v4=1 gateway_v6=1 exemptions=1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub enabled: bool,
+    pub gateway_v4: bool,
+    pub gateway_v6: bool,
+    pub exemptions: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            gateway_v4: true,
+            gateway_v6: true,
+            exemptions: true,
+        }
+    }
+}
+
+impl Config {
+    fn fields(&self) -> [(&'static str, bool); 4] {
+        [
+            ("enabled", self.enabled),
+            ("gateway_v4", self.gateway_v4),
+            ("gateway_v6", self.gateway_v6),
+            ("exemptions", self.exemptions),
+        ]
+    }
+
+    fn text(&self) -> String {
+        let fields: Vec<String> = self
+            .fields()
+            .iter()
+            .map(|(name, on)| format!("{name}={}", u8::from(*on)))
+            .collect();
+        format!("config {}", fields.join(" "))
+    }
+
+    fn parse(fields: &[&str]) -> Result<Self> {
+        let mut config = Self::default();
+        for field in fields {
+            let (name, value) = field
+                .split_once('=')
+                .with_context(|| format!("{field:?} is not name=0|1"))?;
+            let on = match value {
+                "0" => false,
+                "1" => true,
+                _ => bail!("{field:?} is not name=0|1"),
+            };
+            match name {
+                "enabled" => config.enabled = on,
+                "gateway_v4" => config.gateway_v4 = on,
+                "gateway_v6" => config.gateway_v6 = on,
+                "exemptions" => config.exemptions = on,
+                _ => bail!("no setting {name:?}"),
+            }
+        }
+        Ok(config)
+    }
+
+    fn random(rng: &mut SmallRng) -> Self {
+        Self {
+            enabled: rng.random_bool(0.7),
+            gateway_v4: rng.random_bool(0.7),
+            gateway_v6: rng.random_bool(0.7),
+            exemptions: rng.random_bool(0.5),
+        }
+    }
 }
 
 /// What the kernel returned and left of the frame; `None` when it refused the frame.
@@ -250,6 +332,10 @@ impl Harness {
         let nat_legs = HashMap::try_from(open_pinned(&lab, map_names::NAT_LEGS)?)?;
         let fragments = HashMap::try_from(program_map(&lab, "VIS_FRAGMENTS")?)?;
         let gateway_cache = GatewayCache::new(&lab, &node)?;
+        let gateways = [
+            *node.settings.gateway(Family::V4),
+            *node.settings.gateway(Family::V6),
+        ];
         let counters = Vec::new();
         let mut harness = Self {
             lab,
@@ -261,6 +347,8 @@ impl Harness {
             gateway_cache,
             consistent: HashSet::new(),
             counters,
+            config: Config::default(),
+            gateways,
             packets: 0,
         };
         harness.counters = harness.read_counters()?;
@@ -282,6 +370,32 @@ impl Harness {
             MapKey::NatLeg(key) => self.nat_legs.remove(&key),
             MapKey::Fragment(key) => self.fragments.remove(&key),
         };
+    }
+
+    /// Puts `config` in the maps, and the model's copy of them in line.
+    fn configure(&mut self, config: Config) -> Result<()> {
+        if config == self.config {
+            return Ok(());
+        }
+        let maps = &mut self.lab.maps;
+        maps.set_enabled(config.enabled)?;
+        for (family, on, gateway) in [
+            (Family::V4, config.gateway_v4, self.gateways[0]),
+            (Family::V6, config.gateway_v6, self.gateways[1]),
+        ] {
+            let gateway = if on { gateway } else { Default::default() };
+            maps.set_gateway(family, gateway)?;
+        }
+        let exempt = if config.exemptions {
+            exemptions()?
+        } else {
+            Vec::new()
+        };
+        maps.set_exemptions(&exempt)?;
+        self.node.settings = self.lab.maps.settings()?;
+        self.node.exempt = exempt_prefixes(&self.lab)?;
+        self.config = config;
+        Ok(())
     }
 
     /// Starts a case: the model's maps are empty, and so are the kernel's for every key
@@ -688,11 +802,15 @@ fn program_of(name: &str) -> Option<ProgramKind> {
     ProgramKind::ALL.into_iter().find(|p| p.name() == name)
 }
 
-/// A case as text: a comment, then one line per step, `program ifindex ingress hex`.
-fn case_text(steps: &[Step], comment: &str) -> String {
+/// A case as text: a comment, the settings when they are not the default, then one
+/// line per step, `program ifindex ingress hex`.
+fn case_text(config: Config, steps: &[Step], comment: &str) -> String {
     let mut text = String::new();
     for line in comment.lines() {
         let _ = writeln!(text, "# {line}");
+    }
+    if config != Config::default() {
+        let _ = writeln!(text, "{}", config.text());
     }
     for step in steps {
         let _ = writeln!(
@@ -707,10 +825,15 @@ fn case_text(steps: &[Step], comment: &str) -> String {
     text
 }
 
-fn parse_case(text: &str) -> Result<Vec<Step>> {
+fn parse_case(text: &str) -> Result<(Config, Vec<Step>)> {
     let mut steps = Vec::new();
+    let mut config = Config::default();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("config ") {
+            config = Config::parse(&rest.split_whitespace().collect::<Vec<_>>())?;
             continue;
         }
         let mut fields = line.split_whitespace();
@@ -733,23 +856,29 @@ fn parse_case(text: &str) -> Result<Vec<Step>> {
             frame,
         });
     }
-    Ok(steps)
+    Ok((config, steps))
 }
 
-fn save_case(dir: &Path, steps: &[Step], comment: &str) -> Result<PathBuf> {
-    let body = case_text(steps, "");
+fn save_case(dir: &Path, config: Config, steps: &[Step], comment: &str) -> Result<PathBuf> {
+    let body = case_text(config, steps, "");
     let mut hasher = std::hash::DefaultHasher::new();
     body.hash(&mut hasher);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{:016x}.case", hasher.finish()));
-    fs::write(&path, case_text(steps, comment))
+    fs::write(&path, case_text(config, steps, comment))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
 /// Runs a case's steps, after a reset when `replay` (a saved case starts from an empty
 /// note of `pod_ingress`). Returns the steps run and the first failing step's failures.
-fn run_case(h: &mut Harness, steps: &[Step], replay: bool) -> Result<Option<StepFailures>> {
+fn run_case(
+    h: &mut Harness,
+    config: Config,
+    steps: &[Step],
+    replay: bool,
+) -> Result<Option<StepFailures>> {
+    h.configure(config)?;
     h.new_case();
     if replay {
         let failures = h.reset()?;
@@ -769,6 +898,12 @@ fn run_case(h: &mut Harness, steps: &[Step], replay: bool) -> Result<Option<Step
 /// A random case, run as it is made (what comes back from the gateway depends on what
 /// the kernel sent). Returns the steps run and, if one failed, its failures.
 fn random_case(h: &mut Harness, rng: &mut SmallRng) -> Result<(Vec<Step>, Option<StepFailures>)> {
+    let config = if rng.random_bool(0.1) {
+        Config::random(rng)
+    } else {
+        Config::default()
+    };
+    h.configure(config)?;
     h.new_case();
     let mut done: Vec<Step> = Vec::new();
     let mut queue: Vec<Step> = match rng.random_range(0..10) {
@@ -877,6 +1012,8 @@ pub fn fuzz(options: &FuzzOptions) -> Result<Summary> {
     let node_ns = h.lab.lab().node().path();
     let _inside = InNamespace::enter(&node_ns)?;
     let mut findings: Vec<String> = Vec::new();
+    // Kinds of failure already reported: a kind found again is not saved again.
+    let mut seen: HashSet<String> = HashSet::new();
     let mut cases = 0u64;
     let started = Instant::now();
 
@@ -913,11 +1050,13 @@ pub fn fuzz(options: &FuzzOptions) -> Result<Summary> {
     for path in &entries {
         let text =
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let steps = parse_case(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let (config, steps) =
+            parse_case(&text).with_context(|| format!("parsing {}", path.display()))?;
         cases += 1;
-        if let Some((at, failures)) = run_case(&mut h, &steps, true)? {
+        if let Some((at, failures)) = run_case(&mut h, config, &steps, true)? {
             report(&steps, at, &failures, &path.display().to_string());
             findings.push(format!("{}: {}", path.display(), failures[0].signature));
+            seen.insert(failures[0].signature.clone());
         }
     }
     println!(
@@ -925,7 +1064,6 @@ pub fn fuzz(options: &FuzzOptions) -> Result<Summary> {
         entries.len(),
         options.corpus.display()
     );
-    let mut seen: HashSet<String> = HashSet::new();
     let mut handle = |h: &mut Harness,
                       steps: Vec<Step>,
                       at: usize,
@@ -948,10 +1086,11 @@ pub fn fuzz(options: &FuzzOptions) -> Result<Summary> {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        let path = save_case(&options.corpus, &saved, &comment)?;
+        let config = h.config;
+        let path = save_case(&options.corpus, config, &saved, &comment)?;
         println!("fuzz: saved the case to {}", path.display());
         // The saved case must fail the same way from an empty state.
-        match run_case(h, &saved, true)? {
+        match run_case(h, config, &saved, true)? {
             Some(_) => {}
             None => println!("fuzz: note: {} passed when replayed alone", path.display()),
         }
@@ -975,7 +1114,7 @@ pub fn fuzz(options: &FuzzOptions) -> Result<Summary> {
                 }];
                 cases += 1;
                 let prefix = h.model.pending_pre_stack();
-                if let Some((at, failures)) = run_case(&mut h, &steps, false)? {
+                if let Some((at, failures)) = run_case(&mut h, Config::default(), &steps, false)? {
                     handle(&mut h, steps, at, failures, prefix, &mut findings)?;
                 }
             }
@@ -1066,8 +1205,12 @@ mod tests {
                 frame: Vec::new(),
             },
         ];
-        let text = case_text(&steps, "a\nb");
-        assert_eq!(parse_case(&text).unwrap(), steps);
+        let config = Config {
+            gateway_v6: false,
+            ..Config::default()
+        };
+        let text = case_text(config, &steps, "a\nb");
+        assert_eq!(parse_case(&text).unwrap(), (config, steps));
     }
 
     #[test]
