@@ -11,6 +11,8 @@
 //!   flow the datapath sent;
 //! * a redirected packet parses, keeps a valid IPv4 header checksum, and keeps a valid
 //!   TCP, UDP, ICMP or ICMPv6 checksum when it had one (whole, complete packets);
+//! * a redirect rewrites nothing but the MACs, the hop, the source address and, in a
+//!   packet that carries the transport header, the source port and the checksums;
 //! * `pod_egress` leaves the TTL or hop limit alone (the node's stack spent the hop), and
 //!   `uplink_ingress` spends exactly one;
 //! * the return code is one the datapath uses (pass, drop, redirect).
@@ -746,6 +748,13 @@ fn invariants(node: &NodeFacts, step: &Step, action: u32, out: &[u8]) -> Vec<Fai
             ),
         );
     }
+    let changed = rewritten_elsewhere(&step.frame, &input, out);
+    if !changed.is_empty() {
+        fail(
+            "a redirect rewrites only the MACs, the hop, the source and their checksums",
+            format!("bytes {changed:?} changed"),
+        );
+    }
     let ingress = node.ifindex(step.ingress);
     match step.program {
         ProgramKind::PodEgress => {
@@ -785,6 +794,48 @@ fn invariants(node: &NodeFacts, step: &Step, action: u32, out: &[u8]) -> Vec<Fai
         ProgramKind::PodIngress => {}
     }
     broken
+}
+
+/// The bytes a redirect changed that it has no business changing: anything but the
+/// MACs, the TTL or hop limit, the IPv4 header checksum, the source address and, when
+/// this packet carries the transport header, the source port and transport checksum.
+fn rewritten_elsewhere(
+    before: &[u8],
+    packet: &visibility_common::packet::Packet,
+    after: &[u8],
+) -> Vec<usize> {
+    use visibility_common::packet::{
+        ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET,
+        IPV6_HOP_LIMIT_OFFSET, Transport,
+    };
+    let mut allowed: Vec<std::ops::Range<usize>> = Vec::new();
+    allowed.push(0..12);
+    match packet.family {
+        Family::V4 => {
+            allowed.push(IPV4_TTL_OFFSET..IPV4_TTL_OFFSET + 1);
+            allowed.push(IPV4_CHECKSUM_OFFSET..IPV4_CHECKSUM_OFFSET + 2);
+            allowed.push(ETH_HLEN + 12..ETH_HLEN + 16);
+        }
+        Family::V6 => {
+            allowed.push(IPV6_HOP_LIMIT_OFFSET..IPV6_HOP_LIMIT_OFFSET + 1);
+            allowed.push(ETH_HLEN + 8..ETH_HLEN + 24);
+        }
+    }
+    if packet.fragment != FragmentPart::Later && packet.transport == Transport::Read {
+        let l4 = usize::from(packet.l4_offset);
+        allowed.push(l4..l4 + 2);
+        match packet.protocol {
+            IPPROTO_TCP => allowed.push(l4 + 16..l4 + 18),
+            IPPROTO_UDP => allowed.push(l4 + 6..l4 + 8),
+            _ => {}
+        }
+    }
+    let mut out: Vec<usize> = (0..before.len().max(after.len()))
+        .filter(|&i| before.get(i) != after.get(i))
+        .filter(|i| !allowed.iter().any(|range| range.contains(i)))
+        .collect();
+    out.truncate(8);
+    out
 }
 
 fn show_addr(family: Family, addr: &[u8; 16]) -> String {
