@@ -4,6 +4,11 @@
 //! datapath's rewrites (MACs, the hop, a Service reply's source and its checksums)
 //! redone byte for byte, with the kernel's checksum arithmetic.
 //!
+//! Where the datapath has an open finding (`tests/fuzz/corpus/README.md`), the model
+//! does what the datapath should: a Service reply's later fragment gets only its address
+//! rewritten, and a rewritten UDP checksum is never left 0 (see [`rewrite_source`]).
+//! Everything else follows `visibility-ebpf` as it is.
+//!
 //! What the model does not compute but takes as a fact of the lab, made deterministic:
 //!
 //! * FIB lookups. The lab node's main table routes each Pod's address to its host veth,
@@ -718,19 +723,38 @@ fn within(data: &[u8], at: usize, len: usize) -> Result<(), ()> {
     }
 }
 
-/// `rewrite_source` of `visibility-ebpf`, step by step and with the same helpers' checks:
-/// a failing helper leaves what the steps before it wrote.
+/// `bpf_l4_csum_replace` with `BPF_F_MARK_MANGLED_0` (`mangled`, for UDP): a checksum
+/// field of 0 (none) is left alone, and a result of 0 is written as 0xffff.
+fn l4_replace(data: &mut [u8], at: usize, mangled: bool, update: impl FnOnce(&mut [u8])) {
+    if mangled && load16(data, at) == 0 {
+        return;
+    }
+    update(data);
+    if mangled && load16(data, at) == 0 {
+        store16(data, at, 0xffff);
+    }
+}
+
+/// What `rewrite_source` of `visibility-ebpf` must do, step by step and with the same
+/// helpers' checks (a failing helper leaves what the steps before it wrote). This is
+/// the intended behaviour where the datapath has open findings (see
+/// `tests/fuzz/corpus/README.md`): a later fragment carries neither the ports nor the
+/// transport checksum, so only its address changes (finding B); a UDP checksum that
+/// sums to zero is written as 0xffff, as `BPF_F_MARK_MANGLED_0` does (finding C).
 fn rewrite_source(data: &mut [u8], packet: &Packet, addr: &[u8; 16], port: u16) -> Result<(), ()> {
     let l4 = usize::from(packet.l4_offset);
     let check = match packet.protocol {
         IPPROTO_TCP => l4 + 16,
         _ => l4 + 6,
     };
-    let udp_without_checksum = packet.family == Family::V4 && packet.protocol == IPPROTO_UDP && {
-        within(data, check, 2)?;
-        load16(data, check) == 0
-    };
-    let l4_update = !udp_without_checksum;
+    let later = packet.fragment == FragmentPart::Later;
+    let udp_without_checksum =
+        !later && packet.family == Family::V4 && packet.protocol == IPPROTO_UDP && {
+            within(data, check, 2)?;
+            load16(data, check) == 0
+        };
+    let l4_update = !later && !udp_without_checksum;
+    let mangled = packet.protocol == IPPROTO_UDP;
     match packet.family {
         Family::V4 => {
             let old =
@@ -738,7 +762,7 @@ fn rewrite_source(data: &mut [u8], packet: &Packet, addr: &[u8; 16], port: u16) 
             let new = u32::from_le_bytes([addr[0], addr[1], addr[2], addr[3]]);
             if l4_update {
                 within(data, check, 2)?;
-                csum_replace4(data, check, old, new);
+                l4_replace(data, check, mangled, |d| csum_replace4(d, check, old, new));
             }
             csum_replace4(data, IPV4_CHECKSUM_OFFSET, old, new);
             data[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&addr[..4]);
@@ -747,17 +771,21 @@ fn rewrite_source(data: &mut [u8], packet: &Packet, addr: &[u8; 16], port: u16) 
             let diff = csum_diff(&packet.src, addr);
             if l4_update {
                 within(data, check, 2)?;
-                csum_replace_by_diff(data, check, diff);
+                l4_replace(data, check, mangled, |d| {
+                    csum_replace_by_diff(d, check, diff)
+                });
             }
             data[ETH_HLEN + 8..ETH_HLEN + 24].copy_from_slice(addr);
         }
     }
     let old_port = packet.src_port.to_be();
     let new_port = port.to_be();
-    if old_port != new_port {
+    if old_port != new_port && !later {
         if l4_update {
             within(data, check, 2)?;
-            csum_replace4(data, check, u32::from(old_port), u32::from(new_port));
+            l4_replace(data, check, mangled, |d| {
+                csum_replace4(d, check, u32::from(old_port), u32::from(new_port))
+            });
         }
         within(data, l4, 2)?;
         data[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
