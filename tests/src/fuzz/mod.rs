@@ -601,7 +601,10 @@ impl GatewayCache {
     }
 
     fn refresh(&mut self) -> Result<()> {
-        let now = coarse_now_ns();
+        // Answered a little while ago rather than now: the datapath's clock (the coarse
+        // clock, or jiffies mapped onto it) may lag this one by a tick or more, and an
+        // answer from its future is stale.
+        let now = coarse_now_ns().saturating_sub(GATEWAY_CACHE_AGE_NS);
         for (slot, value) in self.values.iter().enumerate() {
             let mut value = *value;
             value[..8].copy_from_slice(&now.to_ne_bytes());
@@ -614,6 +617,9 @@ impl GatewayCache {
         Ok(())
     }
 }
+
+/// How old the gateway's route is made to look: well within the datapath's 100 ms.
+const GATEWAY_CACHE_AGE_NS: u64 = 30_000_000;
 
 /// `bpf_ktime_get_coarse_ns`'s clock.
 fn coarse_now_ns() -> u64 {
