@@ -5,6 +5,8 @@
 //!   counters and block rules at the gateway.
 //! * [`datapath_harness`]: the datapath loaded and pinned on a lab node, configured as the
 //!   daemon does, and driven with `BPF_PROG_TEST_RUN`.
+//! * [`fuzz`]: the differential fuzz harness: the host's parser and verdict against the
+//!   kernel's programs, frame by frame (`cargo xtask fuzz`).
 //! * [`node`]: a lab node running the real `visibility` daemon, and its CLI.
 //! * [`dashboard`]: the Grafana dashboard's queries against a real Prometheus server, and
 //!   its picture.
@@ -18,6 +20,7 @@
 
 pub mod dashboard;
 pub mod datapath_harness;
+pub mod fuzz;
 pub mod lab;
 pub mod netd;
 pub mod node;

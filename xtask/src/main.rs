@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod paths;
 mod run;
 mod setup;
@@ -36,6 +37,9 @@ enum Task {
     /// Benchmarks (needs root): off, netd and visibility side by side in one lab, attach
     /// latency and the microbenchmarks; writes target/bench/results.{json,svg}.
     Bench(bench::BenchArgs),
+    /// The differential fuzz harness (needs root): the same frames through the host's
+    /// parser and verdict and the kernel's programs; `cargo xtask test` runs it 60 s.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot Debian's 6.1 and 6.12 cloud kernels in QEMU (TCG) and run the kernel tests
     /// inside each: the clsact and the TCX attach paths. `cargo xtask test` runs it last.
     VmTest(vm::VmTestArgs),
@@ -48,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::bench(&args),
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Demo => demo::demo(),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{process::Command, time::Instant};
 
-use crate::{bench, run::run, setup, vm};
+use crate::{bench, fuzz, run::run, setup, vm};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -51,6 +51,9 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "-p", "visibility-userspace", "--bins"]))?;
     // Unit tests and kernel tests. Kernel tests create their own namespaces and pins.
     run(Command::new("cargo").args(["test", "--no-fail-fast"]))?;
+    // The differential fuzz harness, for a bounded time: the corpus, every truncation of
+    // its seed frames, then random cases (host verdict against the kernel's programs).
+    fuzz::harness(fuzz::TEST_SECONDS, None)?;
     // Every benchmark once, briefly: they must run and their output must render. The
     // figures of a smoke run mean nothing; they go to target/bench-smoke.
     if !args.no_bench {
