@@ -31,7 +31,7 @@ pub struct MapLookups<'a> {
     /// `pod_egress`, by [`Lookups::was_sent`] at the uplink.
     flow: Cell<Option<*mut FlowStats>>,
     /// `pod_egress`: what `pod_ingress` noted of this packet, if it did.
-    pub pre_stack: Option<PreStack>,
+    pub pre_stack: Option<&'static PreStack>,
 }
 
 impl<'a> MapLookups<'a> {
@@ -157,8 +157,10 @@ impl Lookups for MapLookups<'_> {
 
     #[inline(always)]
     fn noted_source_routes_to_sender(&self, packet: &Packet) -> bool {
-        self.pre_stack
-            .is_some_and(|pre| self.routes_to_sender(packet.family, &pre.source().0))
+        match self.pre_stack {
+            Some(pre) => self.routes_to_sender(packet.family, &pre.source().0),
+            None => false,
+        }
     }
 
     #[inline(always)]

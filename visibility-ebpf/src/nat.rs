@@ -58,9 +58,11 @@ pub fn record_pre_stack(packet: &Packet, ifindex: u32) {
 /// Takes this CPU's record: it is of `packet` when it was made on the interface the
 /// packet entered on, for the same family and protocol. A record serves one packet
 /// only: a packet the node's stack held back (and so sent on later, without a fresh
-/// record) must not be judged by another packet's.
+/// record) must not be judged by another packet's. The record itself, not a copy: it
+/// stays as it is until the program ends (nothing else runs on this CPU meanwhile), and
+/// the program's stack has no room for it.
 #[inline(always)]
-pub fn take_pre_stack(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack> {
+pub fn take_pre_stack(packet: &Packet, ingress_ifindex: u32) -> Option<&'static PreStack> {
     let slot = PRE_STACK.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, and programs are not preempted on one CPU.
     let slot = unsafe { &mut *slot };
@@ -69,8 +71,7 @@ pub fn take_pre_stack(packet: &Packet, ingress_ifindex: u32) -> Option<PreStack>
         && slot.family == packet.family as u8
         && slot.protocol == packet.protocol;
     slot.ifindex = 0;
-    // Copied only when it is this packet's.
-    of_packet.then_some(*slot)
+    of_packet.then_some(slot)
 }
 
 impl PreStack {

@@ -429,16 +429,18 @@ pub struct PodRoute {
 }
 
 /// This CPU's cached route to a Pod's address, however old: only resolved answers are
-/// kept, and the MACs are those the FIB gave when it was kept.
+/// kept, and the MACs are those the FIB gave when it was kept. The map's value itself,
+/// not a copy: the program's stack has no room to spare on the path that asks.
 #[inline(always)]
-pub fn cached_pod_route(family: Family, addr: &[u8; 16]) -> Option<PodRoute> {
+pub fn cached_pod_route(family: Family, addr: &[u8; 16]) -> Option<&'static PodRoute> {
     let key = PodRouteKey {
         addr: *addr,
         family: family as u8,
         _pad: [0; 3],
     };
-    // SAFETY: the value is copied out at once; a CPU only writes its own copy.
-    unsafe { POD_ROUTES.get(key) }.copied()
+    // SAFETY: a CPU only writes its own copy, and this program run is that CPU's only
+    // user of it until it ends.
+    unsafe { POD_ROUTES.get(key) }
 }
 
 /// Where the node routes a Pod's address: from this CPU's cache while it is fresh,
