@@ -26,7 +26,11 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     // Every dependency of every crate is used (a false positive is listed, with its
     // reason, under `[package.metadata.cargo-machete]` in the crate's Cargo.toml).
-    run(Command::new("cargo").arg("machete"))?;
+    // `cargo run` sets CARGO_PKG_NAME for xtask, and cargo-machete, seeing it, takes
+    // "machete" for a path to analyse: run it without.
+    run(Command::new("cargo")
+        .arg("machete")
+        .env_remove("CARGO_PKG_NAME"))?;
     // Host crates (the default members: all but the eBPF crate). AYA_BUILD_SKIP keeps
     // clippy from building the eBPF object.
     run(Command::new("cargo")
