@@ -36,6 +36,13 @@ use crate::{error::DatapathError, maps::Maps};
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
 
+/// The benchmarks' eBPF object (`bench_baseline`, `lab_router`), built by build.rs
+/// next to the datapath's; empty when built with AYA_BUILD_SKIP. Only the benches and
+/// their lab load it (feature `bench-programs`); the daemon never does.
+#[cfg(feature = "bench-programs")]
+pub static BENCH_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-bench"));
+
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/visibility";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
