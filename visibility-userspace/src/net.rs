@@ -1,7 +1,9 @@
-//! Address helpers shared by the maps, the daemon and the CLI.
+//! Addresses and prefixes as the datapath's maps store them: the one place that turns
+//! an `IpAddr` or `IpNet` into map bytes and keys, and map bytes back into addresses.
 
 use std::net::IpAddr;
 
+use aya::maps::lpm_trie::Key;
 use ipnet::IpNet;
 use visibility_common::packet::Family;
 
@@ -34,4 +36,60 @@ pub fn family_of_addr(addr: &IpAddr) -> Family {
         IpAddr::V4(_) => Family::V4,
         IpAddr::V6(_) => Family::V6,
     }
+}
+
+/// A prefix as a key of the datapath's LPM tries (the Pod CIDRs, the exemptions):
+/// one trie per family, so one key type per family.
+#[derive(Clone, Copy)]
+pub enum PrefixKey {
+    V4(Key<[u8; 4]>),
+    V6(Key<[u8; 16]>),
+}
+
+impl From<&IpNet> for PrefixKey {
+    /// The key of the network `net` names (host bits cleared).
+    fn from(net: &IpNet) -> Self {
+        let prefix_len = u32::from(net.prefix_len());
+        match net.network() {
+            IpAddr::V4(addr) => PrefixKey::V4(Key::new(prefix_len, addr.octets())),
+            IpAddr::V6(addr) => PrefixKey::V6(Key::new(prefix_len, addr.octets())),
+        }
+    }
+}
+
+/// A trie key read back (its prefix length and bytes), as the prefix it stands for;
+/// `None` when the key is not of the family's size or length.
+pub fn net_from_key(family: Family, prefix_len: u32, data: &[u8]) -> Option<IpNet> {
+    let mut bytes = [0u8; 16];
+    match family {
+        Family::V4 if data.len() == 4 => bytes[..4].copy_from_slice(data),
+        Family::V6 if data.len() == 16 => bytes.copy_from_slice(data),
+        _ => return None,
+    }
+    IpNet::new(
+        addr_from_bytes(family, &bytes),
+        u8::try_from(prefix_len).ok()?,
+    )
+    .ok()
+}
+
+/// Every address the node owns, as the kernel lists them now; none when it cannot be
+/// asked (the daemon's next reconcile marks them).
+pub fn node_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut addrs: Vec<IpAddr> = interfaces
+        .filter_map(|interface| interface.address)
+        .filter_map(|address| {
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::from(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::from(v6.ip()))
+            }
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }

@@ -112,7 +112,7 @@ pub fn is_errno(error: &anyhow::Error, errno: i32) -> bool {
 pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
     for cidr in [POD_CIDR_V4, POD_CIDR_V6] {
         let net: IpNet = cidr.parse()?;
-        maps.add_pod_cidr(&net)?;
+        maps.add_pod_cidr(&net, &[])?;
     }
     let node_addrs: [IpAddr; 4] = [
         POD_GATEWAY_V4.into(),
@@ -120,9 +120,7 @@ pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
         NODE_IPV4.into(),
         NODE_IPV6.into(),
     ];
-    for addr in &node_addrs {
-        maps.add_node_addr(addr)?;
-    }
+    maps.set_node_addrs(&node_addrs)?;
     for (family, addr, node_addr) in [
         (
             Family::V4,

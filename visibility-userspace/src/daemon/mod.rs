@@ -148,8 +148,9 @@ fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(),
     if origin == Origin::Loaded {
         maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }
+    let node_addrs = crate::net::node_addresses();
     for cidr in &config.pod_cidrs {
-        maps.add_pod_cidr(cidr)?;
+        maps.add_pod_cidr(cidr, &node_addrs)?;
     }
     let mut exemptions = maps.exemptions();
     let before = exemptions.len();
