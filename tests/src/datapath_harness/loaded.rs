@@ -55,9 +55,7 @@ impl PinnedDatapath {
         );
         let loaded = Self { datapath, guard };
         // As the daemon does, so that the programs read the clock as they do there.
-        loaded
-            .datapath
-            .sync_clock(&mut loaded.maps()?)
+        visibility::clock::sync_clock(&loaded.datapath, &mut loaded.maps()?)
             .context("measuring the datapath's clock")?;
         Ok(loaded)
     }

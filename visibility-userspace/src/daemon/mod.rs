@@ -136,7 +136,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 /// Measures the datapath's clock, or keeps it in step. Without it the programs read
 /// the kernel's clock through a helper: slower, not wrong.
 fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
-    if let Err(error) = datapath.sync_clock(maps) {
+    if let Err(error) = crate::clock::sync_clock(datapath, maps) {
         warn!(%error, "measuring the datapath's clock; its programs read the kernel's instead");
     }
 }
