@@ -25,10 +25,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use visibility_common::{
-    clock::ClockSample,
-    map_names, program_names,
-};
+use visibility_common::{clock::ClockSample, map_names, program_names};
 
 use crate::error::DatapathError;
 

@@ -15,7 +15,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::{datapath::PinDir, flows::records::RecordStats, maps::Maps, state::DaemonStatus};
+use crate::{datapath::PinDir, flows::stats::RecordStats, maps::Maps, state::DaemonStatus};
 
 /// What the daemon shares with the endpoint.
 #[derive(Default)]

@@ -14,10 +14,7 @@ use crate::{
     config::NodeConfig,
     datapath::{Datapath, LoadOptions, Origin},
     error::{DatapathError, InputError, MapsError},
-    flows::{
-        ipfix::Exporters,
-        records::{Sink, spawn_reader},
-    },
+    flows::{ipfix::export::Exporters, records::spawn_reader, sink::Sink},
     maps::Maps,
     metrics::Shared,
     node::NodeError,
