@@ -15,6 +15,8 @@
 
 #[path = "fib.rs"]
 mod fib;
+#[path = "object.rs"]
+mod object;
 #[path = "reader.rs"]
 mod reader;
 #[path = "rewrite.rs"]
@@ -102,13 +104,3 @@ fn route(ctx: &TcContext, packet: &Packet) -> i32 {
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(params.ifindex, 0) as i32 }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -27,6 +27,7 @@ mod icmp;
 mod lookups;
 mod maps;
 mod nat;
+mod object;
 mod outcome;
 mod reader;
 mod redirect;
@@ -324,13 +325,3 @@ fn deliver(
     }
     outcome
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

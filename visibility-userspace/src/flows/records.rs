@@ -189,7 +189,7 @@ pub fn spawn_reader(
                 sink.send(&json_records(&deltas, &clock, &node_name, &name_of), next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
-                    .active_flows
+                    .flow_map_entries
                     .store(entries.len() as u64, Ordering::Relaxed);
                 stats
                     .last_read_micros
@@ -200,10 +200,11 @@ pub fn spawn_reader(
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
-    fn key(port: u16) -> FlowKey {
+    /// A UDP flow's key from `port` to 53 (the sink's tests share it).
+    pub fn key(port: u16) -> FlowKey {
         FlowKey {
             family: 4,
             protocol: 17,
@@ -213,7 +214,8 @@ mod tests {
         }
     }
 
-    fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
+    /// A flow's stats: `packets` of 100 bytes since `first_seen_ns`.
+    pub fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
         FlowStats {
             packets,
             bytes: packets * 100,

@@ -10,7 +10,8 @@ pub struct RecordStats {
     pub dropped: AtomicU64,
     /// Flows that vanished from the map between two reads: evicted by the LRU.
     pub evictions: AtomicU64,
-    pub active_flows: AtomicU64,
+    /// Entries of the flow map at the last read: its fill level.
+    pub flow_map_entries: AtomicU64,
     /// How long the last read and emit took, in microseconds.
     pub last_read_micros: AtomicU64,
     /// IPFIX messages (or whole intervals, when an exporter's queue was full) that did
@@ -24,7 +25,7 @@ impl RecordStats {
             emitted: self.emitted.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
-            active_flows: self.active_flows.load(Ordering::Relaxed),
+            flow_map_entries: self.flow_map_entries.load(Ordering::Relaxed),
             ipfix_export_errors: self.ipfix_export_errors.load(Ordering::Relaxed),
         }
     }
