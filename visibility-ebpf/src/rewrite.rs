@@ -49,8 +49,10 @@ pub fn words(addr: &[u8; 16]) -> [u32; 4] {
 /// `ipv6_dec_hoplimit` does through `BPF_F_RECOMPUTE_CSUM`).
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, packet: &Packet) -> Result<(), Counter> {
+    // The verdict passes a packet without a hop to spare (`PassTtlExpired`) before any
+    // rewrite, and the lab router checks first; a TTL of 0 here cannot be spent.
     let Some(ttl) = packet.ttl.checked_sub(1) else {
-        return Err(Counter::PassTtlExpired);
+        return Err(Counter::DroppedRewriteFailed);
     };
     match packet.family {
         Family::V4 => {
