@@ -15,6 +15,16 @@ pub struct CounterValue {
 // SAFETY: `#[repr(C)]`, `Copy`, two u64s.
 unsafe impl aya::Pod for CounterValue {}
 
+/// A slot's total over CPUs (the map is per CPU), for userspace.
+impl<'a> core::iter::Sum<&'a CounterValue> for CounterValue {
+    fn sum<I: Iterator<Item = &'a CounterValue>>(values: I) -> Self {
+        values.fold(CounterValue::default(), |sum, v| CounterValue {
+            packets: sum.packets + v.packets,
+            bytes: sum.bytes + v.bytes,
+        })
+    }
+}
+
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $variant:ident = $index:literal, $name:literal; )+) => {
         /// Index of a slot in the counters map.

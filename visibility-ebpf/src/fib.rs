@@ -13,6 +13,8 @@ use crate::rewrite::{Macs, words};
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// The parameters of a lookup from `src` to `dst` of `family`, as if the packet came
+/// in on (or, with `BPF_FIB_LOOKUP_OUTPUT`, went out of) `ifindex`.
 #[inline(always)]
 pub fn fib_params(family: Family, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibParams {
     // SAFETY: a plain C struct for which all-zero is a valid value.
@@ -49,6 +51,8 @@ pub fn lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
     }
 }
 
+/// The MACs of a successful lookup's answer: the next hop's and the output
+/// interface's, in the order of the Ethernet header.
 #[inline(always)]
 pub fn fib_macs(params: &FibParams) -> Macs {
     let mut macs = [0u8; 12];

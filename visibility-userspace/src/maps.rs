@@ -395,13 +395,7 @@ impl Maps {
                     .counters
                     .get(&slot(*hook, *counter), 0)
                     .map_err(MapsError::map(map_names::COUNTERS))?;
-                let sum = per_cpu
-                    .iter()
-                    .fold(CounterValue::default(), |acc, v| CounterValue {
-                        packets: acc.packets + v.packets,
-                        bytes: acc.bytes + v.bytes,
-                    });
-                out.push((*hook, *counter, sum));
+                out.push((*hook, *counter, per_cpu.iter().sum()));
             }
         }
         Ok(out)

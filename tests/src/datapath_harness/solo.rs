@@ -101,13 +101,7 @@ impl SoloProgram {
             for counter in Counter::ALL {
                 let slot = visibility_common::counters::slot(*hook, *counter);
                 let per_cpu = counters.get(&slot, 0)?;
-                let total = per_cpu
-                    .iter()
-                    .fold(CounterValue::default(), |sum, v| CounterValue {
-                        packets: sum.packets + v.packets,
-                        bytes: sum.bytes + v.bytes,
-                    });
-                out.push((*hook, *counter, total));
+                out.push((*hook, *counter, per_cpu.iter().sum()));
             }
         }
         Ok(out)
