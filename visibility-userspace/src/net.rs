@@ -93,3 +93,51 @@ pub fn node_addresses() -> Vec<IpAddr> {
     addrs.dedup();
     addrs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_parts(key: PrefixKey) -> (Family, u32, Vec<u8>) {
+        match key {
+            PrefixKey::V4(key) => (Family::V4, key.prefix_len(), key.data().to_vec()),
+            PrefixKey::V6(key) => (Family::V6, key.prefix_len(), key.data().to_vec()),
+        }
+    }
+
+    #[test]
+    fn prefixes_become_keys_of_their_network_and_back() {
+        for (given, network) in [
+            ("10.52.0.7/24", "10.52.0.0/24"),
+            ("10.52.0.2/32", "10.52.0.2/32"),
+            ("fd00:52::9/64", "fd00:52::/64"),
+        ] {
+            let net: IpNet = given.parse().unwrap();
+            let (family, prefix_len, data) = key_parts(PrefixKey::from(&net));
+            assert_eq!(family, family_of(&net));
+            assert_eq!(
+                net_from_key(family, prefix_len, &data),
+                Some(network.parse().unwrap()),
+                "{given}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_of_the_wrong_size_or_length_are_refused() {
+        assert_eq!(net_from_key(Family::V4, 24, &[10, 52, 0]), None);
+        assert_eq!(net_from_key(Family::V6, 64, &[0; 4]), None);
+        assert_eq!(net_from_key(Family::V4, 33, &[10, 52, 0, 0]), None);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_map_bytes() {
+        for addr in ["10.52.0.2", "fd00:52::3"] {
+            let addr: IpAddr = addr.parse().unwrap();
+            assert_eq!(
+                addr_from_bytes(family_of_addr(&addr), &addr_bytes(&addr)),
+                addr
+            );
+        }
+    }
+}
