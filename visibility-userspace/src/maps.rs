@@ -234,10 +234,10 @@ impl Maps {
     /// Pod CIDR, and no other. The daemon keeps the list; the datapath needs only
     /// the marks.
     pub fn set_node_addrs(&mut self, node_addrs: &[IpAddr]) -> Result<(), MapsError> {
-        for family in [Family::V4, Family::V6] {
-            self.sync_node_entries(family, node_addrs)?;
-        }
-        Ok(())
+        // Both families, even when one fails (its trie is full).
+        let v4 = self.sync_node_entries(Family::V4, node_addrs);
+        let v6 = self.sync_node_entries(Family::V6, node_addrs);
+        v4.and(v6)
     }
 
     /// Makes the trie's node-address entries the addresses of `node_addrs` of the
