@@ -200,31 +200,9 @@ pub fn spawn_reader(
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
-
-    /// A UDP flow's key from `port` to 53 (the sink's tests share it).
-    pub fn key(port: u16) -> FlowKey {
-        FlowKey {
-            family: 4,
-            protocol: 17,
-            src_port: port,
-            dst_port: 53,
-            ..Default::default()
-        }
-    }
-
-    /// A flow's stats: `packets` of 100 bytes since `first_seen_ns`.
-    pub fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
-        FlowStats {
-            packets,
-            bytes: packets * 100,
-            first_seen_ns,
-            last_seen_ns: first_seen_ns + 10,
-            path: 1,
-            ..Default::default()
-        }
-    }
+    use crate::flows::sink::tests::{key, stats};
 
     #[test]
     fn records_carry_interval_deltas_that_add_up_to_the_total() {

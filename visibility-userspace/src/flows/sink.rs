@@ -183,12 +183,34 @@ impl RotatingFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
+    use visibility_common::flow::{FlowKey, FlowStats};
+
     use super::*;
-    use crate::flows::{
-        records::tests::{key, stats as flow_stats},
-        view::{Clock, record},
-    };
+    use crate::flows::view::{Clock, record};
+
+    /// A UDP flow's key from `port` to 53 (the records' tests share it).
+    pub fn key(port: u16) -> FlowKey {
+        FlowKey {
+            family: 4,
+            protocol: 17,
+            src_port: port,
+            dst_port: 53,
+            ..Default::default()
+        }
+    }
+
+    /// A flow's stats: `packets` of 100 bytes since `first_seen_ns`.
+    pub fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
+        FlowStats {
+            packets,
+            bytes: packets * 100,
+            first_seen_ns,
+            last_seen_ns: first_seen_ns + 10,
+            path: 1,
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn files_rotate_by_size() {
@@ -219,7 +241,7 @@ mod tests {
             stats: stats.clone(),
         };
         let clock = Clock::now();
-        let r = record(&key(1), &flow_stats(1, 1), &clock, "n", &|_| None).unwrap();
+        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
         let started = Instant::now();
         sink.send(
             &[r.clone(), r.clone(), r],
@@ -245,7 +267,7 @@ mod tests {
         };
         let sink = Sink::start(spec, stats.clone()).unwrap();
         let clock = Clock::now();
-        let r = record(&key(1), &flow_stats(1, 1), &clock, "n", &|_| None).unwrap();
+        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
         let records = vec![r; QUEUE + 5_000];
         sink.send(&records, Instant::now() + Duration::from_secs(60));
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -260,5 +282,10 @@ mod tests {
         assert_eq!(text.lines().count(), records.len());
         assert!(text.ends_with('\n'));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One packet's stats, named apart from the tests' `stats` counters.
+    fn stats_for_record() -> FlowStats {
+        stats(1, 1)
     }
 }
