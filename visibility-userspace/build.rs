@@ -1,12 +1,15 @@
-//! Builds the eBPF object with aya-build and leaves it in OUT_DIR for
-//! `include_bytes_aligned!`. With AYA_BUILD_SKIP=1 (cargo check, clippy without
-//! nightly) an empty placeholder stands in, and loading reports that clearly.
+//! Builds the eBPF objects with aya-build and leaves them in OUT_DIR for
+//! `include_bytes_aligned!`: the datapath (`visibility-datapath`) and the benchmarks'
+//! programs (`visibility-bench`, which only the benches load). With AYA_BUILD_SKIP=1
+//! (cargo check, clippy without nightly) empty placeholders stand in, and loading
+//! reports that clearly.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 
 const EBPF_PACKAGE: &str = "visibility-ebpf";
-const EBPF_BINARY: &str = "visibility-datapath";
+/// The binaries of the eBPF package: the datapath, and the benchmarks' programs.
+const EBPF_BINARIES: [&str; 2] = ["visibility-datapath", "visibility-bench"];
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -23,9 +26,12 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )?;
-    let object = PathBuf::from(env::var("OUT_DIR")?).join(EBPF_BINARY);
-    if !object.exists() {
-        fs::write(&object, []).context("writing the placeholder eBPF object")?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    for binary in EBPF_BINARIES {
+        let object = out_dir.join(binary);
+        if !object.exists() {
+            fs::write(&object, []).context("writing a placeholder eBPF object")?;
+        }
     }
     Ok(())
 }

@@ -33,11 +33,14 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{HashMap, Map, MapData};
 use visibility::{
+    config::SinkSpec,
     datapath::{Datapath, LoadOptions, PinDir, remove_pins},
     flows::{
         batch::read_flows,
         record::FlowRecord,
-        records::{Aggregator, RecordStats, Sink, SinkSpec},
+        records::Aggregator,
+        sink::Sink,
+        stats::RecordStats,
         view::{Clock, interface_names},
     },
     maps::Maps,

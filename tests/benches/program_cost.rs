@@ -23,7 +23,7 @@ use aya::{
 };
 use visibility::datapath::ProgramKind;
 use visibility_common::{
-    counters::Counter, map_names, program_names, testing::FrameBuilder, testing::Transport,
+    bench_program_names, counters::Counter, map_names, testing::FrameBuilder, testing::Transport,
     verdict::Hook,
 };
 use visibility_tests::{
@@ -69,7 +69,7 @@ impl Case {
     fn program(&self) -> &'static str {
         match self.target {
             Target::Datapath(kind) => kind.name(),
-            Target::Baseline => program_names::BENCH_BASELINE,
+            Target::Baseline => bench_program_names::BENCH_BASELINE,
         }
     }
 
@@ -98,7 +98,7 @@ struct Baseline(SoloProgram);
 
 impl Baseline {
     fn load() -> Result<Self> {
-        let mut solo = SoloProgram::load(program_names::BENCH_BASELINE)?;
+        let mut solo = SoloProgram::load_bench(bench_program_names::BENCH_BASELINE)?;
         let cidr: ipnet::Ipv4Net = POD_CIDR_V4.parse()?;
         let map = solo
             .ebpf_mut()

@@ -107,20 +107,9 @@ impl ExemptRules {
 pub const POD_CIDR_ENTRY: u8 = 1;
 /// Value flag of a Pod-CIDR trie entry that is a node address (a host-length prefix)
 /// inside one of the Pod CIDRs. The datapath then needs one trie lookup per address,
-/// not a trie lookup and a node-address lookup; the node-address map stays the list
-/// the control plane keeps.
+/// not a trie lookup and a node-address lookup. The control plane keeps the list of
+/// the node's addresses (in userspace) and marks those a Pod CIDR covers.
 pub const NODE_ADDR_ENTRY: u8 = 2;
-
-/// Key of the node-address map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct NodeAddr {
-    /// IPv4 in the first four bytes, the rest zero.
-    pub addr: [u8; 16],
-    /// 4 or 6.
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
 
 /// Value of the Pod-interface map.
 #[repr(C)]
@@ -141,7 +130,6 @@ mod pod_impls {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, and have explicit padding.
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::ExemptRules {}
-    unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::PodIface {}
 }
 
@@ -188,6 +176,5 @@ mod tests {
         assert_eq!(core::mem::size_of::<PodIface>(), 8);
         assert_eq!(core::mem::size_of::<ExemptRule>(), 4);
         assert_eq!(core::mem::size_of::<ExemptRules>(), 4 + 8 * 4);
-        assert_eq!(core::mem::size_of::<NodeAddr>(), 20);
     }
 }

@@ -15,6 +15,16 @@ pub struct CounterValue {
 // SAFETY: `#[repr(C)]`, `Copy`, two u64s.
 unsafe impl aya::Pod for CounterValue {}
 
+/// A slot's total over CPUs (the map is per CPU), for userspace.
+impl<'a> core::iter::Sum<&'a CounterValue> for CounterValue {
+    fn sum<I: Iterator<Item = &'a CounterValue>>(values: I) -> Self {
+        values.fold(CounterValue::default(), |sum, v| CounterValue {
+            packets: sum.packets + v.packets,
+            bytes: sum.bytes + v.bytes,
+        })
+    }
+}
+
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $variant:ident = $index:literal, $name:literal; )+) => {
         /// Index of a slot in the counters map.
@@ -94,7 +104,8 @@ counters! {
     /// Passed: no gateway is configured for this address family.
     PassNoGateway = 15, "pass_no_gateway";
     /// Passed: a reply that the node's NAT rewrote and whose Pod source cannot be put
-    /// back (ICMP errors, protocols without ports, or its NAT-leg entry is gone).
+    /// back (ICMP errors, fragments, protocols without ports or an unreadable transport
+    /// header, or, on its return, its NAT-leg entry is gone).
     PassServiceReplyUnrestorable = 16, "pass_service_reply_unrestorable";
     /// Passed to the node's stack: claims a Pod source and a Pod destination of this
     /// node, but no flow of it was sent to the gateway; rp_filter and the node's filter
@@ -113,8 +124,9 @@ counters! {
     DroppedNoGatewayRoute = 21, "dropped_no_gateway_route";
     /// Dropped: rewriting the headers or the redirect failed.
     DroppedRewriteFailed = 22, "dropped_rewrite_failed";
-    /// Dropped: larger than the uplink's MTU; the sender was sent ICMP
-    /// fragmentation-needed (IPv4) or packet-too-big (IPv6), as a router does.
+    /// Dropped: larger than the uplink's MTU. The sender is sent ICMP
+    /// fragmentation-needed (IPv4) or packet-too-big (IPv6), as a router does, when the
+    /// node has an address on the uplink and the sender's route is in the cache.
     DroppedTooBig = 23, "dropped_too_big";
     /// A later fragment whose first fragment was not seen: sent on without ports
     /// (counted besides the verdict).

@@ -31,8 +31,6 @@ pub mod map_names {
     pub const EXEMPT_V4: &str = "VIS_EXEMPT_V4";
     /// `LpmTrie<[u8; 16], ExemptRules>`: IPv6 ranges that stay on the node.
     pub const EXEMPT_V6: &str = "VIS_EXEMPT_V6";
-    /// `HashMap<NodeAddr, u8>`: addresses the node itself owns.
-    pub const NODE_ADDRS: &str = "VIS_NODE_ADDRS";
     /// `HashMap<u32, PodIface>`: the Pod interfaces, by ifindex.
     pub const POD_IFACES: &str = "VIS_POD_IFACES";
     /// `LruHashMap<FlowKey, FlowStats>`: per-flow counters.
@@ -73,10 +71,15 @@ pub mod program_names {
     /// (jiffies, then the coarse monotonic clock, native-endian u64s) over the first 16
     /// bytes of the frame it is given.
     pub const CLOCK_SAMPLE: &str = "clock_sample";
+}
+
+/// Names of the TC programs in the benchmarks' eBPF object (`visibility-bench`), which
+/// only the benchmarks load; the daemon never does.
+pub mod bench_program_names {
     /// Benchmark baseline, never attached: parse and Pod CIDR lookup only.
     pub const BENCH_BASELINE: &str = "bench_baseline";
-    /// The benchmark lab's gateway fast path, never attached by the daemon: a router
-    /// in TC (FIB lookup, MACs, one hop) that stands in for a VPC off the node.
+    /// The benchmark lab's gateway fast path: a router in TC (FIB lookup, MACs, one
+    /// hop) that stands in for a VPC off the node.
     pub const LAB_ROUTER: &str = "lab_router";
 }
 

@@ -69,8 +69,9 @@ pub enum Family {
 /// Why a frame could not be classified; it is passed on unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParseError {
-    /// ARP, VLAN-tagged frames (the ethertype is the tag's, 0x8100) and any other
-    /// ethertype that is not IPv4 or IPv6.
+    /// ARP, VLAN-tagged frames whose tag is in the frame (the ethertype read is the
+    /// tag's, 0x8100 or 0x88a8, so they are passed as not IP) and any other ethertype
+    /// that is not IPv4 or IPv6.
     NotIp,
     /// The IP header is truncated, inconsistent or fails its checksum: a packet the
     /// kernel drops on receive, so it never reaches another Pod.

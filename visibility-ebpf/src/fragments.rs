@@ -12,30 +12,10 @@ use visibility_common::{
     packet::{FragmentPart, Packet},
 };
 
-use crate::maps::FRAGMENTS;
-
-/// Key of [`crate::maps::FRAGMENTS`]: one datagram in one direction.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct FragmentKey {
-    src: [u8; 16],
-    dst: [u8; 16],
-    id: u32,
-    family: u8,
-    protocol: u8,
-    _pad: [u8; 2],
-}
-
-/// Value of [`crate::maps::FRAGMENTS`].
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct FragmentEntry {
-    src_port: u16,
-    dst_port: u16,
-    /// The [`Counter`] of the first fragment's verdict.
-    verdict: u8,
-    _pad: [u8; 3],
-}
+use crate::{
+    maps::FRAGMENTS,
+    types::{FragmentEntry, FragmentKey},
+};
 
 impl FragmentEntry {
     /// The first fragment's verdict.

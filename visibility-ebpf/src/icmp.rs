@@ -2,7 +2,7 @@
 //! them when a packet does not fit the next link's MTU.
 //!
 //! The packet that did not fit is turned into the error in place: cut to its first
-//! [`INNER_LEN`] bytes, an IP and an ICMP header put in front, and sent back to the
+//! [`ICMP_QUOTE_LEN`] bytes, an IP and an ICMP header put in front, and sent back to the
 //! Pod that sent it, from the node's address on the uplink.
 
 use aya_ebpf::{
@@ -17,17 +17,13 @@ use visibility_common::{
 
 use crate::{
     maps::ICMP_SCRATCH,
-    redirect::{DROP, cached_pod_route, rewrite_macs},
+    outcome::DROP,
+    rewrite::rewrite_macs,
+    routes::cached_pod_route,
+    types::{ICMP_HEADER_LEN, ICMP_QUOTE_LEN, IPV6_HEADER_LEN, IcmpScratch},
 };
 
-/// How much of the packet the error carries: more than the IP header and the eight
-/// bytes of transport header that RFC 792 asks for (IPv4 options included), and
-/// enough of an IPv6 packet to reach its transport header past a few extension
-/// headers. Packets that are too big for a link are far longer.
-pub const INNER_LEN: usize = 128;
-const ICMP_HEADER_LEN: usize = 8;
 const IPV4_HEADER_LEN: usize = 20;
-const IPV6_HEADER_LEN: usize = 40;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
@@ -45,23 +41,13 @@ fn sum_words(bytes: &[u8]) -> u32 {
     sum
 }
 
-/// Room to build an error in: the value of [`crate::maps::ICMP_SCRATCH`].
-#[repr(C)]
-pub struct Scratch {
-    /// The head of the erring packet, from its IP header on.
-    quote: [u8; INNER_LEN],
-    /// The new IP header (IPv4 uses the first 20 bytes).
-    ip: [u8; IPV6_HEADER_LEN],
-    icmp: [u8; ICMP_HEADER_LEN],
-}
-
 /// Turns the packet into an ICMP error telling its sender that `mtu` is the most the
 /// path takes, and sends it to the sender. Returns the program's action: the error
 /// redirected to the sender's interface, or the packet dropped when the error cannot
 /// be made (no node address, the sender's route not known, a helper refused).
 #[inline(always)]
 pub fn send_too_big(ctx: &TcContext, packet: &Packet, gateway: &Gateway, mtu: u32) -> i32 {
-    if usize::from(packet.ip_len) < INNER_LEN || gateway.node_addr == [0; 16] {
+    if usize::from(packet.ip_len) < ICMP_QUOTE_LEN || gateway.node_addr == [0; 16] {
         return DROP;
     }
     // The way back to the sender: `pod_egress` checked the source's route a moment
@@ -76,13 +62,13 @@ pub fn send_too_big(ctx: &TcContext, packet: &Packet, gateway: &Gateway, mtu: u3
     let scratch = unsafe { &mut *scratch };
     // The helper itself, with a constant length: the verifier cannot prove the
     // length `TcContext::load_bytes` computes is not zero.
-    // SAFETY: `quote` is INNER_LEN writable bytes; the helper checks the packet.
+    // SAFETY: `quote` is ICMP_QUOTE_LEN writable bytes; the helper checks the packet.
     let loaded = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             ETH_HLEN as u32,
             scratch.quote.as_mut_ptr().cast(),
-            INNER_LEN as u32,
+            ICMP_QUOTE_LEN as u32,
         )
     };
     if loaded != 0 {
@@ -114,13 +100,13 @@ pub fn send_too_big(ctx: &TcContext, packet: &Packet, gateway: &Gateway, mtu: u3
     unsafe { bpf_redirect(route.ifindex, 0) as i32 }
 }
 
-/// Cuts the packet to its MAC header and its first [`INNER_LEN`] bytes, then opens
+/// Cuts the packet to its MAC header and its first [`ICMP_QUOTE_LEN`] bytes, then opens
 /// room for an IP header of `header_len` bytes and the ICMP header behind the MAC
 /// header. The kernel drops any GSO state as the packet shrinks.
 #[inline(always)]
 fn make_room(ctx: &TcContext, header_len: usize) -> bool {
     // SAFETY: plain helper call on the program's own skb.
-    let cut = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + INNER_LEN) as u32, 0) };
+    let cut = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ICMP_QUOTE_LEN) as u32, 0) };
     cut == 0
         && ctx
             .adjust_room((header_len + ICMP_HEADER_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
@@ -130,8 +116,8 @@ fn make_room(ctx: &TcContext, header_len: usize) -> bool {
 /// Fills `scratch` with the IPv4 and ICMP headers of a "fragmentation needed", from
 /// the node's address to the erring packet's source.
 #[inline(always)]
-fn icmpv4(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
-    let total = ((IPV4_HEADER_LEN + ICMP_HEADER_LEN + INNER_LEN) as u16).to_be_bytes();
+fn icmpv4(scratch: &mut IcmpScratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
+    let total = ((IPV4_HEADER_LEN + ICMP_HEADER_LEN + ICMP_QUOTE_LEN) as u16).to_be_bytes();
     let ip = &mut scratch.ip;
     *ip = [0; IPV6_HEADER_LEN];
     ip[0] = 0x45;
@@ -162,8 +148,8 @@ fn icmpv4(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
 
 /// Fills `scratch` with the IPv6 and ICMPv6 headers of a "packet too big".
 #[inline(always)]
-fn icmpv6(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
-    let payload = ((ICMP_HEADER_LEN + INNER_LEN) as u16).to_be_bytes();
+fn icmpv6(scratch: &mut IcmpScratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
+    let payload = ((ICMP_HEADER_LEN + ICMP_QUOTE_LEN) as u16).to_be_bytes();
     let ip = &mut scratch.ip;
     *ip = [0; IPV6_HEADER_LEN];
     ip[0] = 0x60;
@@ -176,8 +162,9 @@ fn icmpv6(scratch: &mut Scratch, packet: &Packet, gateway: &Gateway, mtu: u32) {
     let mtu = mtu.to_be_bytes();
     scratch.icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]];
     // The pseudo-header: both addresses, the upper-layer length and the next header.
-    let pseudo =
-        sum_words(&ip[8..40]) + (ICMP_HEADER_LEN + INNER_LEN) as u32 + u32::from(IPPROTO_ICMPV6);
+    let pseudo = sum_words(&ip[8..40])
+        + (ICMP_HEADER_LEN + ICMP_QUOTE_LEN) as u32
+        + u32::from(IPPROTO_ICMPV6);
     let check =
         fold_checksum(pseudo + sum_words(&scratch.icmp) + sum_words(&scratch.quote)).to_be_bytes();
     scratch.icmp[2] = check[0];

@@ -13,8 +13,8 @@ use visibility_common::{
 
 use crate::{
     maps::{EXEMPT_V4, EXEMPT_V6, FLOWS, POD_CIDRS_V4, POD_CIDRS_V6, POD_IFACES},
-    nat::PreStack,
-    redirect::pod_route,
+    routes::pod_route,
+    types::PreStack,
 };
 
 /// The lookups of one program run.

@@ -21,13 +21,19 @@
 )]
 
 mod account;
+mod fib;
 mod fragments;
 mod icmp;
 mod lookups;
 mod maps;
 mod nat;
+mod object;
+mod outcome;
 mod reader;
 mod redirect;
+mod rewrite;
+mod routes;
+mod types;
 
 use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
@@ -47,8 +53,8 @@ use crate::{
     lookups::MapLookups,
     maps::{CLOCK, LOG_LIMIT, NAT_LEGS, PACKET, SETTINGS},
     nat::{record_pre_stack, rewrite_source, take_pre_stack},
+    outcome::{DROP, Outcome, PASS},
     reader::SkbReader,
-    redirect::{Outcome, PASS},
 };
 
 #[classifier]
@@ -69,37 +75,6 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
     match try_uplink_ingress(&ctx) {
         Ok(action) | Err(action) => action,
-    }
-}
-
-/// Benchmark baseline, never attached: parses and looks up the destination's Pod
-/// CIDR, the least any program of this kind must do, so the benchmark can show what
-/// the rest of the datapath costs on top.
-#[classifier]
-pub fn bench_baseline(ctx: TcContext) -> i32 {
-    if let (Ok(packet), Some(settings)) =
-        (parse(&SkbReader(&ctx), ctx.len() as usize), SETTINGS.get(0))
-    {
-        let lookups = MapLookups::new(settings, &ctx, 0);
-        if visibility_common::verdict::Lookups::addr_kind(&lookups, packet.family, &packet.dst)
-            != visibility_common::verdict::AddrKind::Outside
-        {
-            return Outcome::pass(Counter::PassNotSameNode).action;
-        }
-    }
-    Outcome::pass(Counter::PassNotIp).action
-}
-
-/// The benchmark lab's stand-in for a VPC that does its work off the node, never
-/// attached by the daemon. On the gateway namespace's interface it routes what the
-/// gateway's FIB forwards straight back out, so the gateway's IP stack never runs;
-/// everything else (ARP, the gateway's own traffic, packets without a hop to spare)
-/// goes to that stack.
-#[classifier]
-pub fn lab_router(ctx: TcContext) -> i32 {
-    match parse(&SkbReader(&ctx), ctx.len() as usize) {
-        Ok(packet) => redirect::route(&ctx, &packet),
-        Err(_) => PASS,
     }
 }
 
@@ -141,7 +116,7 @@ pub fn clock_sample(ctx: TcContext) -> i32 {
     match reader::packet_ptr::<[u64; 2]>(&ctx, 0) {
         // SAFETY: `packet_ptr` checked the 16 bytes are in the linear data.
         Some(out) => unsafe { out.write_unaligned(sample) },
-        None => return redirect::DROP,
+        None => return DROP,
     }
     PASS
 }
@@ -401,13 +376,3 @@ fn deliver(
     }
     outcome
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -6,19 +6,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use visibility_common::{
-    DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_NODE_ADDRS, MAX_POD_IFACES,
+    DEFAULT_FLOW_CAPACITY, FRAGMENT_CAPACITY, MAX_EXEMPT_PREFIXES, MAX_POD_IFACES,
     NAT_LEG_CAPACITY, POD_ROUTE_CACHE_CAPACITY, POD_TRIE_CAPACITY,
     clock::JiffiesClock,
-    config::{ExemptRules, NodeAddr, PodIface, Settings},
+    config::{ExemptRules, PodIface, Settings},
     counters::{COUNTER_SLOTS, CounterValue},
     flow::{FlowKey, FlowStats, NatLeg},
     packet::Packet,
 };
 
-use crate::{
-    fragments::{FragmentEntry, FragmentKey},
-    nat::PreStack,
-    redirect::{GatewayRoute, PodRoute, PodRouteKey},
+use crate::types::{
+    FragmentEntry, FragmentKey, GatewayRoute, IcmpScratch, PodRoute, PodRouteKey, PreStack,
 };
 
 #[map(name = "VIS_SETTINGS")]
@@ -35,11 +33,6 @@ pub static EXEMPT_V4: LpmTrie<[u8; 4], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT
 
 #[map(name = "VIS_EXEMPT_V6")]
 pub static EXEMPT_V6: LpmTrie<[u8; 16], ExemptRules> = LpmTrie::pinned(MAX_EXEMPT_PREFIXES, 0);
-
-/// The node's addresses, as the control plane keeps them. The datapath does not read
-/// it: the Pod-CIDR tries carry the node addresses that matter to it.
-#[map(name = "VIS_NODE_ADDRS")]
-pub static NODE_ADDRS: HashMap<NodeAddr, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
 
 #[map(name = "VIS_POD_IFACES")]
 pub static POD_IFACES: HashMap<u32, PodIface> = HashMap::pinned(MAX_POD_IFACES, 0);
@@ -82,7 +75,7 @@ pub static NEW_FLOW: PerCpuArray<FlowStats> = PerCpuArray::with_max_entries(1, 0
 /// Each CPU's room for building an ICMP error: too large for the program's stack. A
 /// scratch slot, not pinned.
 #[map(name = "VIS_ICMP_SCRATCH")]
-pub static ICMP_SCRATCH: PerCpuArray<crate::icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static ICMP_SCRATCH: PerCpuArray<IcmpScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// How to turn jiffies into the coarse monotonic clock, as the daemon measured it.
 /// Pinned, so a restarted daemon finds it measured.

@@ -17,23 +17,7 @@ use visibility_common::{
     verdict::NodeNat,
 };
 
-use crate::{maps::PRE_STACK, redirect::words};
-
-/// A packet's addresses and ports as `pod_ingress` saw them: the value of
-/// [`crate::maps::PRE_STACK`].
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub struct PreStack {
-    src: [u8; 16],
-    dst: [u8; 16],
-    src_port: u16,
-    dst_port: u16,
-    /// The interface `pod_ingress` ran on; 0 before the first packet.
-    ifindex: u32,
-    family: u8,
-    protocol: u8,
-    _pad: [u8; 6],
-}
+use crate::{maps::PRE_STACK, rewrite::words, types::PreStack};
 
 /// Records `packet` as the Pod on `ifindex` sent it.
 #[inline(always)]

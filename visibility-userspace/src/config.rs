@@ -6,16 +6,13 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     str::FromStr,
+    time::Duration,
 };
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{
-    error::InputError,
-    flows::records::{SinkSpec, parse_interval},
-    maps::Exemption,
-};
+use crate::{error::InputError, maps::Exemption};
 
 /// Everything the daemon can be told. Every field is optional so that layers only
 /// override what they set. The same keys serve the file, the flags and the
@@ -409,6 +406,40 @@ impl NodeConfig {
     }
 }
 
+/// Aggregation intervals VPC flow logs offer.
+pub const INTERVALS: [(&str, u64); 6] = [
+    ("5s", 5),
+    ("30s", 30),
+    ("1m", 60),
+    ("5m", 300),
+    ("10m", 600),
+    ("15m", 900),
+];
+
+/// Parses one of [`INTERVALS`].
+pub fn parse_interval(text: &str) -> Option<Duration> {
+    INTERVALS
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, secs)| Duration::from_secs(*secs))
+}
+
+/// Where records go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// JSON lines on standard output.
+    #[default]
+    Stdout,
+    /// JSON lines in a file, rotated at `max_bytes` into `path.1` … `path.<keep>`.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        keep: u32,
+    },
+    /// No records.
+    Off,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,5 +554,12 @@ mod tests {
         };
         let resolved = NodeConfig::resolve(both).unwrap();
         assert!(resolved.gateway_v4.is_some() && resolved.gateway_v6.is_some());
+    }
+
+    #[test]
+    fn intervals_are_the_vpc_flow_log_ones() {
+        assert_eq!(parse_interval("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_interval("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_interval("7s"), None);
     }
 }

@@ -4,7 +4,7 @@
 //! Layout under the pin directory (root-only):
 //! - `maps/VIS_*`: every map, pinned by name by the loader;
 //! - `programs/{pod_ingress,pod_egress,uplink_ingress}`, and `programs/clock_sample`,
-//!   never attached, which [`Datapath::sync_clock`] runs to measure the datapath's clock;
+//!   never attached, which [`crate::clock::sync_clock`] runs to measure the datapath's clock;
 //! - `links/if<ifindex>_<program>`: TCX links, so attachments outlive the daemon.
 //!
 //! Kernels before 6.6 have no TCX; there programs attach as clsact filters, which
@@ -25,16 +25,20 @@ use aya::{
     },
     util::KernelVersion,
 };
-use visibility_common::{
-    clock::{ClockSample, JiffiesClock, MIN_TICKS_BETWEEN_SAMPLES},
-    global_names, map_names, program_names,
-};
+use visibility_common::{clock::ClockSample, global_names, map_names, program_names};
 
-use crate::{error::DatapathError, maps::Maps};
+use crate::error::DatapathError;
 
 /// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
+
+/// The benchmarks' eBPF object (`bench_baseline`, `lab_router`), built by build.rs
+/// next to the datapath's; empty when built with AYA_BUILD_SKIP. Only the benches and
+/// their lab load it (feature `bench-programs`); the daemon never does.
+#[cfg(feature = "bench-programs")]
+pub static BENCH_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-bench"));
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/visibility";
@@ -169,7 +173,7 @@ pub struct Datapath {
     pins: PinDir,
     programs: Vec<(ProgramKind, SchedClassifier)>,
     mode: AttachMode,
-    /// Samples the kernel's clocks (see [`Datapath::sync_clock`]); `None` when adopting
+    /// Samples the kernel's clocks (see [`crate::clock::sync_clock`]); `None` when adopting
     /// a datapath pinned before it existed, whose programs read the clock themselves.
     clock_sample: Option<SchedClassifier>,
     /// Forwards the programs' aya-log records. Kept alive for as long as the programs:
@@ -266,34 +270,8 @@ impl Datapath {
         Ok((datapath, origin))
     }
 
-    /// Measures how the kernel's tick count maps onto the coarse monotonic clock, or,
-    /// once measured, takes the offset anew (NTP slews the monotonic clock), and writes
-    /// it to the clock map, from which the programs read the time without a helper
-    /// call. The first measurement waits a few ticks (at most about 60 ms).
-    pub fn sync_clock(&self, maps: &mut Maps) -> Result<JiffiesClock, DatapathError> {
-        let first = self.sample_clock()?;
-        let current = maps.clock()?;
-        let clock = if current.ns_per_tick != 0 {
-            current.resynced(first)
-        } else {
-            let mut measured = None;
-            for _ in 0..6 {
-                std::thread::sleep(std::time::Duration::from_millis(
-                    10 * MIN_TICKS_BETWEEN_SAMPLES.div_ceil(4),
-                ));
-                measured = JiffiesClock::from_samples(first, self.sample_clock()?);
-                if measured.is_some() {
-                    break;
-                }
-            }
-            measured.ok_or(DatapathError::ClockUnmeasurable)?
-        };
-        maps.set_clock(clock)?;
-        Ok(clock)
-    }
-
     /// Both of the kernel's clocks at one instant, from `clock_sample`.
-    fn sample_clock(&self) -> Result<ClockSample, DatapathError> {
+    pub fn sample_clock(&self) -> Result<ClockSample, DatapathError> {
         let program = self
             .clock_sample
             .as_ref()

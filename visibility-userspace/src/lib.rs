@@ -1,5 +1,6 @@
 //! The node daemon and operator CLI of intranode visibility.
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod datapath;

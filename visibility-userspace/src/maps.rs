@@ -3,15 +3,15 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use visibility_common::{
     clock::JiffiesClock,
     config::{
-        ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NODE_ADDR_ENTRY, NodeAddr,
-        POD_CIDR_ENTRY, PodIface, Settings,
+        ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NODE_ADDR_ENTRY, POD_CIDR_ENTRY,
+        PodIface, Settings,
     },
-    counters::{COUNTERS_PER_HOOK, Counter, CounterValue},
+    counters::{Counter, CounterValue, slot},
     flow::{FlowKey, FlowStats},
     map_names,
     packet::Family,
@@ -21,7 +21,7 @@ use visibility_common::{
 use crate::{
     datapath::PinDir,
     error::MapsError,
-    net::{addr_bytes, family_of},
+    net::{PrefixKey, family_of, family_of_addr, net_from_key},
 };
 
 /// A prefix exempted for a protocol and port (each possibly any).
@@ -41,7 +41,6 @@ pub struct Maps {
     pods_v6: LpmTrie<MapData, [u8; 16], u8>,
     exempt_v4: LpmTrie<MapData, [u8; 4], ExemptRules>,
     exempt_v6: LpmTrie<MapData, [u8; 16], ExemptRules>,
-    node_addrs: HashMap<MapData, NodeAddr, u8>,
     pod_ifaces: HashMap<MapData, u32, PodIface>,
     // Opened as a HashMap: aya reads LRU hash maps through the same type.
     flows: HashMap<MapData, FlowKey, FlowStats>,
@@ -57,18 +56,6 @@ where
     let data = MapData::from_pin(pins.map(name)).map_err(MapsError::map(name))?;
     let map = Map::from_map_data(data).map_err(MapsError::map(name))?;
     T::try_from(map).map_err(MapsError::map(name))
-}
-
-fn v4_key(net: &IpNet) -> Key<[u8; 4]> {
-    let bytes = addr_bytes(&net.network());
-    Key::new(
-        u32::from(net.prefix_len()),
-        [bytes[0], bytes[1], bytes[2], bytes[3]],
-    )
-}
-
-fn v6_key(net: &IpNet) -> Key<[u8; 16]> {
-    Key::new(u32::from(net.prefix_len()), addr_bytes(&net.network()))
 }
 
 fn pod_trie_name(family: Family) -> &'static str {
@@ -87,14 +74,6 @@ fn exact_flags(entries: &[(IpNet, u8)], net: &IpNet) -> u8 {
         .map_or(0, |(_, flags)| *flags)
 }
 
-fn net_from_key(family: Family, prefix_len: u32, data: &[u8]) -> Option<IpNet> {
-    let addr = match family {
-        Family::V4 => IpAddr::from(<[u8; 4]>::try_from(data).ok()?),
-        Family::V6 => IpAddr::from(<[u8; 16]>::try_from(data).ok()?),
-    };
-    IpNet::new(addr, u8::try_from(prefix_len).ok()?).ok()
-}
-
 impl Maps {
     /// Opens the maps pinned under `pins`.
     pub fn open(pins: &PinDir) -> Result<Self, MapsError> {
@@ -107,7 +86,6 @@ impl Maps {
             pods_v6: open(pins, map_names::POD_CIDRS_V6)?,
             exempt_v4: open(pins, map_names::EXEMPT_V4)?,
             exempt_v6: open(pins, map_names::EXEMPT_V6)?,
-            node_addrs: open(pins, map_names::NODE_ADDRS)?,
             pod_ifaces: open(pins, map_names::POD_IFACES)?,
             flows: open(pins, map_names::FLOWS)?,
             counters: open(pins, map_names::COUNTERS)?,
@@ -163,8 +141,10 @@ impl Maps {
         })
     }
 
-    /// Adds a Pod CIDR (idempotent).
-    pub fn add_pod_cidr(&mut self, net: &IpNet) -> Result<(), MapsError> {
+    /// Adds a Pod CIDR (idempotent), and marks the node addresses among `node_addrs`
+    /// that it covers (the daemon's reconcile marks the node's addresses anew; see
+    /// [`Maps::set_node_addrs`]).
+    pub fn add_pod_cidr(&mut self, net: &IpNet, node_addrs: &[IpAddr]) -> Result<(), MapsError> {
         let net = net.trunc();
         let family = family_of(&net);
         let entries = self.pod_trie_entries(family);
@@ -184,7 +164,9 @@ impl Maps {
             });
         }
         self.set_pod_trie_entry(&net, flags | POD_CIDR_ENTRY)?;
-        self.sync_node_entries(family)
+        let mut marked = self.node_entries(family);
+        marked.extend(node_addrs.iter().filter(|addr| net.contains(*addr)));
+        self.sync_node_entries(family, &marked)
     }
 
     /// Removes a Pod CIDR; false when it was not there.
@@ -195,8 +177,9 @@ impl Maps {
         if flags & POD_CIDR_ENTRY == 0 {
             return Ok(false);
         }
+        let marked = self.node_entries(family);
         self.set_pod_trie_entry(&net, flags & !POD_CIDR_ENTRY)?;
-        self.sync_node_entries(family)?;
+        self.sync_node_entries(family, &marked)?;
         Ok(true)
     }
 
@@ -214,57 +197,66 @@ impl Maps {
     /// Every entry of the family's Pod-CIDR trie with its flags: the Pod CIDRs and
     /// the node addresses they cover.
     fn pod_trie_entries(&self, family: Family) -> Vec<(IpNet, u8)> {
-        fn collect<K: aya::Pod + AsRef<[u8]>>(
-            trie: &LpmTrie<MapData, K, u8>,
-            family: Family,
-        ) -> Vec<(IpNet, u8)> {
-            trie.iter()
-                .filter_map(Result::ok)
-                .filter_map(|(key, flags)| {
-                    Some((
-                        net_from_key(family, key.prefix_len(), key.data().as_ref())?,
-                        flags,
-                    ))
-                })
-                .collect()
-        }
         match family {
-            Family::V4 => collect(&self.pods_v4, family),
-            Family::V6 => collect(&self.pods_v6, family),
+            Family::V4 => trie_entries(&self.pods_v4, family),
+            Family::V6 => trie_entries(&self.pods_v6, family),
         }
     }
 
     /// Sets the flags of one trie entry; no flags removes it.
     fn set_pod_trie_entry(&mut self, net: &IpNet, flags: u8) -> Result<(), MapsError> {
-        let family = family_of(net);
-        let map = pod_trie_name(family);
+        let map = pod_trie_name(family_of(net));
+        let key = PrefixKey::from(net);
         if flags == 0 {
-            let result = match family {
-                Family::V4 => self.pods_v4.remove(&v4_key(net)),
-                Family::V6 => self.pods_v6.remove(&v6_key(net)),
+            let result = match key {
+                PrefixKey::V4(key) => self.pods_v4.remove(&key),
+                PrefixKey::V6(key) => self.pods_v6.remove(&key),
             };
             return absent_is_false(result, map).map(|_| ());
         }
-        let result = match family {
-            Family::V4 => self.pods_v4.insert(&v4_key(net), flags, 0),
-            Family::V6 => self.pods_v6.insert(&v6_key(net), flags, 0),
+        let result = match key {
+            PrefixKey::V4(key) => self.pods_v4.insert(&key, flags, 0),
+            PrefixKey::V6(key) => self.pods_v6.insert(&key, flags, 0),
         };
         result.map_err(|e| full_or(e, map, visibility_common::POD_TRIE_CAPACITY))
     }
 
-    /// Makes the trie's node-address entries the node addresses inside a Pod CIDR,
-    /// after either list changed.
-    fn sync_node_entries(&mut self, family: Family) -> Result<(), MapsError> {
+    /// The node addresses the family's trie marks now.
+    fn node_entries(&self, family: Family) -> Vec<IpAddr> {
+        self.pod_trie_entries(family)
+            .into_iter()
+            .filter(|(_, flags)| flags & NODE_ADDR_ENTRY != 0)
+            .map(|(net, _)| net.addr())
+            .collect()
+    }
+
+    /// Makes the node's addresses `node_addrs`: the Pod-CIDR tries mark those inside a
+    /// Pod CIDR, and no other. The daemon keeps the list; the datapath needs only
+    /// the marks.
+    pub fn set_node_addrs(&mut self, node_addrs: &[IpAddr]) -> Result<(), MapsError> {
+        // Both families, even when one fails (its trie is full).
+        let v4 = self.sync_node_entries(Family::V4, node_addrs);
+        let v6 = self.sync_node_entries(Family::V6, node_addrs);
+        v4.and(v6)
+    }
+
+    /// Makes the trie's node-address entries the addresses of `node_addrs` of the
+    /// family that are inside a Pod CIDR, after either list changed.
+    fn sync_node_entries(
+        &mut self,
+        family: Family,
+        node_addrs: &[IpAddr],
+    ) -> Result<(), MapsError> {
         let entries = self.pod_trie_entries(family);
         let cidrs: Vec<IpNet> = entries
             .iter()
             .filter(|(_, flags)| flags & POD_CIDR_ENTRY != 0)
             .map(|(net, _)| *net)
             .collect();
-        let wanted: Vec<IpNet> = self
-            .node_addrs()
-            .into_iter()
-            .filter(|addr| family_of(&IpNet::from(*addr)) == family)
+        let wanted: Vec<IpNet> = node_addrs
+            .iter()
+            .copied()
+            .filter(|addr| family_of_addr(addr) == family)
             .filter(|addr| cidrs.iter().any(|cidr| cidr.contains(addr)))
             .map(IpNet::from)
             .collect();
@@ -285,20 +277,9 @@ impl Maps {
     /// The exemptions as the operator gave them (inherited copies left out).
     pub fn exemptions(&self) -> Vec<Exemption> {
         let mut found = Vec::new();
-        let v4 = self
-            .exempt_v4
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Family::V4, k.prefix_len(), k.data().to_vec(), v));
-        let v6 = self
-            .exempt_v6
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Family::V6, k.prefix_len(), k.data().to_vec(), v));
-        for (family, prefix_len, data, rules) in v4.chain(v6) {
-            let Some(cidr) = net_from_key(family, prefix_len, &data) else {
-                continue;
-            };
+        let v4 = trie_entries(&self.exempt_v4, Family::V4);
+        let v6 = trie_entries(&self.exempt_v6, Family::V6);
+        for (cidr, rules) in v4.into_iter().chain(v6) {
             let len = (rules.len as usize).min(MAX_EXEMPT_RULES);
             for rule in rules.rules[..len].iter().filter(|r| r.inherited == 0) {
                 found.push(Exemption {
@@ -357,17 +338,11 @@ impl Maps {
         // Write the new entries first, then remove stale ones, so no packet sees an
         // exemption missing that stays.
         for (prefix, value) in &values {
-            match family_of(prefix) {
-                Family::V4 => self.exempt_v4.insert(&v4_key(prefix), value, 0),
-                Family::V6 => self.exempt_v6.insert(&v6_key(prefix), value, 0),
-            }
-            .map_err(|e| {
-                full_or(
-                    e,
-                    map_names::EXEMPT_V4,
-                    visibility_common::MAX_EXEMPT_PREFIXES,
-                )
-            })?;
+            let (result, map) = match PrefixKey::from(prefix) {
+                PrefixKey::V4(key) => (self.exempt_v4.insert(&key, value, 0), map_names::EXEMPT_V4),
+                PrefixKey::V6(key) => (self.exempt_v6.insert(&key, value, 0), map_names::EXEMPT_V6),
+            };
+            result.map_err(|e| full_or(e, map, visibility_common::MAX_EXEMPT_PREFIXES))?;
         }
         // Announce exemptions before removing stale ones, and stop announcing them only
         // once none is left, so the datapath never skips a lookup it needs.
@@ -375,67 +350,12 @@ impl Maps {
             self.update_settings(|s| s.has_exemptions = 1)?;
         }
         let keep: Vec<IpNet> = values.iter().map(|(p, _)| *p).collect();
-        let stale_v4: Vec<_> = self
-            .exempt_v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                net_from_key(Family::V4, k.prefix_len(), &k.data())
-                    .is_none_or(|n| !keep.contains(&n))
-            })
-            .collect();
-        for key in stale_v4 {
-            let _ = self.exempt_v4.remove(&key);
-        }
-        let stale_v6: Vec<_> = self
-            .exempt_v6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                net_from_key(Family::V6, k.prefix_len(), &k.data())
-                    .is_none_or(|n| !keep.contains(&n))
-            })
-            .collect();
-        for key in stale_v6 {
-            let _ = self.exempt_v6.remove(&key);
-        }
+        remove_stale(&mut self.exempt_v4, Family::V4, &keep);
+        remove_stale(&mut self.exempt_v6, Family::V6, &keep);
         if values.is_empty() {
             self.update_settings(|s| s.has_exemptions = 0)?;
         }
         Ok(())
-    }
-
-    pub fn add_node_addr(&mut self, addr: &IpAddr) -> Result<(), MapsError> {
-        self.node_addrs
-            .insert(node_addr(addr), 1, 0)
-            .map_err(|e| full_or(e, map_names::NODE_ADDRS, visibility_common::MAX_NODE_ADDRS))?;
-        self.sync_node_entries(family_of(&IpNet::from(*addr)))
-    }
-
-    pub fn remove_node_addr(&mut self, addr: &IpAddr) -> Result<bool, MapsError> {
-        let removed = absent_is_false(
-            self.node_addrs.remove(&node_addr(addr)),
-            map_names::NODE_ADDRS,
-        )?;
-        if removed {
-            self.sync_node_entries(family_of(&IpNet::from(*addr)))?;
-        }
-        Ok(removed)
-    }
-
-    pub fn node_addrs(&self) -> Vec<IpAddr> {
-        let mut addrs: Vec<IpAddr> = self
-            .node_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter_map(|k| match k.family {
-                4 => Some(IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])),
-                6 => Some(IpAddr::from(k.addr)),
-                _ => None,
-            })
-            .collect();
-        addrs.sort();
-        addrs
     }
 
     /// Registers a Pod interface; `route_ifindex` is where the node routes the Pod's
@@ -471,18 +391,11 @@ impl Maps {
         let mut out = Vec::new();
         for hook in Hook::ALL {
             for counter in Counter::ALL {
-                let index = *hook as u32 * COUNTERS_PER_HOOK + *counter as u32;
                 let per_cpu = self
                     .counters
-                    .get(&index, 0)
+                    .get(&slot(*hook, *counter), 0)
                     .map_err(MapsError::map(map_names::COUNTERS))?;
-                let sum = per_cpu
-                    .iter()
-                    .fold(CounterValue::default(), |acc, v| CounterValue {
-                        packets: acc.packets + v.packets,
-                        bytes: acc.bytes + v.bytes,
-                    });
-                out.push((*hook, *counter, sum));
+                out.push((*hook, *counter, per_cpu.iter().sum()));
             }
         }
         Ok(out)
@@ -500,15 +413,39 @@ impl Maps {
     }
 }
 
-fn node_addr(addr: &IpAddr) -> NodeAddr {
-    let family = match addr {
-        IpAddr::V4(_) => Family::V4,
-        IpAddr::V6(_) => Family::V6,
-    };
-    NodeAddr {
-        addr: addr_bytes(addr),
-        family: family as u8,
-        _pad: [0; 3],
+/// Every entry of one of the LPM tries, as prefixes with their values.
+fn trie_entries<K, V>(trie: &LpmTrie<MapData, K, V>, family: Family) -> Vec<(IpNet, V)>
+where
+    K: aya::Pod + AsRef<[u8]>,
+    V: aya::Pod,
+{
+    trie.iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, value)| {
+            Some((
+                net_from_key(family, key.prefix_len(), key.data().as_ref())?,
+                value,
+            ))
+        })
+        .collect()
+}
+
+/// Removes the entries of one of the LPM tries whose prefix is not in `keep`.
+fn remove_stale<K, V>(trie: &mut LpmTrie<MapData, K, V>, family: Family, keep: &[IpNet])
+where
+    K: aya::Pod + AsRef<[u8]>,
+    V: aya::Pod,
+{
+    let stale: Vec<_> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| {
+            net_from_key(family, key.prefix_len(), key.data().as_ref())
+                .is_none_or(|net| !keep.contains(&net))
+        })
+        .collect();
+    for key in stale {
+        let _ = trie.remove(&key);
     }
 }
 

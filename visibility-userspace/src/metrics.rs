@@ -15,7 +15,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::{datapath::PinDir, flows::records::RecordStats, maps::Maps, state::DaemonStatus};
+use crate::{datapath::PinDir, flows::stats::RecordStats, maps::Maps, state::DaemonStatus};
 
 /// What the daemon shares with the endpoint.
 #[derive(Default)]
@@ -103,12 +103,12 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
     let enabled = maps.settings().map(|s| i64::from(s.enabled)).unwrap_or(0);
     scrape.gauge("visibility_enabled", "1 when visibility is on", enabled);
     let records = &shared.records;
-    let active = records.active_flows.load(Ordering::Relaxed);
+    let entries = records.flow_map_entries.load(Ordering::Relaxed);
     let capacity = maps.flow_capacity();
     scrape.gauge(
         "visibility_flow_map_entries",
         "Flows in the flow map at the last read",
-        i64::try_from(active).unwrap_or(i64::MAX),
+        i64::try_from(entries).unwrap_or(i64::MAX),
     );
     scrape.gauge(
         "visibility_flow_map_max_entries",
@@ -121,7 +121,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         if capacity == 0 {
             0.0
         } else {
-            active as f64 / f64::from(capacity)
+            entries as f64 / f64::from(capacity)
         },
     );
     scrape.counter(

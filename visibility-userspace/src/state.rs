@@ -70,7 +70,10 @@ pub struct RecordCounts {
     pub dropped: u64,
     /// Flows the LRU evicted between two reads.
     pub evictions: u64,
-    pub active_flows: u64,
+    /// Entries of the flow map at the last read: its fill level. Named `active_flows`
+    /// before; a status file an older daemon wrote is read under that name too.
+    #[serde(alias = "active_flows")]
+    pub flow_map_entries: u64,
     /// IPFIX messages or intervals that did not reach a collector.
     #[serde(default)]
     pub ipfix_export_errors: u64,

@@ -55,9 +55,7 @@ impl PinnedDatapath {
         );
         let loaded = Self { datapath, guard };
         // As the daemon does, so that the programs read the clock as they do there.
-        loaded
-            .datapath
-            .sync_clock(&mut loaded.maps()?)
+        visibility::clock::sync_clock(&loaded.datapath, &mut loaded.maps()?)
             .context("measuring the datapath's clock")?;
         Ok(loaded)
     }
@@ -112,7 +110,7 @@ pub fn is_errno(error: &anyhow::Error, errno: i32) -> bool {
 pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
     for cidr in [POD_CIDR_V4, POD_CIDR_V6] {
         let net: IpNet = cidr.parse()?;
-        maps.add_pod_cidr(&net)?;
+        maps.add_pod_cidr(&net, &[])?;
     }
     let node_addrs: [IpAddr; 4] = [
         POD_GATEWAY_V4.into(),
@@ -120,9 +118,7 @@ pub fn configure_like_daemon(maps: &mut Maps, uplink: u32) -> Result<()> {
         NODE_IPV4.into(),
         NODE_IPV6.into(),
     ];
-    for addr in &node_addrs {
-        maps.add_node_addr(addr)?;
-    }
+    maps.set_node_addrs(&node_addrs)?;
     for (family, addr, node_addr) in [
         (
             Family::V4,

@@ -9,9 +9,10 @@
 //!   check against (MACs, ifindexes), with [`DatapathLab::run`] to run a program on one
 //!   frame and readers for counters, flows and NAT legs.
 //! * [`test_run`]: runs any `SchedClassifier` on a frame inside a namespace.
-//! * [`SoloProgram`]: one program of the object loaded on its own (the benchmarks'
-//!   `bench_baseline` and `lab_router`), and [`GatewayRouter`]: `lab_router` on the lab
-//!   gateway, the benchmarks' stand-in for a VPC that works off the node.
+//! * [`SoloProgram`]: one program of an object loaded on its own (the benchmarks'
+//!   `bench_baseline` and `lab_router`, from their own object, or one of the datapath's),
+//!   and [`GatewayRouter`]: `lab_router` on the lab gateway, the benchmarks' stand-in for
+//!   a VPC that works off the node.
 //!
 //! `BPF_PROG_TEST_RUN` runs the program in the calling thread's network namespace: the
 //! `ifindex` of the context names a device of that namespace, and `bpf_fib_lookup`

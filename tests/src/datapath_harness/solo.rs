@@ -1,14 +1,16 @@
-//! One program of the eBPF object loaded on its own (the benchmarks' `bench_baseline`
-//! and `lab_router`), and `lab_router` attached to the lab gateway.
+//! One program of an eBPF object loaded on its own (the benchmarks' `bench_baseline`
+//! and `lab_router`, from their own object, or one of the datapath's), and
+//! `lab_router` attached to the lab gateway.
 
 use std::fs;
 
 use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use visibility::datapath::{EBPF_OBJECT, PinDir};
+use visibility::datapath::{BENCH_EBPF_OBJECT, EBPF_OBJECT, PinDir};
 use visibility_common::{
+    bench_program_names,
     counters::{Counter, CounterValue},
-    map_names, program_names,
+    map_names,
     verdict::Hook,
 };
 
@@ -18,7 +20,7 @@ use super::{
 };
 use crate::lab::{GATEWAY_IFNAME, Lab, Netns};
 
-/// One program of the eBPF object, loaded on its own: the object's maps (declared
+/// One program of an eBPF object, loaded on its own: the object's maps (declared
 /// pinned by name) go to a scratch pin directory of its own. Dropping it unloads the
 /// program and removes the directory.
 pub struct SoloProgram {
@@ -29,19 +31,29 @@ pub struct SoloProgram {
 }
 
 impl SoloProgram {
-    /// Loads program `name` (one of [`visibility_common::program_names`]).
+    /// Loads program `name` of the datapath's object (one of
+    /// [`visibility_common::program_names`]).
     pub fn load(name: &'static str) -> Result<Self> {
-        require_root()?;
-        retry_interrupted_load(|| Self::load_once(name))
+        Self::load_from(EBPF_OBJECT, name)
     }
 
-    fn load_once(name: &'static str) -> Result<Self> {
+    /// Loads program `name` of the benchmarks' object (`bench_baseline`, `lab_router`).
+    pub fn load_bench(name: &'static str) -> Result<Self> {
+        Self::load_from(BENCH_EBPF_OBJECT, name)
+    }
+
+    fn load_from(object: &'static [u8], name: &'static str) -> Result<Self> {
+        require_root()?;
+        retry_interrupted_load(|| Self::load_once(object, name))
+    }
+
+    fn load_once(object: &'static [u8], name: &'static str) -> Result<Self> {
         let guard = PinDirGuard::new(unique_pin_path(name));
         fs::create_dir_all(guard.path())
             .with_context(|| format!("creating {}", guard.path().display()))?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(guard.path())
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object")?;
         let mut solo = Self { ebpf, name, guard };
         solo.program_mut()?
@@ -89,13 +101,7 @@ impl SoloProgram {
             for counter in Counter::ALL {
                 let slot = visibility_common::counters::slot(*hook, *counter);
                 let per_cpu = counters.get(&slot, 0)?;
-                let total = per_cpu
-                    .iter()
-                    .fold(CounterValue::default(), |sum, v| CounterValue {
-                        packets: sum.packets + v.packets,
-                        bytes: sum.bytes + v.bytes,
-                    });
-                out.push((*hook, *counter, total));
+                out.push((*hook, *counter, per_cpu.iter().sum()));
             }
         }
         Ok(out)
@@ -117,8 +123,8 @@ pub struct GatewayRouter {
 impl GatewayRouter {
     /// Attaches the router to the gateway's interface, ahead of its IP stack.
     pub fn attach(lab: &Lab) -> Result<Self> {
-        let mut program = SoloProgram::load(program_names::LAB_ROUTER)?;
-        let pinned = program.pins().path().join(program_names::LAB_ROUTER);
+        let mut program = SoloProgram::load_bench(bench_program_names::LAB_ROUTER)?;
+        let pinned = program.pins().path().join(bench_program_names::LAB_ROUTER);
         program
             .program_mut()?
             .pin(&pinned)

@@ -102,7 +102,7 @@ pub fn pod_cidr_add(pin_dir: &Path, cidr: &str) -> Result<(), CliError> {
         println!("{net} is already a Pod CIDR");
         return Ok(());
     }
-    maps.add_pod_cidr(&net)?;
+    maps.add_pod_cidr(&net, &crate::net::node_addresses())?;
     println!("Pod CIDR added: {net}");
     Ok(())
 }

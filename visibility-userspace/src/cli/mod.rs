@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     config::ConfigError,
-    datapath::PinDir,
+    datapath::{PinDir, is_bpffs},
     error::{DatapathError, InputError, MapsError},
     maps::Maps,
     node::NodeError,
@@ -46,9 +46,7 @@ pub fn open_maps(pin_dir: &Path) -> Result<Maps, CliError> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    let on_bpffs =
-        nix::sys::statfs::statfs(existing).is_ok_and(|fs| fs.filesystem_type().0 == 0xcafe_4a11);
-    if !on_bpffs {
+    if !is_bpffs(existing) {
         return Err(CliError::NotBpffs(pin_dir.to_owned()));
     }
     Ok(Maps::open(&PinDir::new(pin_dir))?)

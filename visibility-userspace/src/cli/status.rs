@@ -109,8 +109,8 @@ fn print_text(status: &Status) {
     if let Some(d) = &status.daemon {
         let r = &d.records;
         println!(
-            "Flow records:   {} emitted, {} dropped (slow or full sink), {} flows evicted, {} active",
-            r.emitted, r.dropped, r.evictions, r.active_flows
+            "Flow records:   {} emitted, {} dropped (slow or full sink), {} flows evicted, {} in the flow map",
+            r.emitted, r.dropped, r.evictions, r.flow_map_entries
         );
         if !d.ipfix_collectors.is_empty() {
             println!(

@@ -14,10 +14,7 @@ use crate::{
     config::NodeConfig,
     datapath::{Datapath, LoadOptions, Origin},
     error::{DatapathError, InputError, MapsError},
-    flows::{
-        ipfix::Exporters,
-        records::{Sink, spawn_reader},
-    },
+    flows::{ipfix::export::Exporters, records::spawn_reader, sink::Sink},
     maps::Maps,
     metrics::Shared,
     node::NodeError,
@@ -136,7 +133,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 /// Measures the datapath's clock, or keeps it in step. Without it the programs read
 /// the kernel's clock through a helper: slower, not wrong.
 fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
-    if let Err(error) = datapath.sync_clock(maps) {
+    if let Err(error) = crate::clock::sync_clock(datapath, maps) {
         warn!(%error, "measuring the datapath's clock; its programs read the kernel's instead");
     }
 }
@@ -148,8 +145,9 @@ fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(),
     if origin == Origin::Loaded {
         maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }
+    let node_addrs = crate::net::node_addresses();
     for cidr in &config.pod_cidrs {
-        maps.add_pod_cidr(cidr)?;
+        maps.add_pod_cidr(cidr, &node_addrs)?;
     }
     let mut exemptions = maps.exemptions();
     let before = exemptions.len();

@@ -150,15 +150,8 @@ impl Reconciler {
     }
 
     fn sync_node_addrs(&self, view: &NodeView, maps: &mut Maps) {
-        let wanted = view.node_addresses();
-        let current = maps.node_addrs();
-        for addr in wanted.iter().filter(|a| !current.contains(a)) {
-            if let Err(error) = maps.add_node_addr(addr) {
-                warn!(%addr, %error, "adding a node address");
-            }
-        }
-        for addr in current.iter().filter(|a| !wanted.contains(a)) {
-            let _ = maps.remove_node_addr(addr);
+        if let Err(error) = maps.set_node_addrs(&view.node_addresses()) {
+            warn!(%error, "marking the node's addresses in the Pod-CIDR tries");
         }
     }
 

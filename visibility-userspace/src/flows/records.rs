@@ -1,89 +1,24 @@
 //! Flow records: at each aggregation interval, one record per flow that saw traffic,
-//! with that interval's packets and bytes, written to stdout or to a rotated file.
-//! The sink runs on its own thread behind a bounded queue: a slow or full sink drops
-//! records (and counts them); it never stalls the daemon, let alone the datapath.
+//! with that interval's packets and bytes. A thread of their own reads the flow map,
+//! turns successive reads into per-interval records ([`Aggregator`]) and hands them to
+//! the JSON sink ([`super::sink`]) and the IPFIX exporters ([`super::ipfix`]).
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    fs,
-    io::{self, Write as _},
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
-    },
+    io,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use visibility_common::flow::{FlowKey, FlowStats};
 
 use super::{
-    ipfix::{ExportRecord, Exporters},
+    ipfix::{encode::ExportRecord, export::Exporters},
     record::FlowRecord,
+    sink::Sink,
+    stats::RecordStats,
     view::{Clock, record},
 };
-
-/// Aggregation intervals VPC flow logs offer.
-pub const INTERVALS: [(&str, u64); 6] = [
-    ("5s", 5),
-    ("30s", 30),
-    ("1m", 60),
-    ("5m", 300),
-    ("10m", 600),
-    ("15m", 900),
-];
-
-/// Parses one of [`INTERVALS`].
-pub fn parse_interval(text: &str) -> Option<Duration> {
-    INTERVALS
-        .iter()
-        .find(|(name, _)| *name == text)
-        .map(|(_, secs)| Duration::from_secs(*secs))
-}
-
-/// Where records go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum SinkSpec {
-    /// JSON lines on standard output.
-    #[default]
-    Stdout,
-    /// JSON lines in a file, rotated at `max_bytes` into `path.1` … `path.<keep>`.
-    File {
-        path: PathBuf,
-        max_bytes: u64,
-        keep: u32,
-    },
-    /// No records.
-    Off,
-}
-
-/// Counters shared with metrics and the status file.
-#[derive(Debug, Default)]
-pub struct RecordStats {
-    pub emitted: AtomicU64,
-    pub dropped: AtomicU64,
-    /// Flows that vanished from the map between two reads: evicted by the LRU.
-    pub evictions: AtomicU64,
-    pub active_flows: AtomicU64,
-    /// How long the last read and emit took, in microseconds.
-    pub last_read_micros: AtomicU64,
-    /// IPFIX messages (or whole intervals, when an exporter's queue was full) that did
-    /// not reach a collector.
-    pub ipfix_export_errors: AtomicU64,
-}
-
-impl RecordStats {
-    pub fn counts(&self) -> crate::state::RecordCounts {
-        crate::state::RecordCounts {
-            emitted: self.emitted.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
-            active_flows: self.active_flows.load(Ordering::Relaxed),
-            ipfix_export_errors: self.ipfix_export_errors.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// What a flow had at the previous read.
 #[derive(Clone, Copy, Debug)]
@@ -210,171 +145,6 @@ fn json_records(
         .collect()
 }
 
-/// The writing end of the sink: a bounded queue to the writer thread.
-pub struct Sink {
-    sender: Option<SyncSender<String>>,
-    stats: Arc<RecordStats>,
-}
-
-/// Lines the queue holds before records are dropped.
-const QUEUE: usize = 65_536;
-
-impl Sink {
-    pub fn start(spec: SinkSpec, stats: Arc<RecordStats>) -> io::Result<Self> {
-        let sender = match spec {
-            SinkSpec::Off => None,
-            SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None, stats.clone())),
-            SinkSpec::File {
-                path,
-                max_bytes,
-                keep,
-            } => {
-                let writer = RotatingFile::open(path, max_bytes, keep)?;
-                Some(spawn_writer(
-                    Box::new(writer.file_clone()?),
-                    Some(writer),
-                    stats.clone(),
-                ))
-            }
-        };
-        Ok(Self { sender, stats })
-    }
-
-    /// Queues records, waiting for room until `deadline` (the next interval's read):
-    /// a sink that keeps up gets every record however many flows there are, and one
-    /// that does not loses what is left at the deadline, counted as dropped. Only this
-    /// reader thread waits; the daemon and the datapath never do.
-    pub fn send(&self, records: &[FlowRecord], deadline: Instant) {
-        let Some(sender) = &self.sender else { return };
-        for (sent, record) in records.iter().enumerate() {
-            let Ok(mut line) = serde_json::to_string(record) else {
-                continue;
-            };
-            loop {
-                match sender.try_send(line) {
-                    Ok(()) => break,
-                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                        line = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                        let lost = (records.len() - sent) as u64;
-                        self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn spawn_writer(
-    out: Box<dyn io::Write + Send>,
-    rotating: Option<RotatingFile>,
-    stats: Arc<RecordStats>,
-) -> SyncSender<String> {
-    let (sender, receiver) = sync_channel::<String>(QUEUE);
-    std::thread::Builder::new()
-        .name("flow-records".into())
-        .spawn(move || write_lines(receiver, out, rotating, &stats))
-        .expect("spawning the record writer");
-    sender
-}
-
-fn write_lines(
-    receiver: Receiver<String>,
-    out: Box<dyn io::Write + Send>,
-    mut rotating: Option<RotatingFile>,
-    stats: &RecordStats,
-) {
-    let mut out = io::BufWriter::new(out);
-    // Write what is queued, then flush once: one flush per burst, not per line.
-    while let Ok(first) = receiver.recv() {
-        let mut next = Some(first);
-        while let Some(mut line) = next {
-            line.push('\n');
-            if let Some(file) = &mut rotating {
-                match file.before_write(line.len() as u64) {
-                    Ok(Some(reopened)) => {
-                        let _ = out.flush();
-                        out = io::BufWriter::new(Box::new(reopened));
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "rotating the flow record file"),
-                }
-            }
-            // A failed write (closed pipe, full disk) loses the line, counted; draining
-            // goes on so the queue keeps moving.
-            let counter = if out.write_all(line.as_bytes()).is_ok() {
-                &stats.emitted
-            } else {
-                &stats.dropped
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            next = receiver.try_recv().ok();
-        }
-        let _ = out.flush();
-    }
-}
-
-/// Size-based rotation: `flows.jsonl` → `flows.jsonl.1` → … → `flows.jsonl.<keep>`.
-struct RotatingFile {
-    path: PathBuf,
-    max_bytes: u64,
-    keep: u32,
-    written: u64,
-}
-
-impl RotatingFile {
-    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Ok(Self {
-            path,
-            max_bytes: max_bytes.max(1),
-            keep,
-            written,
-        })
-    }
-
-    fn file_clone(&self) -> io::Result<fs::File> {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-    }
-
-    fn rotated(path: &Path, n: u32) -> PathBuf {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    }
-
-    /// Rotates first when `len` more bytes would exceed the limit; returns the new file.
-    fn before_write(&mut self, len: u64) -> io::Result<Option<fs::File>> {
-        let rotate = self.written > 0 && self.written + len > self.max_bytes;
-        self.written += len;
-        if !rotate {
-            return Ok(None);
-        }
-        if self.keep == 0 {
-            fs::remove_file(&self.path)?;
-        } else {
-            for n in (1..self.keep).rev() {
-                let from = Self::rotated(&self.path, n);
-                if from.exists() {
-                    fs::rename(&from, Self::rotated(&self.path, n + 1))?;
-                }
-            }
-            fs::rename(&self.path, Self::rotated(&self.path, 1))?;
-        }
-        self.written = len;
-        self.file_clone().map(Some)
-    }
-}
-
 /// Reads the map and emits records every `interval`, on its own thread: JSON lines to
 /// `sink`, and the same flows and counts as IPFIX to `exporters`.
 pub fn spawn_reader(
@@ -419,7 +189,7 @@ pub fn spawn_reader(
                 sink.send(&json_records(&deltas, &clock, &node_name, &name_of), next);
                 stats.evictions.fetch_add(evicted, Ordering::Relaxed);
                 stats
-                    .active_flows
+                    .flow_map_entries
                     .store(entries.len() as u64, Ordering::Relaxed);
                 stats
                     .last_read_micros
@@ -432,27 +202,7 @@ pub fn spawn_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(port: u16) -> FlowKey {
-        FlowKey {
-            family: 4,
-            protocol: 17,
-            src_port: port,
-            dst_port: 53,
-            ..Default::default()
-        }
-    }
-
-    fn stats(packets: u64, first_seen_ns: u64) -> FlowStats {
-        FlowStats {
-            packets,
-            bytes: packets * 100,
-            first_seen_ns,
-            last_seen_ns: first_seen_ns + 10,
-            path: 1,
-            ..Default::default()
-        }
-    }
+    use crate::flows::sink::tests::{key, stats};
 
     #[test]
     fn records_carry_interval_deltas_that_add_up_to_the_total() {
@@ -556,88 +306,5 @@ mod tests {
         assert_eq!(evicted, 0);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].packets_sent, 4);
-    }
-
-    #[test]
-    fn intervals_are_the_vpc_flow_log_ones() {
-        assert_eq!(parse_interval("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_interval("15m"), Some(Duration::from_secs(900)));
-        assert_eq!(parse_interval("7s"), None);
-    }
-
-    #[test]
-    fn files_rotate_by_size() {
-        let dir = std::env::temp_dir().join(format!("vis-rotate-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let path = dir.join("flows.jsonl");
-        let mut file = RotatingFile::open(path.clone(), 10, 2).unwrap();
-        for _ in 0..5 {
-            if let Some(mut f) = file.before_write(6).unwrap() {
-                f.write_all(b"12345\n").unwrap();
-            } else {
-                file.file_clone().unwrap().write_all(b"12345\n").unwrap();
-            }
-        }
-        assert!(RotatingFile::rotated(&path, 1).exists());
-        assert!(RotatingFile::rotated(&path, 2).exists());
-        assert!(!RotatingFile::rotated(&path, 3).exists());
-        assert!(fs::metadata(&path).unwrap().len() <= 10);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_full_queue_drops_and_counts_at_the_deadline() {
-        let stats = Arc::new(RecordStats::default());
-        let (sender, _receiver) = sync_channel::<String>(1);
-        let sink = Sink {
-            sender: Some(sender),
-            stats: stats.clone(),
-        };
-        let clock = Clock::now();
-        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
-        let started = Instant::now();
-        sink.send(
-            &[r.clone(), r.clone(), r],
-            started + Duration::from_millis(20),
-        );
-        assert!(
-            started.elapsed() >= Duration::from_millis(20),
-            "gave up before the deadline"
-        );
-        assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn a_sink_that_keeps_up_gets_more_records_than_the_queue_holds() {
-        let dir = std::env::temp_dir().join(format!("vis-sink-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let path = dir.join("flows.jsonl");
-        let stats = Arc::new(RecordStats::default());
-        let spec = SinkSpec::File {
-            path: path.clone(),
-            max_bytes: u64::MAX,
-            keep: 1,
-        };
-        let sink = Sink::start(spec, stats.clone()).unwrap();
-        let clock = Clock::now();
-        let r = record(&key(1), &stats_for_record(), &clock, "n", &|_| None).unwrap();
-        let records = vec![r; QUEUE + 5_000];
-        sink.send(&records, Instant::now() + Duration::from_secs(60));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while stats.emitted.load(Ordering::Relaxed) < records.len() as u64
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
-        assert_eq!(stats.emitted.load(Ordering::Relaxed), records.len() as u64);
-        let text = fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), records.len());
-        assert!(text.ends_with('\n'));
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn stats_for_record() -> FlowStats {
-        stats(1, 1)
     }
 }
