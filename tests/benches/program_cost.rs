@@ -5,13 +5,17 @@
 //! **Needs root** (a lab's network namespaces, loading BPF). Without root it says so and
 //! exits successfully.
 //!
-//! Run: `cargo bench -p visibility-tests --bench program_cost [-- --json]`
+//! Run: `cargo bench -p visibility-tests --bench program_cost [-- --json] [FILTER...]`;
+//! a filter keeps the baseline and the cases whose program or case names contain it.
 //!
 //! Each sample is about a million runs; the table shows the median of five samples (and
-//! their spread). Programs that spend a hop change the packet on every run, and the
-//! kernel hands each run the skb the previous one left, so after 254 runs a TTL of 255
-//! would be spent and the rest would measure the pass path. Those cases therefore run in
-//! batches of 254 on a fresh copy of the frame. The bench checks the counters after each
+//! their spread). Every case is sampled once a round, five rounds, so that the machine's
+//! busy spells weigh on the baseline as on the rest.
+//!
+//! Programs that spend a hop change the packet on every run, and the kernel hands each
+//! run the skb the previous one left, so after 254 runs a TTL of 255 would be spent and
+//! the rest would measure the pass path. Those cases therefore run in batches of 254 on
+//! a fresh copy of the frame. The bench checks the counters after each
 //! sample: every run must have taken the path the row names.
 
 use std::time::Instant;
@@ -242,13 +246,33 @@ fn main() -> Result<()> {
         },
     ];
 
+    // Only the baseline and the cases a filter names, if any: `-- pod_egress`.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with("--"))
+        .collect();
+    let cases: Vec<Case> = cases
+        .into_iter()
+        .filter(|case| {
+            matches!(case.target, Target::Baseline)
+                || filters.is_empty()
+                || filters.iter().any(|filter| {
+                    case.program().contains(filter.as_str()) || case.what.contains(filter.as_str())
+                })
+        })
+        .collect();
+    // Sampled in rounds, every case once a round, so that a busy spell of the machine
+    // weighs on the baseline as much as on the programs it is compared with.
+    let mut samples = vec![Vec::with_capacity(SAMPLES); cases.len()];
+    for _ in 0..SAMPLES {
+        for (case, case_samples) in cases.iter().zip(&mut samples) {
+            case_samples.push(sample(&h, &baseline, case)?);
+        }
+    }
     let mut rows = Vec::new();
-    for case in &cases {
-        let mut samples = (0..SAMPLES)
-            .map(|_| sample(&h, &baseline, case))
-            .collect::<Result<Vec<f64>>>()?;
-        samples.sort_by(f64::total_cmp);
-        rows.push((case, samples));
+    for (case, mut case_samples) in cases.iter().zip(samples) {
+        case_samples.sort_by(f64::total_cmp);
+        rows.push((case, case_samples));
     }
     let baseline_ns = rows[0].1[SAMPLES / 2];
 

@@ -214,11 +214,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
 /// to count it; 0 when a flow judged lately skips the judgement's lookups (see
 /// `Lookups::judged_own_pod_flow`) and the packet is counted in the entry the verdict
 /// found. Both give the same verdicts and counts; the second saves three lookups per
-/// packet but gives the verifier more paths than Linux 6.1's allows (a million
-/// instructions). The daemon sets it at load time (see
-/// `visibility_common::FLOW_SHORTCUTS_MIN_KERNEL`), and the verifier, reading it as the
-/// constant it is, walks only the side it takes. Not 0 here: a zero would go to `.bss`,
-/// which the verifier cannot take as constant.
+/// packet but gives the verifier more paths than Linux 6.1's walks within its million
+/// instructions. The loader sets it (`visibility_common::global_names`). Not 0 here: a
+/// zero would go to `.bss`, which the verifier cannot take as constant.
 #[unsafe(no_mangle)]
 static JUDGE_EVERY_PACKET: u8 = 1;
 
@@ -230,15 +228,25 @@ pub(crate) fn takes_flow_shortcuts() -> bool {
     unsafe { core::ptr::read_volatile(&JUDGE_EVERY_PACKET) == 0 }
 }
 
+/// 1 when [`unknown_to_verifier`] copies the parsed packet through a per-CPU slot, 0 when
+/// `pod_egress` uses it as parsed. Set by the loader, as [`JUDGE_EVERY_PACKET`] is.
+#[unsafe(no_mangle)]
+static WALK_PACKET_KINDS_AS_ONE: u8 = 1;
+
 /// Makes the packet's fields, to the verifier, what a value read from a map is:
 /// unknown. The parser leaves each kind of packet (family, protocol, fragment, how much
 /// of the transport header was read) with its own constants, and the verifier, which
 /// walks paths separately while their constants differ, would walk the rest of
-/// `pod_egress` once per kind: more than old kernels allow (Linux 6.1 stops at a
-/// million instructions). Copied through this CPU's slot, every kind goes on as one. It
-/// costs two copies of the packet's 56 bytes.
+/// `pod_egress` once per kind: more than Linux 6.1 walks within its million
+/// instructions. Copied through this CPU's slot, every kind goes on as one. It costs
+/// two copies of the packet's 56 bytes, about 15 ns, which kernels whose verifier
+/// needs no help are spared ([`WALK_PACKET_KINDS_AS_ONE`]).
 #[inline(always)]
 fn unknown_to_verifier(packet: &mut Packet) {
+    // SAFETY: a plain read of a static, volatile as in `takes_flow_shortcuts`.
+    if unsafe { core::ptr::read_volatile(&WALK_PACKET_KINDS_AS_ONE) } == 0 {
+        return;
+    }
     let Some(slot) = PACKET.get_ptr_mut(0) else {
         return;
     };

@@ -27,6 +27,8 @@ use aya::{
 };
 use visibility_common::{clock::ClockSample, global_names, map_names, program_names};
 
+use crate::variant::Variant;
+
 use crate::error::DatapathError;
 
 /// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
@@ -306,49 +308,42 @@ impl Datapath {
         ] {
             create_private_dir(&dir)?;
         }
-        let (major, minor) = visibility_common::FLOW_SHORTCUTS_MIN_KERNEL;
-        let flow_shortcuts = KernelVersion::current()
-            .is_ok_and(|version| version >= KernelVersion::new(major, minor, 0));
-        let mut ebpf: Ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps())
-            .map_max_entries(map_names::FLOWS, options.flow_capacity)
-            .override_global(
-                global_names::JUDGE_EVERY_PACKET,
-                &u8::from(!flow_shortcuts),
-                true,
-            )
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for kind in ProgramKind::ALL {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(kind.name())
-                .ok_or_else(|| program_error(kind)(aya::programs::ProgramError::NotLoaded))?
-                .try_into()
-                .map_err(program_error(kind))?;
-            load_retrying(program).map_err(program_error(kind))?;
-            let path = pins.program(kind);
+        let mut variant = Variant::for_kernel(KernelVersion::current().ok());
+        let mut ebpf = loop {
+            match load_programs(pins, options, variant) {
+                Ok(ebpf) => break ebpf,
+                Err(error) => match variant.fallback() {
+                    Some(next) if is_verifier_refusal(&error) => {
+                        tracing::warn!(
+                            %variant,
+                            %next,
+                            %error,
+                            "the kernel's verifier refused this build of the datapath; loading a simpler one"
+                        );
+                        variant = next;
+                    }
+                    _ => return Err(error),
+                },
+            }
+        };
+        tracing::info!(%variant, "datapath loaded");
+        let pin = |program: &mut SchedClassifier, path: PathBuf| {
             program.pin(&path).map_err(|source| DatapathError::Link {
                 path,
                 source: Box::new(source),
-            })?;
-        }
-        let clock_error = |source| DatapathError::Program {
-            program: program_names::CLOCK_SAMPLE,
-            source: Box::new(source),
+            })
         };
-        let clock_sample: &mut SchedClassifier = ebpf
-            .program_mut(program_names::CLOCK_SAMPLE)
-            .ok_or_else(|| clock_error(aya::programs::ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(clock_error)?;
-        load_retrying(clock_sample).map_err(clock_error)?;
-        let path = pins.clock_sample_program();
-        clock_sample
-            .pin(&path)
-            .map_err(|source| DatapathError::Link {
-                path,
+        let programs = ProgramKind::ALL
+            .map(|kind| (kind.name(), pins.program(kind)))
+            .into_iter()
+            .chain([(program_names::CLOCK_SAMPLE, pins.clock_sample_program())]);
+        for (name, path) in programs {
+            let program = classifier(&mut ebpf, name).map_err(|source| DatapathError::Program {
+                program: name,
                 source: Box::new(source),
             })?;
+            pin(program, path)?;
+        }
         Ok(())
     }
 
@@ -475,6 +470,68 @@ fn load_retrying(program: &mut SchedClassifier) -> Result<(), aya::programs::Pro
             result => return result,
         }
     }
+}
+
+/// Whether `error` is the verifier's refusal of a program (too many instructions, or a
+/// path it cannot prove safe), which a simpler variant may pass; not a missing
+/// permission or a failed map.
+fn is_verifier_refusal(error: &DatapathError) -> bool {
+    matches!(
+        error,
+        DatapathError::Program { source, .. }
+            if matches!(
+                source.as_ref(),
+                aya::programs::ProgramError::LoadError { io_error, .. }
+                    if matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::EACCES | libc::EINVAL))
+            )
+    )
+}
+
+/// The object with `variant`'s constants, and its programs loaded (verified), not yet
+/// pinned. Its maps are pinned by name as they are created, and the next attempt after
+/// a refusal takes them up again.
+fn load_programs(
+    pins: &PinDir,
+    options: &LoadOptions,
+    variant: Variant,
+) -> Result<Ebpf, DatapathError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps())
+        .map_max_entries(map_names::FLOWS, options.flow_capacity)
+        .override_global(
+            global_names::JUDGE_EVERY_PACKET,
+            &variant.judge_every_packet(),
+            true,
+        )
+        .override_global(
+            global_names::WALK_PACKET_KINDS_AS_ONE,
+            &variant.walk_packet_kinds_as_one(),
+            true,
+        )
+        .load(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let names = ProgramKind::ALL
+        .map(ProgramKind::name)
+        .into_iter()
+        .chain([program_names::CLOCK_SAMPLE]);
+    for name in names {
+        let error = |source| DatapathError::Program {
+            program: name,
+            source: Box::new(source),
+        };
+        load_retrying(classifier(&mut ebpf, name).map_err(error)?).map_err(error)?;
+    }
+    Ok(ebpf)
+}
+
+/// The object's classifier program `name`.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, aya::programs::ProgramError> {
+    ebpf.program_mut(name)
+        .ok_or(aya::programs::ProgramError::NotLoaded)?
+        .try_into()
 }
 
 /// The attachments recorded under a pin directory.

@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod state;
+pub mod variant;

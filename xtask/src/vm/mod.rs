@@ -180,6 +180,7 @@ pub fn vm_test(args: &VmTestArgs) -> anyhow::Result<()> {
         results.push(KernelResult {
             spec_name: spec.name,
             expected_mode: expected_attach_mode(&kernel.release),
+            default_tests: args.tests.is_empty(),
             release: kernel.release,
             outcome: outcome?,
             seconds,

@@ -147,6 +147,9 @@ pub(super) struct KernelResult {
     pub(super) spec_name: &'static str,
     pub(super) release: String,
     pub(super) expected_mode: &'static str,
+    /// Whether the default test set ran (it attaches programs), not tests chosen with
+    /// `--test`, which may attach nothing.
+    pub(super) default_tests: bool,
     pub(super) outcome: Outcome,
     pub(super) seconds: f64,
     pub(super) log: PathBuf,
@@ -187,7 +190,8 @@ impl KernelResult {
             why.push(format!("{} tests failed", o.failed()));
         }
         let modes: Vec<&str> = o.attach_modes.iter().map(String::as_str).collect();
-        if modes != [self.expected_mode] {
+        // A chosen test may attach nothing; the default set always attaches.
+        if (self.default_tests || !modes.is_empty()) && modes != [self.expected_mode] {
             why.push(format!(
                 "attach mode seen: {:?}, expected {}",
                 modes, self.expected_mode
