@@ -11,7 +11,7 @@ use visibility_common::{
     ROUTE_CACHE_TTL_NS,
     counters::Counter,
     flow::FlowKey,
-    packet::{ETH_HLEN, IPPROTO_UDP, parse},
+    packet::{ETH_HLEN, IPPROTO_FRAGMENT, IPPROTO_UDP, parse},
     testing::{FrameBuilder, Transport, checksum},
     verdict::Hook,
 };
@@ -28,7 +28,6 @@ const DST: usize = 1;
 const OTHER: usize = 2;
 const SRC_PORT: u16 = 40000;
 const DST_PORT: u16 = 9000;
-const FRAGMENT_HEADER: u8 = 44;
 
 /// A lab whose three Pods are registered and resolved, as the daemon has them.
 fn setup(tag: &str) -> DatapathLab {
@@ -112,7 +111,7 @@ fn fragment(family: IpFamily, from: usize, to: usize, part: Part, id: u16) -> Ve
         IpFamily::V6 => {
             let mut body = offset_flags.to_be_bytes().to_vec();
             body.extend_from_slice(&u32::from(id).to_be_bytes());
-            b.ipv6_extensions = vec![(FRAGMENT_HEADER, body)];
+            b.ipv6_extensions = vec![(IPPROTO_FRAGMENT, body)];
             b.build()
         }
     }

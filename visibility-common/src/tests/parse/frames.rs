@@ -8,14 +8,13 @@ use crate::{
     testing::{DST4, DST6, SRC4, SRC6, Transport},
 };
 
-pub(super) const HOPOPTS: u8 = 0;
-pub(super) const ROUTING: u8 = 43;
-pub(super) const FRAGMENT: u8 = 44;
-pub(super) const AH: u8 = 51;
+pub(super) use crate::packet::{
+    IPPROTO_AH as AH, IPPROTO_DSTOPTS as DSTOPTS, IPPROTO_FRAGMENT as FRAGMENT,
+    IPPROTO_HOPOPTS as HOPOPTS, IPPROTO_ROUTING as ROUTING,
+};
 pub(super) const NO_NEXT_HEADER: u8 = 59;
-pub(super) const DSTOPTS: u8 = 60;
 pub(super) const GRE: u8 = 47;
-pub(super) const SCTP: u8 = 132;
+pub(super) use crate::packet::IPPROTO_SCTP as SCTP;
 
 pub(super) const FIN: u8 = 0x01;
 pub(super) const SYN: u8 = 0x02;
