@@ -9,10 +9,8 @@ use visibility_common::{
         ETH_HLEN, Family, FragmentPart, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
         IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, Transport, parse,
     },
-    testing::{FrameBuilder, Transport as L4, checksum},
+    testing::{FrameBuilder, Transport as L4, fix_ipv4_checksum, transport_sum},
 };
-
-use super::rewrites::l4_sum;
 
 /// Pods of the lab the harness builds.
 pub const PODS: usize = 3;
@@ -237,17 +235,14 @@ pub fn seed_frame(rng: &mut SmallRng) -> Vec<u8> {
 }
 
 /// Recomputes the IPv4 header checksum, when the frame has a whole IPv4 header.
-pub fn fix_ipv4_header(frame: &mut [u8]) {
+pub(super) fn fix_ipv4_header(frame: &mut [u8]) {
     if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
         return;
     }
     let len = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
-    if len < 20 || frame.len() < ETH_HLEN + len {
-        return;
+    if len >= 20 && frame.len() >= ETH_HLEN + len {
+        fix_ipv4_checksum(frame);
     }
-    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&[0, 0]);
-    let sum = checksum(&[&frame[ETH_HLEN..ETH_HLEN + len]]);
-    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// Sets the IP length to what the frame holds (as a truncating link would leave it
@@ -289,7 +284,7 @@ pub fn fix_checksums(frame: &mut [u8]) {
         return;
     }
     frame[l4 + at..l4 + at + 2].copy_from_slice(&[0, 0]);
-    let mut sum = l4_sum(&packet, &frame[l4..end]);
+    let mut sum = transport_sum(&packet, &frame[l4..end]);
     if sum == 0 && packet.protocol == IPPROTO_UDP {
         sum = 0xffff;
     }

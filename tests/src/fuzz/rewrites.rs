@@ -9,7 +9,7 @@ use visibility_common::{
         IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet, Transport,
         checksum_replace16, fold_checksum, parse,
     },
-    testing::checksum,
+    testing::transport_sum,
 };
 
 /// `decrement_ttl` of `visibility-ebpf`: the headers are in the linear data here.
@@ -194,31 +194,6 @@ pub fn l4_checksum_ok(frame: &[u8]) -> Option<bool> {
     if packet.protocol == IPPROTO_UDP && body[6..8] == [0, 0] {
         return Some(packet.family == Family::V4);
     }
-    let sum = l4_sum(&packet, body);
+    let sum = transport_sum(&packet, body);
     Some(sum == 0)
-}
-
-/// The Internet checksum over a transport header and payload with its pseudo-header
-/// (none for ICMP over IPv4): 0 when the checksum in it is right.
-pub fn l4_sum(packet: &Packet, body: &[u8]) -> u16 {
-    if packet.protocol == IPPROTO_ICMP && packet.family == Family::V4 {
-        return checksum(&[body]);
-    }
-    let len = body.len() as u32;
-    let mut head = Vec::new();
-    match packet.family {
-        Family::V4 => {
-            head.extend_from_slice(&packet.src[..4]);
-            head.extend_from_slice(&packet.dst[..4]);
-            head.extend_from_slice(&[0, packet.protocol]);
-            head.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        Family::V6 => {
-            head.extend_from_slice(&packet.src);
-            head.extend_from_slice(&packet.dst);
-            head.extend_from_slice(&len.to_be_bytes());
-            head.extend_from_slice(&[0, 0, 0, packet.protocol]);
-        }
-    }
-    checksum(&[&head, body])
 }
