@@ -4,6 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
+    process::Output,
     time::Duration,
 };
 
@@ -82,24 +83,26 @@ pub(crate) fn udp_works(
     answered
 }
 
+/// One ping of `size` bytes of payload from Pod `from` to Pod `to`, with `options`
+/// before the rest: what `ping` said.
+pub(crate) fn ping(
+    lab: &Lab,
+    (from, to): (usize, usize),
+    family: IpFamily,
+    size: usize,
+    options: &[&str],
+) -> std::io::Result<Output> {
+    let size = size.to_string();
+    let to = lab.pod_ip(to, family).to_string();
+    let mut args = options.to_vec();
+    args.extend(["-c", "1", "-W", "1", "-s", &size, &to]);
+    lab.pod_ns(from).cmd("ping", args).output()
+}
+
 /// One ping of `size` bytes of payload from Pod `from` to Pod `to`: whether it was
 /// answered.
 pub(crate) fn ping_works(lab: &Lab, from: usize, to: usize, family: IpFamily, size: usize) -> bool {
-    lab.pod_ns(from)
-        .cmd(
-            "ping",
-            [
-                "-c",
-                "1",
-                "-W",
-                "1",
-                "-s",
-                &size.to_string(),
-                &lab.pod_ip(to, family).to_string(),
-            ],
-        )
-        .output()
-        .is_ok_and(|out| out.status.success())
+    ping(lab, (from, to), family, size, &[]).is_ok_and(|out| out.status.success())
 }
 
 /// Gives `ns` the address `addr` as one of its own, on `dev`, and sends a UDP datagram

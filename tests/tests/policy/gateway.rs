@@ -113,24 +113,7 @@ fn a_packet_larger_than_the_uplink_mtu_is_answered_as_a_router_would() {
         node.start().expect("starting the daemon");
         let lab = &node.lab;
         // Learn nothing from earlier exchanges: a fresh route cache on the Pod.
-        let out = lab
-            .pod_ns(0)
-            .cmd(
-                "ping",
-                [
-                    "-c",
-                    "1",
-                    "-W",
-                    "1",
-                    "-M",
-                    "do",
-                    "-s",
-                    "1440",
-                    &lab.pod_ip(1, family).to_string(),
-                ],
-            )
-            .output()
-            .unwrap();
+        let out = ping(lab, (0, 1), family, 1440, &["-M", "do"]).unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
