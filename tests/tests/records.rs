@@ -288,16 +288,22 @@ fn records_of_a_long_transfer_add_up_to_its_total() {
             previous_end = Some(end);
         }
         // The flow map holds the running total.
-        let filters = [
-            format!("src={}", tuple.src.ip()),
-            format!("sport={}", tuple.src.port()),
-            format!("dport={}", tuple.dst.port()),
-        ];
-        let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
-        let flows = node.flows(&filters).unwrap();
+        let flows = flows_of(&node, tuple);
         assert_eq!(flows.len(), 1, "{flows:#?}");
         assert_eq!(totals(&flows), *want, "visibility flows --json: {flows:#?}");
     }
+}
+
+/// What `visibility flows --json` lists of one flow: filtered on its source, source
+/// port and destination port.
+fn flows_of(node: &Node, tuple: &FiveTuple) -> Vec<Value> {
+    let filters = [
+        format!("src={}", tuple.src.ip()),
+        format!("sport={}", tuple.src.port()),
+        format!("dport={}", tuple.dst.port()),
+    ];
+    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+    node.flows(&filters).unwrap()
 }
 
 /// The JSON structure of a value: objects by key, everything else by type.
@@ -345,13 +351,7 @@ fn flows_json_prints_the_record_schema() {
     let records = wait_for_records(&file, &[(tuple, 1)], RECORD_WAIT).remove(0);
     let record = &records[0];
 
-    let filters = [
-        format!("src={}", tuple.src.ip()),
-        format!("sport={}", tuple.src.port()),
-        format!("dport={}", tuple.dst.port()),
-    ];
-    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
-    let flows = node.flows(&filters).unwrap();
+    let flows = flows_of(&node, &tuple);
     assert_eq!(flows.len(), 1, "{flows:#?}");
     let listed = &flows[0];
 

@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 
 use crate::packet::{
     ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_CHECKSUM_OFFSET,
+    Packet,
 };
 
 /// The addresses a frame goes between when the test does not care which.
@@ -260,30 +261,62 @@ fn l4_checksum(
     l4: &[u8],
     pseudo: bool,
 ) -> u16 {
-    let len = u32::try_from(l4.len()).expect("fits");
-    let sum = if !pseudo {
-        checksum(&[l4])
-    } else if v6 {
-        let mut head = Vec::new();
-        head.extend_from_slice(src);
-        head.extend_from_slice(dst);
-        head.extend_from_slice(&len.to_be_bytes());
-        head.extend_from_slice(&[0, 0, 0, protocol]);
-        checksum(&[&head, l4])
+    let sum = if pseudo {
+        let family = if v6 { Family::V6 } else { Family::V4 };
+        checksum(&[&pseudo_header(family, src, dst, protocol, l4.len()), l4])
     } else {
-        let mut head = Vec::new();
-        head.extend_from_slice(&src[..4]);
-        head.extend_from_slice(&dst[..4]);
-        head.push(0);
-        head.push(protocol);
-        head.extend_from_slice(&u16::try_from(len).expect("fits").to_be_bytes());
-        checksum(&[&head, l4])
+        checksum(&[l4])
     };
     if sum == 0 && protocol == IPPROTO_UDP {
         0xffff
     } else {
         sum
     }
+}
+
+/// The pseudo-header a TCP, UDP or ICMPv6 checksum covers before the transport header
+/// (RFC 768 and 9293 for IPv4, RFC 8200 §8.1 for IPv6) for `len` bytes of transport
+/// header and payload. Addresses are 16 bytes, an IPv4 address in the first four.
+pub fn pseudo_header(
+    family: Family,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    protocol: u8,
+    len: usize,
+) -> Vec<u8> {
+    let len = u32::try_from(len).expect("fits");
+    let mut head = Vec::new();
+    match family {
+        Family::V4 => {
+            head.extend_from_slice(&src[..4]);
+            head.extend_from_slice(&dst[..4]);
+            head.extend_from_slice(&[0, protocol]);
+            head.extend_from_slice(&u16::try_from(len).expect("fits").to_be_bytes());
+        }
+        Family::V6 => {
+            head.extend_from_slice(src);
+            head.extend_from_slice(dst);
+            head.extend_from_slice(&len.to_be_bytes());
+            head.extend_from_slice(&[0, 0, 0, protocol]);
+        }
+    }
+    head
+}
+
+/// The Internet checksum over a parsed packet's transport header and payload (`body`)
+/// with its pseudo-header (none for ICMP over IPv4): 0 when the checksum in it is right.
+pub fn transport_sum(packet: &Packet, body: &[u8]) -> u16 {
+    if packet.protocol == IPPROTO_ICMP && packet.family == Family::V4 {
+        return checksum(&[body]);
+    }
+    let head = pseudo_header(
+        packet.family,
+        &packet.src,
+        &packet.dst,
+        packet.protocol,
+        body.len(),
+    );
+    checksum(&[&head, body])
 }
 
 /// Whether the IPv4 header checksum of a frame verifies.

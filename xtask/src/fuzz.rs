@@ -3,13 +3,8 @@
 //! `BPF_PROG_TEST_RUN` in a lab of its own. Failing cases go to `tests/fuzz/corpus/`,
 //! which every run replays first.
 
-use std::process::Command;
-
-use anyhow::bail;
-
 use crate::{
-    paths::workspace_root,
-    run::{output, run},
+    run::{require_root, run, test_binary},
     setup,
 };
 
@@ -33,20 +28,8 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
 
 /// Builds and runs the harness for `seconds` (needs root).
 pub fn harness(seconds: u64, seed: Option<u64>) -> anyhow::Result<()> {
-    if output(Command::new("id").arg("-u")).map_or(true, |uid| uid.trim() != "0") {
-        bail!(
-            "the fuzz harness loads eBPF programs and creates network namespaces: run it as root"
-        );
-    }
-    run(Command::new("cargo").args([
-        "build",
-        "--quiet",
-        "-p",
-        "visibility-tests",
-        "--bin",
-        "fuzz",
-    ]))?;
-    let mut cmd = Command::new(workspace_root().join("target/debug/fuzz"));
+    require_root("the fuzz harness")?;
+    let mut cmd = test_binary("fuzz")?;
     cmd.args(["--seconds", &seconds.to_string()]);
     if let Some(seed) = seed {
         cmd.args(["--seed", &seed.to_string()]);

@@ -36,6 +36,22 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Fails unless run as root, saying that `what` needs it.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if !crate::setup::is_root() {
+        bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+/// Builds the `visibility-tests` binary `name` and returns a command that runs it.
+pub fn test_binary(name: &str) -> anyhow::Result<Command> {
+    run(Command::new("cargo").args(["build", "--quiet", "-p", "visibility-tests", "--bin", name]))?;
+    Ok(Command::new(
+        crate::paths::target_dir().join("debug").join(name),
+    ))
+}
+
 pub fn display(cmd: &Command) -> String {
     let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));

@@ -26,14 +26,12 @@ use std::collections::HashMap;
 
 use visibility::datapath::ProgramKind;
 use visibility_common::{
-    config::{ExemptRules, PodIface, Settings},
     counters::{Counter, CounterValue},
     flow::{FlowKey, Path},
     hook::Hook,
     packet::{
-        ETH_HLEN, Family, FragmentPart, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_CHECKSUM_OFFSET, IPV4_TTL_OFFSET, IPV6_HOP_LIMIT_OFFSET, Packet, ParseError,
-        Transport, checksum_replace16, parse,
+        ETH_HLEN, Family, FragmentPart, IPPROTO_TCP, IPPROTO_UDP, Packet, ParseError, Transport,
+        parse,
     },
     verdict::{
         AddrKind, Leg, Lookups, NodeNat, Verdict, decide_pod_egress, decide_pod_ingress,
@@ -41,7 +39,11 @@ use visibility_common::{
     },
 };
 
-use crate::datapath_harness::{Mac, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
+use super::{
+    facts::{FRAGMENT_KEY_LEN, MapKey, NodeFacts, Step, fragment_key, longest},
+    rewrites::{decrement_ttl, rewrite_source},
+};
+use crate::datapath_harness::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 
 /// Whether `BPF_PROG_TEST_RUN` refuses a frame for a TC program: shorter than an
 /// Ethernet header. Such frames never reach the program.
@@ -61,159 +63,9 @@ pub fn test_run_may_refuse(frame: &[u8]) -> bool {
     };
     frame.len() < min
 }
-
-/// An interface of the lab node, by role.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Iface {
-    /// Pod `i`'s host-side veth.
-    Veth(usize),
-    Uplink,
-    /// The loopback device: not a Pod's, not the uplink.
-    Lo,
-}
-
-impl Iface {
-    pub fn name(self) -> String {
-        match self {
-            Iface::Veth(i) => format!("veth{i}"),
-            Iface::Uplink => "uplink".into(),
-            Iface::Lo => "lo".into(),
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "uplink" => Some(Iface::Uplink),
-            "lo" => Some(Iface::Lo),
-            _ => text.strip_prefix("veth")?.parse().ok().map(Iface::Veth),
-        }
-    }
-}
-
-/// One run of one program on one frame.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub program: ProgramKind,
-    /// The device the skb is on.
-    pub ifindex: Iface,
-    /// The device it entered the node on.
-    pub ingress: Iface,
-    pub frame: Vec<u8>,
-}
-
-/// What the model knows of one Pod.
-#[derive(Clone, Debug)]
-pub struct PodFacts {
-    pub veth: u32,
-    pub veth_mac: Mac,
-    pub mac: Mac,
-    pub v4: [u8; 16],
-    pub v6: [u8; 16],
-}
-
-impl PodFacts {
-    pub fn addr(&self, family: Family) -> [u8; 16] {
-        match family {
-            Family::V4 => self.v4,
-            Family::V6 => self.v6,
-        }
-    }
-}
-
-/// A prefix of an LPM trie.
-#[derive(Clone, Debug)]
-pub struct Prefix<V> {
-    pub family: Family,
-    pub addr: [u8; 16],
-    pub len: u32,
-    pub value: V,
-}
-
-/// The lab node and a copy of the configuration maps, as the kernel has them.
-#[derive(Clone, Debug)]
-pub struct NodeFacts {
-    pub pods: Vec<PodFacts>,
-    pub uplink: u32,
-    pub uplink_mac: Mac,
-    pub gateway_mac: Mac,
-    pub uplink_mtu: u32,
-    pub settings: Settings,
-    pub pod_trie: Vec<Prefix<u8>>,
-    pub exempt: Vec<Prefix<ExemptRules>>,
-    pub pod_ifaces: HashMap<u32, PodIface>,
-}
-
-fn prefix_matches(prefix: &[u8; 16], len: u32, addr: &[u8; 16]) -> bool {
-    let full = (len / 8) as usize;
-    if prefix[..full] != addr[..full] {
-        return false;
-    }
-    let rest = len % 8;
-    rest == 0 || {
-        let mask = 0xffu8 << (8 - rest);
-        prefix[full] & mask == addr[full] & mask
-    }
-}
-
-fn longest<'a, V>(entries: &'a [Prefix<V>], family: Family, addr: &[u8; 16]) -> Option<&'a V> {
-    entries
-        .iter()
-        .filter(|p| p.family == family && prefix_matches(&p.addr, p.len, addr))
-        .max_by_key(|p| p.len)
-        .map(|p| &p.value)
-}
-
-impl NodeFacts {
-    pub fn ifindex(&self, iface: Iface) -> u32 {
-        match iface {
-            Iface::Veth(i) => self.pods[i].veth,
-            Iface::Uplink => self.uplink,
-            Iface::Lo => 1,
-        }
-    }
-
-    pub fn addr_kind(&self, family: Family, addr: &[u8; 16]) -> AddrKind {
-        AddrKind::of_entry(longest(&self.pod_trie, family, addr).copied())
-    }
-
-    /// The Pod that owns `addr`: the one address the lab routes to a Pod's veth.
-    pub fn pod_of(&self, family: Family, addr: &[u8; 16]) -> Option<&PodFacts> {
-        self.pods.iter().find(|p| p.addr(family) == *addr)
-    }
-
-    /// The Pod whose host veth has `ifindex`.
-    pub fn pod_on(&self, ifindex: u32) -> Option<&PodFacts> {
-        self.pods.iter().find(|p| p.veth == ifindex)
-    }
-}
-
-/// A key of a kernel map that a run reads or writes. The harness removes the kernel's
-/// entry for a key the first time a case touches it, so that what earlier cases left
-/// there never decides a case: a case is judged on what it did itself, and replays the
-/// same on its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MapKey {
-    Flow(FlowKey),
-    NatLeg(FlowKey),
-    Fragment([u8; FRAGMENT_KEY_LEN]),
-}
-
-/// `visibility-ebpf`'s `FragmentKey`: addresses, identification, family, protocol.
-pub const FRAGMENT_KEY_LEN: usize = 40;
-
-fn fragment_key(packet: &Packet) -> [u8; FRAGMENT_KEY_LEN] {
-    let mut key = [0u8; FRAGMENT_KEY_LEN];
-    key[..16].copy_from_slice(&packet.src);
-    key[16..32].copy_from_slice(&packet.dst);
-    key[32..36].copy_from_slice(&packet.fragment_id.to_ne_bytes());
-    key[36] = packet.family as u8;
-    key[37] = packet.protocol;
-    key
-}
-
 /// `visibility-ebpf`'s `PreStack`: what `pod_ingress` noted of the last packet on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PreStack {
+pub(super) struct PreStack {
     src: [u8; 16],
     dst: [u8; 16],
     src_port: u16,
@@ -250,6 +102,16 @@ pub struct Expected {
     pub counts: Vec<(Hook, Counter, CounterValue)>,
 }
 
+impl Expected {
+    /// `BPF_PROG_TEST_RUN` refuses the frame: nothing runs, nothing counts.
+    pub(super) fn refused() -> Self {
+        Self {
+            outcome: None,
+            counts: Vec::new(),
+        }
+    }
+}
+
 /// The state a case builds up, as the kernel keeps it: the per-CPU note of
 /// `pod_ingress`, the fragments, flows and NAT legs of this case.
 #[derive(Default)]
@@ -264,7 +126,7 @@ pub struct Model {
 }
 
 /// The lookups of one run, answered from the facts and the model.
-struct HostLookups<'a> {
+pub(super) struct HostLookups<'a> {
     node: &'a NodeFacts,
     model: &'a Model,
     ingress: u32,
@@ -342,7 +204,7 @@ impl Lookups for HostLookups<'_> {
 }
 
 /// What the datapath's `Outcome` says.
-struct Outcome {
+pub(super) struct Outcome {
     counter: Counter,
     action: u32,
     via_neighbour: bool,
@@ -371,7 +233,7 @@ pub fn hook_of(program: ProgramKind) -> Hook {
 }
 
 /// The bytes one skb of `frame` counts as (one packet; no GSO in a test run).
-fn size_of(frame: &[u8], packet: Option<&Packet>) -> CounterValue {
+pub(super) fn size_of(frame: &[u8], packet: Option<&Packet>) -> CounterValue {
     CounterValue {
         packets: 1,
         bytes: match packet {
@@ -404,6 +266,23 @@ impl Model {
         (expected, touched.into_inner())
     }
 
+    /// The lookups of one run at a program that entered on `ingress`.
+    fn lookups<'a>(
+        &'a self,
+        node: &'a NodeFacts,
+        ingress: u32,
+        pre_stack: Option<PreStack>,
+        touched: &'a std::cell::RefCell<Vec<MapKey>>,
+    ) -> HostLookups<'a> {
+        HostLookups {
+            node,
+            model: self,
+            ingress,
+            pre_stack,
+            touched,
+        }
+    }
+
     fn step_inner(
         &mut self,
         node: &NodeFacts,
@@ -413,10 +292,7 @@ impl Model {
         let frame = &step.frame;
         let hook = hook_of(step.program);
         if test_run_refuses(frame) {
-            return Expected {
-                outcome: None,
-                counts: Vec::new(),
-            };
+            return Expected::refused();
         }
         let mut counts = Vec::new();
         let mut count = |counter: Counter, size: CounterValue| counts.push((hook, counter, size));
@@ -451,13 +327,7 @@ impl Model {
                 })
                 .filter(|_| ifindex != 0);
                 self.pre_stack_origin = Some(step.clone());
-                let lookups = HostLookups {
-                    node,
-                    model: self,
-                    ingress,
-                    pre_stack: None,
-                    touched,
-                };
+                let lookups = self.lookups(node, ingress, None, touched);
                 let counter = decide_pod_ingress(&packet, &lookups);
                 count(counter, size);
                 if let Some(path) = Path::of_sent(counter)
@@ -477,13 +347,7 @@ impl Model {
                 });
                 let mut packet = packet;
                 let first = self.of_later_fragment(&mut packet, touched);
-                let lookups = HostLookups {
-                    node,
-                    model: self,
-                    ingress,
-                    pre_stack: pre,
-                    touched,
-                };
+                let lookups = self.lookups(node, ingress, pre, touched);
                 let verdict = match first
                     .and_then(|(_, _, verdict)| Counter::from_index(u32::from(verdict)))
                 {
@@ -519,13 +383,7 @@ impl Model {
             ProgramKind::UplinkIngress => {
                 let mut packet = packet;
                 let first = self.of_later_fragment(&mut packet, touched);
-                let lookups = HostLookups {
-                    node,
-                    model: self,
-                    ingress,
-                    pre_stack: None,
-                    touched,
-                };
+                let lookups = self.lookups(node, ingress, None, touched);
                 let verdict = decide_uplink(&packet, &lookups);
                 let sent = !packet.is_link_scope()
                     && self
@@ -653,218 +511,10 @@ impl Model {
     }
 }
 
-fn leg_of(counter: Counter) -> Leg {
+pub(super) fn leg_of(counter: Counter) -> Leg {
     match counter {
         Counter::RedirectedServiceLeg => Leg::ServiceLeg,
         Counter::RedirectedServiceReply => Leg::ServiceReply,
         _ => Leg::Direct,
     }
-}
-
-/// `decrement_ttl` of `visibility-ebpf`: the headers are in the linear data here.
-fn decrement_ttl(data: &mut [u8], packet: &Packet) {
-    let ttl = packet.ttl - 1;
-    match packet.family {
-        Family::V4 => {
-            let old = u16::from_be_bytes([packet.ttl, packet.protocol]);
-            let new = u16::from_be_bytes([ttl, packet.protocol]);
-            let at = IPV4_CHECKSUM_OFFSET;
-            let check = checksum_replace16(u16::from_be_bytes([data[at], data[at + 1]]), old, new);
-            data[IPV4_TTL_OFFSET] = ttl;
-            data[at..at + 2].copy_from_slice(&check.to_be_bytes());
-        }
-        Family::V6 => data[IPV6_HOP_LIMIT_OFFSET] = ttl,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The kernel's checksum helpers (include/net/checksum.h, net/core/utils.c), on an skb
-// without a checksum offload (`CHECKSUM_NONE`, as BPF_PROG_TEST_RUN builds it). Values
-// are the little-endian loads of the bytes, as on x86 and arm64.
-// ---------------------------------------------------------------------------------------
-
-fn csum_add(a: u32, b: u32) -> u32 {
-    let (sum, carry) = a.overflowing_add(b);
-    sum.wrapping_add(u32::from(carry))
-}
-
-fn csum_sub(a: u32, b: u32) -> u32 {
-    csum_add(a, !b)
-}
-
-fn csum_fold(sum: u32) -> u16 {
-    let mut sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-fn load16(data: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([data[at], data[at + 1]])
-}
-
-fn store16(data: &mut [u8], at: usize, value: u16) {
-    data[at..at + 2].copy_from_slice(&value.to_le_bytes());
-}
-
-/// `csum_replace4`: what `bpf_l3_csum_replace` (size 4) and, without offload,
-/// `bpf_l4_csum_replace` (sizes 2 and 4) do.
-fn csum_replace4(data: &mut [u8], at: usize, from: u32, to: u32) {
-    let tmp = csum_sub(!u32::from(load16(data, at)), from);
-    store16(data, at, csum_fold(csum_add(tmp, to)));
-}
-
-/// `inet_proto_csum_replace_by_diff` without offload.
-fn csum_replace_by_diff(data: &mut [u8], at: usize, diff: u32) {
-    let sum = csum_add(diff, !u32::from(load16(data, at)));
-    store16(data, at, csum_fold(sum));
-}
-
-/// `bpf_csum_diff(from, 16, to, 16, 0)`, up to the representation of the 32-bit sum,
-/// which folding makes the same.
-fn csum_diff(from: &[u8; 16], to: &[u8; 16]) -> u32 {
-    let mut sum = 0u32;
-    for i in 0..4 {
-        let word =
-            |a: &[u8; 16]| u32::from_le_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
-        sum = csum_add(sum, !word(from));
-        sum = csum_add(sum, word(to));
-    }
-    sum
-}
-
-/// A helper that reads or writes `len` bytes at `at` fails past the end of the packet.
-fn within(data: &[u8], at: usize, len: usize) -> Result<(), ()> {
-    if at + len <= data.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
-
-/// `bpf_l4_csum_replace` with `BPF_F_MARK_MANGLED_0` (`mangled`, for UDP): a checksum
-/// field of 0 (none) is left alone, and a result of 0 is written as 0xffff.
-fn l4_replace(data: &mut [u8], at: usize, mangled: bool, update: impl FnOnce(&mut [u8])) {
-    if mangled && load16(data, at) == 0 {
-        return;
-    }
-    update(data);
-    if mangled && load16(data, at) == 0 {
-        store16(data, at, 0xffff);
-    }
-}
-
-/// What `rewrite_source` of `visibility-ebpf` must do, step by step and with the same
-/// helpers' checks (a failing helper leaves what the steps before it wrote). This is
-/// the intended behaviour where the datapath has open findings (see
-/// `tests/fuzz/corpus/README.md`): a later fragment carries neither the ports nor the
-/// transport checksum, so only its address changes (finding B); a UDP checksum that
-/// sums to zero is written as 0xffff, as `BPF_F_MARK_MANGLED_0` does (finding C).
-fn rewrite_source(data: &mut [u8], packet: &Packet, addr: &[u8; 16], port: u16) -> Result<(), ()> {
-    let l4 = usize::from(packet.l4_offset);
-    let check = match packet.protocol {
-        IPPROTO_TCP => l4 + 16,
-        _ => l4 + 6,
-    };
-    let later = packet.fragment == FragmentPart::Later;
-    let udp_without_checksum =
-        !later && packet.family == Family::V4 && packet.protocol == IPPROTO_UDP && {
-            within(data, check, 2)?;
-            load16(data, check) == 0
-        };
-    let l4_update = !later && !udp_without_checksum;
-    let mangled = packet.protocol == IPPROTO_UDP;
-    match packet.family {
-        Family::V4 => {
-            let old =
-                u32::from_le_bytes([packet.src[0], packet.src[1], packet.src[2], packet.src[3]]);
-            let new = u32::from_le_bytes([addr[0], addr[1], addr[2], addr[3]]);
-            if l4_update {
-                within(data, check, 2)?;
-                l4_replace(data, check, mangled, |d| csum_replace4(d, check, old, new));
-            }
-            csum_replace4(data, IPV4_CHECKSUM_OFFSET, old, new);
-            data[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&addr[..4]);
-        }
-        Family::V6 => {
-            let diff = csum_diff(&packet.src, addr);
-            if l4_update {
-                within(data, check, 2)?;
-                l4_replace(data, check, mangled, |d| {
-                    csum_replace_by_diff(d, check, diff)
-                });
-            }
-            data[ETH_HLEN + 8..ETH_HLEN + 24].copy_from_slice(addr);
-        }
-    }
-    let old_port = packet.src_port.to_be();
-    let new_port = port.to_be();
-    if old_port != new_port && !later {
-        if l4_update {
-            within(data, check, 2)?;
-            l4_replace(data, check, mangled, |d| {
-                csum_replace4(d, check, u32::from(old_port), u32::from(new_port))
-            });
-        }
-        within(data, l4, 2)?;
-        data[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Checksums, for the invariants
-// ---------------------------------------------------------------------------------------
-
-/// Whether the transport checksum of a whole, complete TCP, UDP, ICMP or ICMPv6 packet
-/// verifies; `None` for anything else (fragments, other protocols, unreadable headers).
-/// A UDP checksum of zero over IPv4 (none) verifies; over IPv6 it does not.
-pub fn l4_checksum_ok(frame: &[u8]) -> Option<bool> {
-    let packet = parse(frame, frame.len()).ok()?;
-    if packet.fragment != FragmentPart::Whole || packet.transport != Transport::Read {
-        return None;
-    }
-    let l4 = usize::from(packet.l4_offset);
-    let end = ETH_HLEN + usize::from(packet.ip_len);
-    let body = frame.get(l4..end)?;
-    let checked = match packet.protocol {
-        IPPROTO_TCP => 16,
-        IPPROTO_UDP => 6,
-        IPPROTO_ICMP if packet.family == Family::V4 => 2,
-        IPPROTO_ICMPV6 if packet.family == Family::V6 => 2,
-        _ => return None,
-    };
-    if body.len() < checked + 2 {
-        return None;
-    }
-    if packet.protocol == IPPROTO_UDP && body[6..8] == [0, 0] {
-        return Some(packet.family == Family::V4);
-    }
-    let sum = l4_sum(&packet, body);
-    Some(sum == 0)
-}
-
-/// The Internet checksum over a transport header and payload with its pseudo-header
-/// (none for ICMP over IPv4): 0 when the checksum in it is right.
-pub fn l4_sum(packet: &Packet, body: &[u8]) -> u16 {
-    use visibility_common::testing::checksum;
-    if packet.protocol == IPPROTO_ICMP && packet.family == Family::V4 {
-        return checksum(&[body]);
-    }
-    let len = body.len() as u32;
-    let mut head = Vec::new();
-    match packet.family {
-        Family::V4 => {
-            head.extend_from_slice(&packet.src[..4]);
-            head.extend_from_slice(&packet.dst[..4]);
-            head.extend_from_slice(&[0, packet.protocol]);
-            head.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        Family::V6 => {
-            head.extend_from_slice(&packet.src);
-            head.extend_from_slice(&packet.dst);
-            head.extend_from_slice(&len.to_be_bytes());
-            head.extend_from_slice(&[0, 0, 0, packet.protocol]);
-        }
-    }
-    checksum(&[&head, body])
 }

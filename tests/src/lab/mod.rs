@@ -58,7 +58,8 @@
 //! [`traffic`] (pings, TCP and UDP from inside a namespace), [`servers`] (TCP and UDP
 //! servers in a namespace), [`gateway`] (the gateway's nftables firewall and counters),
 //! [`conntrack`] (its flow log), [`process`] (commands and background processes),
-//! [`deadline`] (reads that give up), and [`cpu`] (pinning a thread to a CPU).
+//! [`deadline`] (reads that give up), [`cpu`] (pinning a thread to a CPU), and [`stale`]
+//! (removing what a killed test process left).
 
 pub mod addresses;
 pub mod conntrack;
@@ -68,6 +69,7 @@ pub mod gateway;
 pub mod netns;
 pub mod process;
 pub mod servers;
+pub mod stale;
 pub mod traffic;
 
 use std::{
@@ -87,6 +89,7 @@ pub use self::{
     netns::{Netns, list_netns},
     process::Background,
     servers::{Received, Reply, TcpServer, UdpServer},
+    stale::cleanup_stale_labs,
     traffic::DEFAULT_TIMEOUT,
 };
 use crate::unique;
@@ -558,39 +561,4 @@ fn remove_pod_parts(node: &Netns, pod: &Netns, host_ifname: &str) {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-/// Removes namespaces of labs whose process is gone (`lab-<tag>-<pid>-<n>-...` where no
-/// process `<pid>` exists), e.g. after a test binary was killed. Returns the names removed.
-///
-/// [`Lab::new`] calls this once per process.
-pub fn cleanup_stale_labs() -> Result<Vec<String>> {
-    let mut removed = Vec::new();
-    for name in list_netns()? {
-        let Some(rest) = name.strip_prefix("lab-") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('-').collect();
-        let [tag, pid, n, role] = parts[..] else {
-            continue;
-        };
-        let well_formed = !tag.is_empty()
-            && tag.chars().all(|c| c.is_ascii_alphanumeric())
-            && n.parse::<usize>().is_ok()
-            && (role == "gw"
-                || role == "node"
-                || role
-                    .strip_prefix('p')
-                    .is_some_and(|i| i.parse::<usize>().is_ok()));
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !well_formed || !unique::is_left_over(pid) {
-            continue;
-        }
-        let ns = Netns::from_name(name);
-        ns.delete()?;
-        removed.push(ns.name().to_owned());
-    }
-    Ok(removed)
 }

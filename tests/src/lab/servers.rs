@@ -3,6 +3,7 @@
 
 use std::{
     io::{ErrorKind, Write},
+    marker::PhantomData,
     net::{Shutdown, SocketAddr},
     sync::{
         Arc,
@@ -105,13 +106,36 @@ impl Drop for Serving {
     }
 }
 
+/// A server in a namespace on a background thread, [`TcpServer`] or [`UdpServer`].
+///
+/// Dropping it without [`Server::join`] stops the thread soon after.
+#[derive(Debug)]
+pub struct Server<Protocol>(Serving, PhantomData<Protocol>);
+
+impl<Protocol> Server<Protocol> {
+    /// The address the server listens on or is bound to (with the real port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+
+    /// Waits for the server to finish and returns what it received, in order.
+    pub fn join(self) -> Result<Vec<Received>> {
+        self.0.join()
+    }
+}
+
+/// The protocol of a [`TcpServer`].
+#[derive(Debug)]
+pub enum Tcp {}
+
+/// The protocol of a [`UdpServer`].
+#[derive(Debug)]
+pub enum Udp {}
+
 /// A TCP server in a namespace that serves a fixed number of connections on a background
 /// thread. For each connection it reads until the client shuts down its sending side
 /// (EOF), sends the [`Reply`] and closes.
-///
-/// Dropping it without [`TcpServer::join`] stops the thread soon after.
-#[derive(Debug)]
-pub struct TcpServer(Serving);
+pub type TcpServer = Server<Tcp>;
 
 impl TcpServer {
     /// Listens on `bind` in `ns` (port 0 picks a free port) and serves `connections`
@@ -154,26 +178,13 @@ impl TcpServer {
                 Err(e) => Err(e).context("accept"),
             }
         })?;
-        Ok(Self(serving))
-    }
-
-    /// The address the server listens on (with the real port).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.0.addr
-    }
-
-    /// Waits for the server to finish and returns what it received, in order.
-    pub fn join(self) -> Result<Vec<Received>> {
-        self.0.join()
+        Ok(Self(serving, PhantomData))
     }
 }
 
 /// A UDP server in a namespace that handles a fixed number of datagrams on a background
 /// thread, answering each with the [`Reply`] (sent from the server's address).
-///
-/// Dropping it without [`UdpServer::join`] stops the thread soon after.
-#[derive(Debug)]
-pub struct UdpServer(Serving);
+pub type UdpServer = Server<Udp>;
 
 impl UdpServer {
     /// Binds `bind` in `ns` (port 0 picks a free port) and handles `datagrams` datagrams;
@@ -207,16 +218,6 @@ impl UdpServer {
             }
             Ok(Some(Received { peer, data }))
         })?;
-        Ok(Self(serving))
-    }
-
-    /// The address the server is bound to (with the real port).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.0.addr
-    }
-
-    /// Waits for the server to finish and returns what it received, in order.
-    pub fn join(self) -> Result<Vec<Received>> {
-        self.0.join()
+        Ok(Self(serving, PhantomData))
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 use visibility_tests::require_root;
 use visibility_tests::{
-    lab::{DEFAULT_TIMEOUT, Lab, Reply, UdpServer},
+    lab::{DEFAULT_TIMEOUT, IpFamily, Lab, Reply, UdpServer},
     node::Node,
 };
 
@@ -42,6 +42,11 @@ pub(crate) fn gateway_saw(lab: &Lab, a: impl Into<IpAddr>, b: impl Into<IpAddr>)
         .unwrap()
         .iter()
         .any(|f| f.is_between(a, b) || f.is_between(b, a))
+}
+
+/// Whether the gateway's flow log has a flow between Pods `a` and `b` in `family`.
+pub(crate) fn gateway_saw_pods(lab: &Lab, a: usize, b: usize, family: IpFamily) -> bool {
+    gateway_saw(lab, lab.pod_ip(a, family), lab.pod_ip(b, family))
 }
 
 /// Whether the gateway's flow log has a UDP flow to (or from) `port` of `addr`.

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use visibility_tests::require_root;
 use visibility_tests::{
-    lab::{Lab, POD_CIDR_V4, POD_CIDR_V6},
+    lab::{IpFamily, Lab, POD_CIDR_V4, POD_CIDR_V6},
     node::{Node, poll},
     tcp_load::TcpLoad,
 };
@@ -200,11 +200,11 @@ fn pod_cidr_remove_and_add_change_the_live_map() {
     lab.flush_gateway_flows().unwrap();
     ping_both(lab, 0, 1);
     assert!(
-        !gateway_saw(lab, lab.pod_ipv4(0), lab.pod_ipv4(1)),
+        !gateway_saw_pods(lab, 0, 1, IpFamily::V4),
         "IPv4 is no Pod CIDR: {:?}",
         lab.gateway_flows()
     );
-    assert!(gateway_saw(lab, lab.pod_ipv6(0), lab.pod_ipv6(1)));
+    assert!(gateway_saw_pods(lab, 0, 1, IpFamily::V6));
 
     let out = node.cli_ok(&["pod-cidr", "add", POD_CIDR_V4]).unwrap();
     assert!(out.contains("added") && out.contains(POD_CIDR_V4), "{out}");
@@ -216,8 +216,8 @@ fn pod_cidr_remove_and_add_change_the_live_map() {
     );
     lab.flush_gateway_flows().unwrap();
     ping_both(lab, 0, 1);
-    assert!(gateway_saw(lab, lab.pod_ipv4(0), lab.pod_ipv4(1)));
-    assert!(gateway_saw(lab, lab.pod_ipv6(0), lab.pod_ipv6(1)));
+    assert!(gateway_saw_pods(lab, 0, 1, IpFamily::V4));
+    assert!(gateway_saw_pods(lab, 0, 1, IpFamily::V6));
 }
 
 /// A Pod CIDR and an exemption added with the CLI live in the pinned maps, so a
@@ -237,11 +237,7 @@ fn cli_changes_survive_daemon_restarts() {
     assert_eq!(node.pod_cidrs().unwrap(), vec![POD_CIDR_V6.to_owned()]);
     node.lab.flush_gateway_flows().unwrap();
     ping_both(&node.lab, 0, 1);
-    assert!(!gateway_saw(
-        &node.lab,
-        node.lab.pod_ipv4(0),
-        node.lab.pod_ipv4(1)
-    ));
+    assert!(!gateway_saw_pods(&node.lab, 0, 1, IpFamily::V4));
 
     let pod1 = node.lab.pod_ipv4(1);
     let rule = format!("{pod1}/32,udp/5353");
@@ -267,7 +263,7 @@ fn cli_changes_survive_daemon_restarts() {
         udp_exchange(lab, 0, 1, 5353);
         udp_exchange(lab, 0, 1, 5354);
         assert!(
-            gateway_saw(lab, lab.pod_ipv4(0), lab.pod_ipv4(1)),
+            gateway_saw_pods(lab, 0, 1, IpFamily::V4),
             "{when}: the CLI's Pod CIDR is in force"
         );
         assert!(

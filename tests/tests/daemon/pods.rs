@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use visibility_tests::{
+    lab::IpFamily,
     node::{counter_in, poll},
     tcp_load::TcpLoad,
 };
@@ -33,8 +34,8 @@ fn a_new_pod_is_attached_and_redirected() {
 
     lab.flush_gateway_flows().unwrap();
     ping_both(lab, index, 0);
-    assert!(gateway_saw(lab, lab.pod_ipv4(index), lab.pod_ipv4(0)));
-    assert!(gateway_saw(lab, lab.pod_ipv6(index), lab.pod_ipv6(0)));
+    assert!(gateway_saw_pods(lab, index, 0, IpFamily::V4));
+    assert!(gateway_saw_pods(lab, index, 0, IpFamily::V6));
 }
 
 /// A deleted Pod leaves nothing behind: no link pin, no entry in the status.
@@ -79,7 +80,7 @@ fn a_deleted_pod_leaves_no_state() {
     let lab = &node.lab;
     lab.flush_gateway_flows().unwrap();
     ping_both(lab, 0, 1);
-    assert!(gateway_saw(lab, lab.pod_ipv4(0), lab.pod_ipv4(1)));
+    assert!(gateway_saw_pods(lab, 0, 1, IpFamily::V4));
 }
 
 /// SIGKILL the daemon under TCP load: the datapath stays attached, so the connection

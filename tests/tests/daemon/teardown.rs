@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 use visibility_tests::{
-    lab::NODE_UPLINK,
+    lab::{IpFamily, NODE_UPLINK},
     node::{Node, poll},
 };
 
@@ -102,11 +102,7 @@ fn teardown_leaves_no_programs_links_or_pins() {
     let mut node = started("d-teardown", 2);
     node.lab.flush_gateway_flows().unwrap();
     ping_both(&node.lab, 0, 1);
-    assert!(gateway_saw(
-        &node.lab,
-        node.lab.pod_ipv4(0),
-        node.lab.pod_ipv4(1)
-    ));
+    assert!(gateway_saw_pods(&node.lab, 0, 1, IpFamily::V4));
 
     // What this test loaded and attached, to be found gone afterwards.
     let ids = pinned_program_ids(&node);
@@ -169,16 +165,8 @@ fn teardown_leaves_no_programs_links_or_pins() {
     let forwarded = node.lab.gateway_forwarded_packets().unwrap();
     node.lab.flush_gateway_flows().unwrap();
     ping_both(&node.lab, 0, 1);
-    assert!(!gateway_saw(
-        &node.lab,
-        node.lab.pod_ipv4(0),
-        node.lab.pod_ipv4(1)
-    ));
-    assert!(!gateway_saw(
-        &node.lab,
-        node.lab.pod_ipv6(0),
-        node.lab.pod_ipv6(1)
-    ));
+    assert!(!gateway_saw_pods(&node.lab, 0, 1, IpFamily::V4));
+    assert!(!gateway_saw_pods(&node.lab, 0, 1, IpFamily::V6));
     assert_eq!(node.lab.gateway_forwarded_packets().unwrap(), forwarded);
 
     let status = node.cli(&["status"]).unwrap();

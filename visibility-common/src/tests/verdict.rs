@@ -144,6 +144,23 @@ struct Row {
     verdict: Verdict,
 }
 
+/// Rows both Pod-side hooks judge alike: a Pod's packet that leaves the Pod CIDRs
+/// (a Service, the internet) and one to the node itself.
+const FROM_A_POD_TO_OUTSIDE: Row = Row {
+    name: "to an address outside the Pod CIDRs (a Service, the internet)",
+    src: POD_A,
+    dst: OUTSIDE,
+    fake: NORMAL,
+    verdict: Verdict::Pass(Counter::PassNotSameNode),
+};
+const FROM_A_POD_TO_THE_NODE: Row = Row {
+    name: "to the node",
+    src: POD_A,
+    dst: NODE,
+    fake: NORMAL,
+    verdict: Verdict::Pass(Counter::PassNodeAddress),
+};
+
 fn check(hook: Hook, rows: &[Row]) {
     let mut failures: Vec<String> = Vec::new();
     for family in FAMILIES {
@@ -184,20 +201,8 @@ fn pod_ingress_only_counts() {
             },
             verdict: Verdict::Pass(PassPodToPod),
         },
-        Row {
-            name: "to somewhere else (a Service, the internet)",
-            src: POD_A,
-            dst: OUTSIDE,
-            fake: NORMAL,
-            verdict: Verdict::Pass(PassNotSameNode),
-        },
-        Row {
-            name: "to the node",
-            src: POD_A,
-            dst: NODE,
-            fake: NORMAL,
-            verdict: Verdict::Pass(PassNodeAddress),
-        },
+        FROM_A_POD_TO_OUTSIDE,
+        FROM_A_POD_TO_THE_NODE,
     ];
     check(Hook::PodIngress, &rows);
 }
@@ -359,20 +364,8 @@ fn pod_egress_sends_pod_to_pod_after_the_node_stack() {
             fake: NORMAL,
             verdict: Verdict::Pass(PassNodeAddress),
         },
-        Row {
-            name: "to an address outside the Pod CIDRs",
-            src: POD_A,
-            dst: OUTSIDE,
-            fake: NORMAL,
-            verdict: Verdict::Pass(PassNotSameNode),
-        },
-        Row {
-            name: "to the node",
-            src: POD_A,
-            dst: NODE,
-            fake: NORMAL,
-            verdict: Verdict::Pass(PassNodeAddress),
-        },
+        FROM_A_POD_TO_OUTSIDE,
+        FROM_A_POD_TO_THE_NODE,
         Row {
             name: "visibility off",
             src: POD_A,

@@ -69,7 +69,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     )?;
     let mut maps = Maps::open(datapath.pins())?;
     seed_maps(&mut maps, &config, origin)?;
-    sync_clock(&datapath, &mut maps);
+    sync_clock(&datapath, &mut maps).await;
     info!(
         pin_dir = %pin_dir.display(),
         origin = ?origin,
@@ -119,7 +119,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
                 reconciler.reconcile(&handle, &mut datapath, &mut maps).await;
             }
             _ = log_flush.tick() => datapath.flush_logs(),
-            _ = clock_sync.tick() => sync_clock(&datapath, &mut maps),
+            _ = clock_sync.tick() => sync_clock(&datapath, &mut maps).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -132,8 +132,8 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 
 /// Measures the datapath's clock, or keeps it in step. Without it the programs read
 /// the kernel's clock through a helper: slower, not wrong.
-fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
-    if let Err(error) = crate::clock::sync_clock(datapath, maps) {
+async fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
+    if let Err(error) = crate::clock::sync_clock_async(datapath, maps).await {
         warn!(%error, "measuring the datapath's clock; its programs read the kernel's instead");
     }
 }

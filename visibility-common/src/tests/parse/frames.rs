@@ -4,18 +4,19 @@
 use alloc::vec::Vec;
 
 use crate::{
-    packet::{Family, Packet, ParseError, parse},
+    packet::{
+        Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet, ParseError, parse,
+    },
     testing::{DST4, DST6, SRC4, SRC6, Transport},
 };
 
-pub(super) const HOPOPTS: u8 = 0;
-pub(super) const ROUTING: u8 = 43;
-pub(super) const FRAGMENT: u8 = 44;
-pub(super) const AH: u8 = 51;
+pub(super) use crate::packet::{
+    IPPROTO_AH as AH, IPPROTO_DSTOPTS as DSTOPTS, IPPROTO_FRAGMENT as FRAGMENT,
+    IPPROTO_HOPOPTS as HOPOPTS, IPPROTO_ROUTING as ROUTING,
+};
 pub(super) const NO_NEXT_HEADER: u8 = 59;
-pub(super) const DSTOPTS: u8 = 60;
 pub(super) const GRE: u8 = 47;
-pub(super) const SCTP: u8 = 132;
+pub(super) use crate::packet::IPPROTO_SCTP as SCTP;
 
 pub(super) const FIN: u8 = 0x01;
 pub(super) const SYN: u8 = 0x02;
@@ -59,6 +60,38 @@ pub(super) fn icmp(kind: u8, code: u8, id: u16) -> Transport {
         id,
         seq: 7,
     }
+}
+
+/// What the parser must read of a frame built with `transport`, as
+/// `(protocol, source port, destination port, TCP flags)`: an ICMP message's id stands
+/// for its source port, its type and code for its destination port.
+pub(super) fn expected_transport(family: Family, transport: &Transport) -> (u8, u16, u16, u8) {
+    match *transport {
+        Transport::Tcp {
+            src_port,
+            dst_port,
+            flags,
+        } => (IPPROTO_TCP, src_port, dst_port, flags),
+        Transport::Udp { src_port, dst_port } => (IPPROTO_UDP, src_port, dst_port, 0),
+        Transport::Icmp { kind, code, id, .. } => {
+            let protocol = match family {
+                Family::V4 => IPPROTO_ICMP,
+                Family::V6 => IPPROTO_ICMPV6,
+            };
+            (protocol, id, u16::from_be_bytes([kind, code]), 0)
+        }
+        Transport::Raw { .. } => unreachable!("no transport header to read"),
+    }
+}
+
+/// What the parser read of a packet's transport, as [`expected_transport`] says it.
+pub(super) fn read_transport(packet: &Packet) -> (u8, u16, u16, u8) {
+    (
+        packet.protocol,
+        packet.src_port,
+        packet.dst_port,
+        packet.tcp_flags,
+    )
 }
 
 pub(super) fn src_of(family: Family) -> [u8; 16] {

@@ -4,7 +4,7 @@ use alloc::vec;
 
 use crate::{
     packet::FragmentPart,
-    packet::{ETH_HLEN, Family, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    packet::{ETH_HLEN, Family, IPPROTO_TCP},
     testing::{
         DST4, FrameBuilder, IPV4_FLAGS_FRAGMENT, IPV4_VERSION_IHL, SRC4, Transport,
         fix_ipv4_checksum, ipv4_header_checksum_ok, set_be16,
@@ -29,24 +29,9 @@ fn ipv4_options_are_skipped() {
                 5 + options_len / 4
             );
             let packet = parse_frame(&frame).unwrap();
-            let expected = match transport {
-                Transport::Tcp {
-                    src_port,
-                    dst_port,
-                    flags,
-                } => (IPPROTO_TCP, src_port, dst_port, flags),
-                Transport::Udp { src_port, dst_port } => (IPPROTO_UDP, src_port, dst_port, 0),
-                Transport::Icmp { id, .. } => (IPPROTO_ICMP, id, 0x0800, 0),
-                Transport::Raw { .. } => unreachable!(),
-            };
             assert_eq!(
-                (
-                    packet.protocol,
-                    packet.src_port,
-                    packet.dst_port,
-                    packet.tcp_flags
-                ),
-                expected,
+                read_transport(&packet),
+                expected_transport(Family::V4, &transport),
                 "{options_len} bytes of options"
             );
             assert_eq!(packet.src, v4(SRC4));

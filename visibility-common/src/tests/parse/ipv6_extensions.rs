@@ -4,9 +4,7 @@ use alloc::vec;
 
 use crate::{
     packet::FragmentPart,
-    packet::{
-        ETH_HLEN, Family, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXTENSION_HEADERS,
-    },
+    packet::{ETH_HLEN, Family, IPPROTO_TCP, MAX_IPV6_EXTENSION_HEADERS},
     testing::{DST6, FrameBuilder, IPV6_FIRST_EXTENSION, IPV6_NEXT_HEADER, SRC6, Transport},
 };
 
@@ -43,24 +41,9 @@ fn ipv6_extension_headers_are_walked_to_the_transport() {
             let extensions_len: usize = chain.iter().map(|&(_, len)| len + 2).sum();
             let packet = parse_frame(&frame)
                 .unwrap_or_else(|e| panic!("{chain:?} then {transport:?}: {e:?}"));
-            let expected = match transport {
-                Transport::Tcp {
-                    src_port,
-                    dst_port,
-                    flags,
-                } => (IPPROTO_TCP, src_port, dst_port, flags),
-                Transport::Udp { src_port, dst_port } => (IPPROTO_UDP, src_port, dst_port, 0),
-                Transport::Icmp { id, kind, .. } => (IPPROTO_ICMPV6, id, u16::from(kind) << 8, 0),
-                Transport::Raw { .. } => unreachable!(),
-            };
             assert_eq!(
-                (
-                    packet.protocol,
-                    packet.src_port,
-                    packet.dst_port,
-                    packet.tcp_flags
-                ),
-                expected,
+                read_transport(&packet),
+                expected_transport(Family::V6, &transport),
                 "{chain:?}"
             );
             assert_eq!(packet.src, SRC6);
@@ -174,15 +157,7 @@ fn what_follows_the_last_walked_extension_header_decides() {
     let mut b = FrameBuilder::of(Family::V6, tcp(1, 2, SYN));
     b.ipv6_extensions = walked.iter().map(|&p| (p, extension_body(6))).collect();
     let packet = parse_frame(&b.build()).unwrap();
-    assert_eq!(
-        (
-            packet.protocol,
-            packet.src_port,
-            packet.dst_port,
-            packet.tcp_flags
-        ),
-        (IPPROTO_TCP, 1, 2, SYN)
-    );
+    assert_eq!(read_transport(&packet), (IPPROTO_TCP, 1, 2, SYN));
 }
 
 #[test]
