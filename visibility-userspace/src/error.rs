@@ -81,6 +81,13 @@ pub enum MapsError {
     /// map existed. `visibility teardown` and a restart pin a current datapath.
     #[error("the {0} map is not pinned (a datapath from an older daemon)")]
     Missing(&'static str),
+    /// The lock that serializes changes to the maps could not be taken.
+    #[error("locking {path} for a change of the maps: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl MapsError {

@@ -14,3 +14,5 @@
 //! Run: `cargo build -p visibility-userspace && cargo test -p visibility-tests --test faults`
 
 mod bpffs;
+mod cli_race;
+mod common;

@@ -142,6 +142,7 @@ fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
 /// adopting, the maps are the truth (CLI changes survive restarts) and the
 /// configuration only adds what they lack.
 fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(), MapsError> {
+    let _lock = maps.lock()?;
     if origin == Origin::Loaded {
         maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }

@@ -11,7 +11,7 @@ use crate::{
     datapath::{Datapath, Origin, ProgramKind},
     discovery::{self, PodInterface, Uplink},
     health,
-    maps::Maps,
+    maps::{Maps, MapsLock},
     metrics::Shared,
     net::addr_bytes,
     node::NodeView,
@@ -108,6 +108,7 @@ impl Reconciler {
     fn sync_uplinks(&mut self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
         let mut found = Vec::new();
         self.missing_uplinks.clear();
+        let _lock = lock_or_warn(maps);
         let Ok(settings) = maps.settings() else {
             return found;
         };
@@ -150,6 +151,7 @@ impl Reconciler {
     }
 
     fn sync_node_addrs(&self, view: &NodeView, maps: &mut Maps) {
+        let _lock = lock_or_warn(maps);
         if let Err(error) = maps.set_node_addrs(&view.node_addresses()) {
             warn!(%error, "marking the node's addresses in the Pod-CIDR tries");
         }
@@ -304,6 +306,15 @@ impl Reconciler {
         }
         self.last_checks = checks.to_vec();
     }
+}
+
+/// The maps' lock for one of the reconcile's read-modify-writes. Without it (the pin
+/// directory vanished under the daemon) the pass goes on: a lost update is retried on
+/// the next one, a skipped pass would detach the uplink.
+fn lock_or_warn(maps: &Maps) -> Option<MapsLock> {
+    maps.lock()
+        .inspect_err(|error| warn!(%error, "changing the maps without their lock"))
+        .ok()
 }
 
 /// Redirects at Pod egress cannot wait for the gateway's neighbour (see
