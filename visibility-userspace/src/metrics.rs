@@ -124,36 +124,47 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             entries as f64 / f64::from(capacity)
         },
     );
-    scrape.counter(
-        "visibility_flow_evictions_total",
-        "Flows the LRU evicted between two reads",
-        records.evictions.load(Ordering::Relaxed),
-    );
-    scrape.counter(
-        "visibility_flow_records_emitted_total",
-        "Flow records written to the sink",
-        records.emitted.load(Ordering::Relaxed),
-    );
-    scrape.counter(
-        "visibility_flow_records_dropped_total",
-        "Flow records dropped because the sink was slow or full",
-        records.dropped.load(Ordering::Relaxed),
-    );
     scrape.float_gauge(
         "visibility_flow_map_last_read_duration_seconds",
         "Time the last read of the flow map and emit of its records took",
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
-    scrape.counter(
-        "visibility_ipfix_export_errors_total",
-        "IPFIX messages, or intervals of records, that did not reach a collector",
-        records.ipfix_export_errors.load(Ordering::Relaxed),
-    );
-    scrape.counter(
-        "visibility_attach_failures_total",
-        "Failed attaches of a program to an interface",
-        shared.attach_failures.load(Ordering::Relaxed),
-    );
+    // The daemon's own counters, one row each.
+    let counters: [(&str, &str, &AtomicU64); 6] = [
+        (
+            "visibility_flow_evictions_total",
+            "Flows the LRU evicted between two reads",
+            &records.evictions,
+        ),
+        (
+            "visibility_flow_records_emitted_total",
+            "Flow records written to the sink",
+            &records.emitted,
+        ),
+        (
+            "visibility_flow_records_dropped_total",
+            "Flow records dropped because the sink was slow or full",
+            &records.dropped,
+        ),
+        (
+            "visibility_flow_record_write_errors_total",
+            "Failed writes of flow records (a full disk, a closed stdout); their records count as dropped",
+            &records.write_errors,
+        ),
+        (
+            "visibility_ipfix_export_errors_total",
+            "IPFIX messages, or intervals of records, that did not reach a collector",
+            &records.ipfix_export_errors,
+        ),
+        (
+            "visibility_attach_failures_total",
+            "Failed attaches of a program to an interface",
+            &shared.attach_failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        scrape.counter(name, help, value.load(Ordering::Relaxed));
+    }
 
     let interfaces = scrape.gauge_vec(
         "visibility_pod_interfaces",

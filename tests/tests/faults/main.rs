@@ -16,3 +16,4 @@
 mod bpffs;
 mod cli_race;
 mod common;
+mod disk_full;

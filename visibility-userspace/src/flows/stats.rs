@@ -17,6 +17,9 @@ pub struct RecordStats {
     /// IPFIX messages (or whole intervals, when an exporter's queue was full) that did
     /// not reach a collector.
     pub ipfix_export_errors: AtomicU64,
+    /// Writes of records that failed (a full disk, a closed stdout): their records
+    /// count as dropped.
+    pub write_errors: AtomicU64,
 }
 
 impl RecordStats {
