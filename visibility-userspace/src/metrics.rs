@@ -130,7 +130,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
     // The daemon's own counters, one row each.
-    let counters: [(&str, &str, &AtomicU64); 6] = [
+    let counters: [(&str, &str, &AtomicU64); 7] = [
         (
             "visibility_flow_evictions_total",
             "Flows the LRU evicted between two reads",
@@ -150,6 +150,11 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             "visibility_flow_record_write_errors_total",
             "Failed writes of flow records (a full disk, a closed stdout); their records count as dropped",
             &records.write_errors,
+        ),
+        (
+            "visibility_flow_record_file_reopens_total",
+            "Times the flow record file was found moved away (rotated by another program) and opened anew",
+            &records.file_reopens,
         ),
         (
             "visibility_ipfix_export_errors_total",

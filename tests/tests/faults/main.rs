@@ -17,3 +17,4 @@ mod bpffs;
 mod cli_race;
 mod common;
 mod disk_full;
+mod rotation;

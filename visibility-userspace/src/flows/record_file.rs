@@ -1,10 +1,12 @@
 //! The flow record file: JSON lines appended at a path, rotated by size
-//! (`flows.jsonl` → `flows.jsonl.1` → … → `flows.jsonl.<keep>`), and never left with a
+//! (`flows.jsonl` → `flows.jsonl.1` → … → `flows.jsonl.<keep>`), opened anew when a
+//! program outside the daemon (logrotate) moved or removed it, and never left with a
 //! partial line: a write that fails (a full disk) is cut back to its last whole line.
 
 use std::{
     fs,
     io::{self, Write},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -44,7 +46,7 @@ pub struct RecordFile {
     max_bytes: u64,
     keep: u32,
     file: fs::File,
-    /// The file's size, as this process wrote it.
+    /// The file's size, as of the last write batch plus what this process wrote since.
     size: u64,
 }
 
@@ -68,10 +70,30 @@ impl RecordFile {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(crate) fn rotated(path: &Path, n: u32) -> PathBuf {
         let mut name = path.as_os_str().to_owned();
         name.push(format!(".{n}"));
         PathBuf::from(name)
+    }
+
+    /// Opens the path anew when the open file is no longer there (renamed or removed
+    /// by another program, as logrotate does); returns whether it did. Records written
+    /// before stay in the moved file: none is lost, none written twice. Also takes the
+    /// file's size anew, which a `copytruncate` rotation cut.
+    pub fn reopen_if_moved(&mut self) -> io::Result<bool> {
+        let open = self.file.metadata()?;
+        let moved = fs::metadata(&self.path).map_or(true, |now| {
+            now.dev() != open.dev() || now.ino() != open.ino()
+        });
+        if moved {
+            self.file = open_append(&self.path)?;
+        }
+        self.size = self.file.metadata()?.len();
+        Ok(moved)
     }
 
     /// Appends `lines` (a newline is added to each), rotating first whenever the next
@@ -169,6 +191,24 @@ mod tests {
         assert!(RecordFile::rotated(&path, 2).exists());
         assert!(!RecordFile::rotated(&path, 3).exists());
         assert!(fs::metadata(&path).unwrap().len() <= 10);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_moved_away_is_opened_anew_and_nothing_is_lost_or_doubled() {
+        let dir = scratch("moved");
+        let path = dir.join("flows.jsonl");
+        let moved = dir.join("flows.jsonl.logrotate");
+        let mut file = RecordFile::open(path.clone(), u64::MAX, 1).unwrap();
+        assert!(!file.reopen_if_moved().unwrap());
+        assert_eq!(file.write_lines(&lines(3)).lines, 3);
+        fs::rename(&path, &moved).unwrap();
+        // Written before the check: into the moved file, as logrotate expects.
+        assert_eq!(file.write_lines(&lines(1)).lines, 1);
+        assert!(file.reopen_if_moved().unwrap());
+        assert_eq!(file.write_lines(&lines(2)).lines, 2);
+        let count = |p: &Path| fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!((count(&moved), count(&path)), (4, 2));
         fs::remove_dir_all(&dir).unwrap();
     }
 

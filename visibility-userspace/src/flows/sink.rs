@@ -1,5 +1,5 @@
 //! The JSON-lines sink of flow records: stdout or a record file ([`RecordFile`]:
-//! rotated by size), written on a thread of its own behind
+//! rotated by size, opened anew when moved away), written on a thread of its own behind
 //! a bounded queue. A slow or full sink drops records, and a failed write (a full disk)
 //! drops the records it did not write whole: each counted as dropped, never as
 //! emitted. It never stalls the daemon, let alone the datapath.
@@ -111,7 +111,10 @@ fn write_lines(receiver: &Receiver<String>, mut output: Output, stats: &RecordSt
                 let _ = stdout.flush();
                 written
             }
-            Output::File(file) => file.write_lines(&lines),
+            Output::File(file) => {
+                reopen_if_moved(file, stats);
+                file.write_lines(&lines)
+            }
         };
         count(&written, lines.len(), stats, &mut failing);
         lines.clear();
@@ -128,6 +131,25 @@ fn joined(lines: &[String]) -> (Vec<u8>, Vec<usize>) {
         ends.push(chunk.len());
     }
     (chunk, ends)
+}
+
+/// Checks, once a batch, whether logrotate (or anyone) moved the file away.
+fn reopen_if_moved(file: &mut RecordFile, stats: &RecordStats) {
+    match file.reopen_if_moved() {
+        Ok(false) => {}
+        Ok(true) => {
+            stats.file_reopens.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                path = %file.path().display(),
+                "the flow record file was moved away (rotated by another program); writing to a new file at its path"
+            );
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            path = %file.path().display(),
+            "checking whether the flow record file was moved away"
+        ),
+    }
 }
 
 /// Counts a batch's lines as emitted or dropped, and a failed write as a write error,

@@ -20,6 +20,8 @@ pub struct RecordStats {
     /// Writes of records that failed (a full disk, a closed stdout): their records
     /// count as dropped.
     pub write_errors: AtomicU64,
+    /// Times the record file was found moved away (logrotate) and opened anew.
+    pub file_reopens: AtomicU64,
 }
 
 impl RecordStats {
