@@ -18,3 +18,4 @@ mod cli_race;
 mod common;
 mod disk_full;
 mod rotation;
+mod sigterm;

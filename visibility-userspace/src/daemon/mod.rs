@@ -90,7 +90,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     if !config.ipfix_collectors.is_empty() {
         info!(collectors = ?config.ipfix_collectors, "exporting flow records as IPFIX");
     }
-    spawn_reader(
+    let reader = spawn_reader(
         datapath.pins().clone(),
         Duration::from_secs(config.records_interval_secs),
         sink,
@@ -125,6 +125,8 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
         }
     }
     datapath.flush_logs();
+    info!("stopping: emitting the last flow records");
+    reader.stop();
     DaemonStatus::remove(&pin_dir);
     info!("stopping; the datapath stays attached and the next daemon adopts it");
     Ok(())

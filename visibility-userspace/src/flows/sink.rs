@@ -2,7 +2,8 @@
 //! rotated by size, opened anew when moved away), written on a thread of its own behind
 //! a bounded queue. A slow or full sink drops records, and a failed write (a full disk)
 //! drops the records it did not write whole: each counted as dropped, never as
-//! emitted. It never stalls the daemon, let alone the datapath.
+//! emitted. It never stalls the daemon, let alone the datapath. [`Sink::finish`]
+//! writes what is queued before the daemon exits.
 
 use std::{
     io::{self, Write as _},
@@ -11,6 +12,7 @@ use std::{
         atomic::Ordering,
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -24,6 +26,7 @@ use crate::config::SinkSpec;
 /// The writing end of the sink: a bounded queue to the writer thread.
 pub struct Sink {
     sender: Option<SyncSender<String>>,
+    writer: Option<JoinHandle<()>>,
     stats: Arc<RecordStats>,
 }
 
@@ -52,16 +55,18 @@ impl Sink {
         let Some(output) = output else {
             return Ok(Self {
                 sender: None,
+                writer: None,
                 stats,
             });
         };
         let (sender, receiver) = sync_channel::<String>(QUEUE);
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("flow-records".into())
             .spawn(move || write_lines(&receiver, output, &thread_stats))?;
         Ok(Self {
             sender: Some(sender),
+            writer: Some(writer),
             stats,
         })
     }
@@ -76,6 +81,8 @@ impl Sink {
             let Ok(mut line) = serde_json::to_string(record) else {
                 continue;
             };
+            // Counted before the writer can take it, so the count never goes below zero.
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
             loop {
                 match sender.try_send(line) {
                     Ok(()) => break,
@@ -84,12 +91,36 @@ impl Sink {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         let lost = (records.len() - sent) as u64;
                         self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
                         return;
                     }
                 }
             }
+        }
+    }
+
+    /// Closes the queue and waits until `deadline` for the writer to write what is in
+    /// it; what a stuck sink (a pipe nobody reads) still holds then is counted as
+    /// dropped.
+    pub fn finish(mut self, deadline: Instant) {
+        drop(self.sender.take());
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        while !writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if writer.is_finished() {
+            let _ = writer.join();
+        } else {
+            let lost = self.stats.queued.swap(0, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
+            tracing::warn!(
+                lost,
+                "the flow record sink did not take the last records in time; they are dropped"
+            );
         }
     }
 }
@@ -117,6 +148,9 @@ fn write_lines(receiver: &Receiver<String>, mut output: Output, stats: &RecordSt
             }
         };
         count(&written, lines.len(), stats, &mut failing);
+        stats
+            .queued
+            .fetch_sub(lines.len() as u64, Ordering::Relaxed);
         lines.clear();
     }
 }
@@ -218,6 +252,7 @@ pub mod tests {
         let (sender, _receiver) = sync_channel::<String>(1);
         let sink = Sink {
             sender: Some(sender),
+            writer: None,
             stats: stats.clone(),
         };
         let clock = Clock::now();

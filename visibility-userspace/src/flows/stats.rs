@@ -22,6 +22,8 @@ pub struct RecordStats {
     pub write_errors: AtomicU64,
     /// Times the record file was found moved away (logrotate) and opened anew.
     pub file_reopens: AtomicU64,
+    /// Records in the sink's queue, not yet written or dropped.
+    pub queued: AtomicU64,
 }
 
 impl RecordStats {
