@@ -22,6 +22,9 @@ use crate::{datapath::PinDir, flows::stats::RecordStats, maps::Maps, state::Daem
 pub struct Shared {
     pub records: Arc<RecordStats>,
     pub attach_failures: AtomicU64,
+    /// Times a family's uplink went away, came back, or changed its name or ifindex
+    /// (one per family: an uplink of both families that goes away counts two).
+    pub uplink_changes: AtomicU64,
     /// The last status the reconciler computed.
     pub status: Mutex<Option<DaemonStatus>>,
 }
@@ -130,7 +133,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
     // The daemon's own counters, one row each.
-    let counters: [(&str, &str, &AtomicU64); 7] = [
+    let counters: [(&str, &str, &AtomicU64); 8] = [
         (
             "visibility_flow_evictions_total",
             "Flows the LRU evicted between two reads",
@@ -165,6 +168,11 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             "visibility_attach_failures_total",
             "Failed attaches of a program to an interface",
             &shared.attach_failures,
+        ),
+        (
+            "visibility_uplink_changes_total",
+            "Times a family's uplink went away, came back, or changed its name or ifindex",
+            &shared.uplink_changes,
         ),
     ];
     for (name, help, value) in counters {

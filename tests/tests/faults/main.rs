@@ -19,3 +19,4 @@ mod common;
 mod disk_full;
 mod rotation;
 mod sigterm;
+mod uplink;

@@ -2,6 +2,7 @@
 //! as Pods come and go (netlink events, with a slow reconcile as a safety net), keeps
 //! the maps in line with the node, and reports health.
 
+mod changes;
 mod reconcile;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};

@@ -6,6 +6,7 @@ use rtnetlink::Handle;
 use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
+use super::changes::Changes;
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
@@ -30,6 +31,7 @@ pub struct Reconciler {
     /// Families without an uplink at the last pass, and why.
     missing_uplinks: Vec<(Family, String)>,
     last_checks: Vec<Check>,
+    changes: Changes,
     shared: Arc<Shared>,
 }
 
@@ -39,7 +41,7 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn family_name(family: Family) -> &'static str {
+pub(super) fn family_name(family: Family) -> &'static str {
     match family {
         Family::V4 => "v4",
         Family::V6 => "v6",
@@ -69,6 +71,7 @@ impl Reconciler {
             attach_errors: BTreeMap::new(),
             missing_uplinks: Vec::new(),
             last_checks: Vec::new(),
+            changes: Changes::default(),
             shared,
         }
     }
@@ -94,6 +97,7 @@ impl Reconciler {
             &uplink_indexes,
         );
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
+        self.changes.notice(&uplinks, &self.shared);
         sync_pod_ifaces(maps, &pods);
         let status = self.status(&view, datapath, maps, &uplinks, &pods);
         self.log_check_changes(&status.checks);
