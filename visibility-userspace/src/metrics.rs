@@ -25,6 +25,8 @@ pub struct Shared {
     /// Times a family's uplink went away, came back, or changed its name or ifindex
     /// (one per family: an uplink of both families that goes away counts two).
     pub uplink_changes: AtomicU64,
+    /// Times the gateway's MAC in the neighbour table changed (a failover).
+    pub gateway_mac_changes: AtomicU64,
     /// The last status the reconciler computed.
     pub status: Mutex<Option<DaemonStatus>>,
 }
@@ -133,7 +135,7 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
     // The daemon's own counters, one row each.
-    let counters: [(&str, &str, &AtomicU64); 8] = [
+    let counters: [(&str, &str, &AtomicU64); 9] = [
         (
             "visibility_flow_evictions_total",
             "Flows the LRU evicted between two reads",
@@ -173,6 +175,11 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             "visibility_uplink_changes_total",
             "Times a family's uplink went away, came back, or changed its name or ifindex",
             &shared.uplink_changes,
+        ),
+        (
+            "visibility_gateway_mac_changes_total",
+            "Times a family's gateway MAC in the node's neighbour table changed (a failover)",
+            &shared.gateway_mac_changes,
         ),
     ];
     for (name, help, value) in counters {

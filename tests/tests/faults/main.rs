@@ -17,6 +17,7 @@ mod bpffs;
 mod cli_race;
 mod common;
 mod disk_full;
+mod gateway_mac;
 mod rotation;
 mod sigterm;
 mod uplink;

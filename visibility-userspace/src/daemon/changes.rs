@@ -1,14 +1,15 @@
 //! Notices, from one reconcile to the next, an uplink that went away, came back or was
-//! renamed: each is logged once and counted (`visibility_uplink_changes_total`).
+//! renamed, and a gateway whose MAC changed (a failover): each is logged once and
+//! counted (`visibility_uplink_changes_total`, `visibility_gateway_mac_changes_total`).
 //! The reconcile itself re-attaches and re-points the datapath; this only reports.
 
-use std::sync::atomic::Ordering;
+use std::{net::IpAddr, sync::atomic::Ordering};
 
 use tracing::{info, warn};
 use visibility_common::packet::Family;
 
-use super::reconcile::family_name;
-use crate::{discovery::Uplink, metrics::Shared};
+use super::reconcile::{family_name, format_mac};
+use crate::{discovery::Uplink, metrics::Shared, node::NodeView};
 
 /// A family's uplink as the last pass found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,11 +24,13 @@ struct Seen {
 pub struct Changes {
     /// `None` before the first pass, whose uplinks are no change.
     uplinks: Option<Vec<Seen>>,
+    /// The last resolved MAC of each family's gateway.
+    gateway_macs: Vec<(Family, IpAddr, [u8; 6])>,
 }
 
 impl Changes {
-    /// Compares this pass's uplinks with the last pass's.
-    pub fn notice(&mut self, uplinks: &[Uplink], shared: &Shared) {
+    /// Compares this pass's uplinks and gateway MACs with the last pass's.
+    pub fn notice(&mut self, view: &NodeView, uplinks: &[Uplink], shared: &Shared) {
         let now: Vec<Seen> = uplinks
             .iter()
             .map(|u| Seen {
@@ -42,6 +45,37 @@ impl Changes {
                 let is = now.iter().find(|s| s.family == family);
                 if uplink_changed(family, was, is) {
                     shared.uplink_changes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for uplink in uplinks {
+            let Some(mac) = view
+                .neighbour(uplink.ifindex, &uplink.gateway)
+                .filter(|n| n.is_resolved())
+                .and_then(|n| n.mac)
+            else {
+                continue;
+            };
+            let last = self.gateway_macs.iter_mut().find(|(family, gateway, _)| {
+                *family == uplink.family && *gateway == uplink.gateway
+            });
+            match last {
+                Some((_, _, last)) if *last != mac => {
+                    warn!(
+                        family = family_name(uplink.family),
+                        gateway = %uplink.gateway,
+                        from = %format_mac(last),
+                        to = %format_mac(&mac),
+                        "the gateway's MAC changed (a failover?); the datapath follows within 100 ms"
+                    );
+                    shared.gateway_mac_changes.fetch_add(1, Ordering::Relaxed);
+                    *last = mac;
+                }
+                Some(_) => {}
+                None => {
+                    self.gateway_macs
+                        .retain(|(family, _, _)| *family != uplink.family);
+                    self.gateway_macs.push((uplink.family, uplink.gateway, mac));
                 }
             }
         }

@@ -97,7 +97,7 @@ impl Reconciler {
             &uplink_indexes,
         );
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
-        self.changes.notice(&uplinks, &self.shared);
+        self.changes.notice(&view, &uplinks, &self.shared);
         sync_pod_ifaces(maps, &pods);
         let status = self.status(&view, datapath, maps, &uplinks, &pods);
         self.log_check_changes(&status.checks);
