@@ -116,6 +116,8 @@ pub struct Node {
     pub pin_dir: PathBuf,
     daemon: Option<Background>,
     daemon_args: Vec<String>,
+    /// A command the daemon runs under (see [`Node::wrap_daemon`]); empty for none.
+    daemon_wrapper: Vec<String>,
     /// Where the daemon's standard error goes, once [`Node::capture_daemon_log`] was called.
     log_path: Option<PathBuf>,
 }
@@ -141,6 +143,7 @@ impl Node {
             pin_dir,
             daemon: None,
             daemon_args: Vec::new(),
+            daemon_wrapper: Vec::new(),
             log_path: None,
         }
     }
@@ -184,11 +187,19 @@ impl Node {
         }
     }
 
+    /// From the next daemon start on, the daemon runs as the last arguments of
+    /// `wrapper` (a program and its first arguments), which must exec it: e.g.
+    /// `unshare --mount` and a shell that mounts something first. The daemon's pid
+    /// stays the fixture's.
+    pub fn wrap_daemon(&mut self, wrapper: Vec<String>) {
+        self.daemon_wrapper = wrapper;
+    }
+
     /// The `visibility daemon args...` command, with standard error captured if asked.
     fn daemon_command(&self, args: &[String]) -> Result<Command> {
         let mut all = vec!["daemon".to_owned()];
         all.extend(args.iter().cloned());
-        let mut cmd = self.command(&all);
+        let mut cmd = self.command_under(&self.daemon_wrapper, &all);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         if let Some(path) = &self.log_path {
             let file = std::fs::OpenOptions::new()
@@ -218,9 +229,19 @@ impl Node {
 
     /// A `visibility` command in the node's namespace, with this node's pin directory.
     pub fn command<S: AsRef<str>>(&self, args: &[S]) -> Command {
-        let mut all: Vec<String> = vec!["--pin-dir".into(), self.pin_dir.display().to_string()];
+        self.command_under(&[], args)
+    }
+
+    /// [`Node::command`], run as the last arguments of `wrapper` when it is not empty.
+    fn command_under<S: AsRef<str>>(&self, wrapper: &[String], args: &[S]) -> Command {
+        let mut all: Vec<String> = wrapper.iter().skip(1).cloned().collect();
+        if !wrapper.is_empty() {
+            all.push(binary().display().to_string());
+        }
+        all.extend(["--pin-dir".into(), self.pin_dir.display().to_string()]);
         all.extend(args.iter().map(|a| a.as_ref().to_owned()));
-        let mut cmd = self.lab.node().cmd(binary(), &all);
+        let program = wrapper.first().map_or_else(binary, PathBuf::from);
+        let mut cmd = self.lab.node().cmd(program, &all);
         cmd.env("VISIBILITY_LOG", "info");
         cmd
     }

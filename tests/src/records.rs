@@ -4,7 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -60,18 +60,24 @@ impl RecordFile {
     /// Every complete line, parsed. A line still being written (no newline yet) is left
     /// for the next read.
     pub fn records(&self) -> Result<Vec<Value>> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
-        };
-        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-        complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("record line {l:?}")))
-            .collect()
+        records_at(&self.path)
     }
+}
+
+/// Every complete line of the record file at `path` (none when there is no file),
+/// parsed, as [`RecordFile::records`] reads them.
+pub fn records_at(path: &Path) -> Result<Vec<Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("record line {l:?}")))
+        .collect()
 }
 
 impl Drop for RecordFile {

@@ -168,7 +168,7 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
                     .all(|l| s.labels.iter().any(|(key, _)| key == l))
         })
     };
-    let required: [(&str, &[&str]); 12] = [
+    let required: [(&str, &[&str]); 16] = [
         ("visibility_datapath_packets_total", &["hook", "verdict"]),
         ("visibility_redirected_packets_total", &[]),
         ("visibility_redirected_bytes_total", &[]),
@@ -181,6 +181,10 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
         ("visibility_flow_records_emitted_total", &[]),
         ("visibility_flow_records_dropped_total", &[]),
         ("visibility_ipfix_export_errors_total", &[]),
+        ("visibility_flow_record_write_errors_total", &[]),
+        ("visibility_flow_record_file_reopens_total", &[]),
+        ("visibility_uplink_changes_total", &[]),
+        ("visibility_gateway_mac_changes_total", &[]),
     ];
     let missing: Vec<&str> = required
         .iter()

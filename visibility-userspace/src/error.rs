@@ -2,6 +2,10 @@
 
 use std::{io, path::PathBuf};
 
+/// What to do when the pin directory is not on bpffs, on a node and in a DaemonSet:
+/// the daemon and every CLI command say it in their one-line error.
+pub const MOUNT_BPFFS: &str = "mount bpffs with `mount -t bpf bpf /sys/fs/bpf` (in a DaemonSet: a hostPath volume /sys/fs/bpf mounted at /sys/fs/bpf) and pass a --pin-dir under it (default /sys/fs/bpf/visibility)";
+
 /// Loading, pinning, adopting, attaching and detaching the datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -11,12 +15,10 @@ pub enum DatapathError {
     )]
     NoObject,
     /// The pin directory is not on a bpffs mount.
-    #[error(
-        "{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir under /sys/fs/bpf"
-    )]
+    #[error("{0} is not on a bpffs mount; {hint}", hint = MOUNT_BPFFS)]
     NotBpffs(PathBuf),
-    /// Mounting bpffs at /sys/fs/bpf failed.
-    #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
+    /// Mounting bpffs at /sys/fs/bpf failed (no CAP_SYS_ADMIN in a container).
+    #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed ({0}); {hint}", hint = MOUNT_BPFFS)]
     MountBpffs(#[source] nix::Error),
     /// A filesystem operation under the pin directory failed.
     #[error("{action} {path}: {source}")]
@@ -79,6 +81,13 @@ pub enum MapsError {
     /// map existed. `visibility teardown` and a restart pin a current datapath.
     #[error("the {0} map is not pinned (a datapath from an older daemon)")]
     Missing(&'static str),
+    /// The lock that serializes changes to the maps could not be taken.
+    #[error("locking {path} for a change of the maps: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl MapsError {

@@ -47,6 +47,16 @@ pub struct Maps {
     counters: PerCpuArray<MapData, CounterValue>,
     /// `None` in a datapath pinned before the clock map existed.
     clock: Option<Array<MapData, JiffiesClock>>,
+    /// The directory the maps are pinned in, which [`Maps::lock`] locks.
+    dir: std::path::PathBuf,
+}
+
+/// Held while one process reads, changes and writes back a set of entries (the
+/// settings, the exemptions, the Pod CIDRs with the node addresses they mark), so that
+/// two CLI commands and the daemon never lose each other's updates. An exclusive
+/// `flock` of the maps' pin directory, released on drop (or when the process dies).
+pub struct MapsLock {
+    _held: nix::fcntl::Flock<std::fs::File>,
 }
 
 fn open<T>(pins: &PinDir, name: &'static str) -> Result<T, MapsError>
@@ -90,7 +100,21 @@ impl Maps {
             flows: open(pins, map_names::FLOWS)?,
             counters: open(pins, map_names::COUNTERS)?,
             clock: open(pins, map_names::CLOCK).ok(),
+            dir: pins.maps(),
         })
+    }
+
+    /// Waits for, and takes, the lock every read-modify-write of the maps holds
+    /// (see [`MapsLock`]). Not reentrant: take it once, around the whole change.
+    pub fn lock(&self) -> Result<MapsLock, MapsError> {
+        let lock_error = |source| MapsError::Lock {
+            path: self.dir.clone(),
+            source,
+        };
+        let dir = std::fs::File::open(&self.dir).map_err(lock_error)?;
+        let held = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| lock_error(errno.into()))?;
+        Ok(MapsLock { _held: held })
     }
 
     /// How the datapath tells time; all zero until measured.
@@ -117,7 +141,7 @@ impl Maps {
             .map_err(MapsError::map(map_names::SETTINGS))
     }
 
-    /// Reads, changes and writes back the settings.
+    /// Reads, changes and writes back the settings; callers hold [`Maps::lock`].
     pub fn update_settings(
         &mut self,
         change: impl FnOnce(&mut Settings),

@@ -22,6 +22,11 @@ use crate::{datapath::PinDir, flows::stats::RecordStats, maps::Maps, state::Daem
 pub struct Shared {
     pub records: Arc<RecordStats>,
     pub attach_failures: AtomicU64,
+    /// Times a family's uplink went away, came back, or changed its name or ifindex
+    /// (one per family: an uplink of both families that goes away counts two).
+    pub uplink_changes: AtomicU64,
+    /// Times the gateway's MAC in the neighbour table changed (a failover).
+    pub gateway_mac_changes: AtomicU64,
     /// The last status the reconciler computed.
     pub status: Mutex<Option<DaemonStatus>>,
 }
@@ -129,7 +134,8 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
         "Time the last read of the flow map and emit of its records took",
         records.last_read_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
-    let daemon_counters = [
+    // The daemon's own counters, one row each.
+    let counters: [(&str, &str, &AtomicU64); 9] = [
         (
             "visibility_flow_evictions_total",
             "Flows the LRU evicted between two reads",
@@ -146,6 +152,16 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             &records.dropped,
         ),
         (
+            "visibility_flow_record_write_errors_total",
+            "Failed writes of flow records (a full disk, a closed stdout); their records count as dropped",
+            &records.write_errors,
+        ),
+        (
+            "visibility_flow_record_file_reopens_total",
+            "Times the flow record file was found moved away (rotated by another program) and opened anew",
+            &records.file_reopens,
+        ),
+        (
             "visibility_ipfix_export_errors_total",
             "IPFIX messages, or intervals of records, that did not reach a collector",
             &records.ipfix_export_errors,
@@ -155,8 +171,18 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
             "Failed attaches of a program to an interface",
             &shared.attach_failures,
         ),
+        (
+            "visibility_uplink_changes_total",
+            "Times a family's uplink went away, came back, or changed its name or ifindex",
+            &shared.uplink_changes,
+        ),
+        (
+            "visibility_gateway_mac_changes_total",
+            "Times a family's gateway MAC in the node's neighbour table changed (a failover)",
+            &shared.gateway_mac_changes,
+        ),
     ];
-    for (name, help, value) in daemon_counters {
+    for (name, help, value) in counters {
         scrape.counter(name, help, value.load(Ordering::Relaxed));
     }
 

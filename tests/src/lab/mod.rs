@@ -57,9 +57,10 @@
 //! [`addresses`] (the address plan), [`netns`] (a namespace handle and commands in it),
 //! [`traffic`] (pings, TCP and UDP from inside a namespace), [`servers`] (TCP and UDP
 //! servers in a namespace), [`gateway`] (the gateway's nftables firewall and counters),
-//! [`conntrack`] (its flow log), [`process`] (commands and background processes),
-//! [`deadline`] (reads that give up), [`cpu`] (pinning a thread to a CPU), and [`stale`]
-//! (removing what a killed test process left).
+//! [`conntrack`] (its flow log), [`uplink`] (the node's uplink, which tests may remove
+//! and add again), [`process`] (commands and background processes), [`deadline`] (reads
+//! that give up), [`cpu`] (pinning a thread to a CPU), and [`stale`] (removing what a
+//! killed test process left).
 
 pub mod addresses;
 pub mod conntrack;
@@ -71,6 +72,7 @@ pub mod process;
 pub mod servers;
 pub mod stale;
 pub mod traffic;
+pub mod uplink;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -199,42 +201,14 @@ impl Lab {
         gw.sysctl(&no_dad)?;
         node.sysctl(&no_dad)?;
 
-        // The uplink, created straight into the two namespaces.
-        gw.run(
-            "ip",
-            [
-                "link",
-                "add",
-                GATEWAY_IFNAME,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NODE_UPLINK,
-                "netns",
-                node.name(),
-            ],
-        )?;
-
-        // Gateway.
         gw.sysctl(&[
-            ("net.ipv6.conf.eth0.accept_dad", "0"),
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv6.conf.default.forwarding", "1"),
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.default.send_redirects", "0"),
-            ("net.ipv4.conf.eth0.send_redirects", "0"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv4.conf.eth0.rp_filter", "0"),
-        ])?;
-        gw.ip_batch(&[
-            format!("link set {GATEWAY_IFNAME} up"),
-            format!("addr add {GATEWAY_IPV4}/24 dev {GATEWAY_IFNAME}"),
-            format!("addr add {GATEWAY_IPV6}/64 dev {GATEWAY_IFNAME} nodad"),
-            format!("route add {POD_CIDR_V4} via {NODE_IPV4} dev {GATEWAY_IFNAME}"),
-            format!("route add {POD_CIDR_V6} via {NODE_IPV6} dev {GATEWAY_IFNAME}"),
         ])?;
         gw.run_with_stdin("nft", ["-f", "-"], &gateway::ruleset())
             .context("installing the gateway's nftables ruleset")?;
@@ -242,27 +216,15 @@ impl Lab {
         gw.sysctl(&[("net.netfilter.nf_conntrack_acct", "1")])?;
 
         // Node.
-        let rp = if self.config.strict_rp_filter {
-            "1"
-        } else {
-            "2"
-        };
+        let rp = self.rp_filter();
         node.sysctl(&[
-            ("net.ipv6.conf.eth0.accept_dad", "0"),
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv6.conf.default.forwarding", "1"),
             ("net.ipv4.conf.all.rp_filter", rp),
             ("net.ipv4.conf.default.rp_filter", rp),
-            ("net.ipv4.conf.eth0.rp_filter", rp),
         ])?;
-        node.ip_batch(&[
-            format!("link set {NODE_UPLINK} up"),
-            format!("addr add {NODE_IPV4}/24 dev {NODE_UPLINK}"),
-            format!("addr add {NODE_IPV6}/64 dev {NODE_UPLINK} nodad"),
-            format!("route add default via {GATEWAY_IPV4} dev {NODE_UPLINK}"),
-            format!("route add ::/0 via {GATEWAY_IPV6} dev {NODE_UPLINK}"),
-        ])?;
+        self.add_uplink()?;
 
         for _ in 0..self.config.pods {
             self.add_pod()?;

@@ -10,6 +10,7 @@ use crate::{
 
 pub fn set_enabled(pin_dir: &Path, enabled: bool) -> Result<(), CliError> {
     let mut maps = open_maps(pin_dir)?;
+    let _lock = maps.lock()?;
     let was = maps.settings()?.enabled != 0;
     maps.set_enabled(enabled)?;
     let word = if enabled { "on" } else { "off" };
@@ -24,6 +25,7 @@ pub fn set_enabled(pin_dir: &Path, enabled: bool) -> Result<(), CliError> {
 pub fn exempt_add(pin_dir: &Path, rule: &str) -> Result<(), CliError> {
     let exemption = parse_exemption(rule)?;
     let mut maps = open_maps(pin_dir)?;
+    let _lock = maps.lock()?;
     let mut all = maps.exemptions();
     if all.contains(&exemption) {
         println!("{} is already exempt", format_exemption(&exemption));
@@ -38,6 +40,7 @@ pub fn exempt_add(pin_dir: &Path, rule: &str) -> Result<(), CliError> {
 pub fn exempt_remove(pin_dir: &Path, rule: &str) -> Result<(), CliError> {
     let exemption = parse_exemption(rule)?;
     let mut maps = open_maps(pin_dir)?;
+    let _lock = maps.lock()?;
     let mut all = maps.exemptions();
     let before = all.len();
     all.retain(|e| *e != exemption);
@@ -98,6 +101,7 @@ pub fn exempt_list(pin_dir: &Path, json: bool) -> Result<(), CliError> {
 pub fn pod_cidr_add(pin_dir: &Path, cidr: &str) -> Result<(), CliError> {
     let net = parse_cidr(cidr)?.trunc();
     let mut maps = open_maps(pin_dir)?;
+    let _lock = maps.lock()?;
     if maps.pod_cidrs().contains(&net) {
         println!("{net} is already a Pod CIDR");
         return Ok(());
@@ -110,6 +114,7 @@ pub fn pod_cidr_add(pin_dir: &Path, cidr: &str) -> Result<(), CliError> {
 pub fn pod_cidr_remove(pin_dir: &Path, cidr: &str) -> Result<(), CliError> {
     let net = parse_cidr(cidr)?.trunc();
     let mut maps = open_maps(pin_dir)?;
+    let _lock = maps.lock()?;
     if !maps.remove_pod_cidr(&net)? {
         return Err(CliError::Input(crate::error::InputError::NotPresent(
             format!("{net} is not a Pod CIDR; `visibility pod-cidr list` shows them"),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::{
     config::ConfigError,
     datapath::{PinDir, is_bpffs},
-    error::{DatapathError, InputError, MapsError},
+    error::{DatapathError, InputError, MOUNT_BPFFS, MapsError},
     maps::Maps,
     node::NodeError,
 };
@@ -31,9 +31,7 @@ pub enum CliError {
     #[error(transparent)]
     Node(#[from] NodeError),
     /// The pin directory is not on bpffs.
-    #[error(
-        "{0} is not on a bpffs mount; pass the --pin-dir the daemon uses (default /sys/fs/bpf/visibility)"
-    )]
+    #[error("{0} is not on a bpffs mount; {hint}, the one the daemon uses", hint = MOUNT_BPFFS)]
     NotBpffs(PathBuf),
     /// Writing to the terminal failed.
     #[error("writing output: {0}")]

@@ -2,6 +2,7 @@
 //! as Pods come and go (netlink events, with a slow reconcile as a safety net), keeps
 //! the maps in line with the node, and reports health.
 
+mod changes;
 mod reconcile;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -90,7 +91,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     if !config.ipfix_collectors.is_empty() {
         info!(collectors = ?config.ipfix_collectors, "exporting flow records as IPFIX");
     }
-    spawn_reader(
+    let reader = spawn_reader(
         datapath.pins().clone(),
         Duration::from_secs(config.records_interval_secs),
         sink,
@@ -125,6 +126,8 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
         }
     }
     datapath.flush_logs();
+    info!("stopping: emitting the last flow records");
+    reader.stop();
     DaemonStatus::remove(&pin_dir);
     info!("stopping; the datapath stays attached and the next daemon adopts it");
     Ok(())
@@ -142,6 +145,7 @@ async fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
 /// adopting, the maps are the truth (CLI changes survive restarts) and the
 /// configuration only adds what they lack.
 fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(), MapsError> {
+    let _lock = maps.lock()?;
     if origin == Origin::Loaded {
         maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }

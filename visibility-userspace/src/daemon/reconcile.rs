@@ -6,12 +6,13 @@ use rtnetlink::Handle;
 use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
+use super::changes::Changes;
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
     discovery::{self, PodInterface, Uplink},
     health,
-    maps::Maps,
+    maps::{Maps, MapsLock},
     metrics::Shared,
     net::addr_bytes,
     node::NodeView,
@@ -30,6 +31,7 @@ pub struct Reconciler {
     /// Families without an uplink at the last pass, and why.
     missing_uplinks: Vec<(Family, String)>,
     last_checks: Vec<Check>,
+    changes: Changes,
     shared: Arc<Shared>,
 }
 
@@ -39,7 +41,7 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn family_name(family: Family) -> &'static str {
+pub(super) fn family_name(family: Family) -> &'static str {
     match family {
         Family::V4 => "v4",
         Family::V6 => "v6",
@@ -69,6 +71,7 @@ impl Reconciler {
             attach_errors: BTreeMap::new(),
             missing_uplinks: Vec::new(),
             last_checks: Vec::new(),
+            changes: Changes::default(),
             shared,
         }
     }
@@ -94,6 +97,7 @@ impl Reconciler {
             &uplink_indexes,
         );
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
+        self.changes.notice(&view, &uplinks, &self.shared);
         sync_pod_ifaces(maps, &pods);
         let status = self.status(&view, datapath, maps, &uplinks, &pods);
         self.log_check_changes(&status.checks);
@@ -108,6 +112,7 @@ impl Reconciler {
     fn sync_uplinks(&mut self, view: &NodeView, maps: &mut Maps) -> Vec<Uplink> {
         let mut found = Vec::new();
         self.missing_uplinks.clear();
+        let _lock = lock_or_warn(maps);
         let Ok(settings) = maps.settings() else {
             return found;
         };
@@ -150,6 +155,7 @@ impl Reconciler {
     }
 
     fn sync_node_addrs(&self, view: &NodeView, maps: &mut Maps) {
+        let _lock = lock_or_warn(maps);
         if let Err(error) = maps.set_node_addrs(&view.node_addresses()) {
             warn!(%error, "marking the node's addresses in the Pod-CIDR tries");
         }
@@ -304,6 +310,15 @@ impl Reconciler {
         }
         self.last_checks = checks.to_vec();
     }
+}
+
+/// The maps' lock for one of the reconcile's read-modify-writes. Without it (the pin
+/// directory vanished under the daemon) the pass goes on: a lost update is retried on
+/// the next one, a skipped pass would detach the uplink.
+fn lock_or_warn(maps: &Maps) -> Option<MapsLock> {
+    maps.lock()
+        .inspect_err(|error| warn!(%error, "changing the maps without their lock"))
+        .ok()
 }
 
 /// Redirects at Pod egress cannot wait for the gateway's neighbour (see

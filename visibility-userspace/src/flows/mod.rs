@@ -1,10 +1,11 @@
 //! Reading the flow map and turning entries into records: the per-interval records
-//! (`records`), their JSON sink (`sink`) and IPFIX export (`ipfix`), the counts they
+//! (`records`), their JSON sink (`sink`, into a `record_file` or stdout) and IPFIX export (`ipfix`), the counts they
 //! keep (`stats`), and the view the CLI shows (`view`).
 
 pub mod batch;
 pub mod ipfix;
 pub mod record;
+pub mod record_file;
 pub mod records;
 pub mod sink;
 pub mod stats;

@@ -1,12 +1,14 @@
 //! Flow records: at each aggregation interval, one record per flow that saw traffic,
 //! with that interval's packets and bytes. A thread of their own reads the flow map,
 //! turns successive reads into per-interval records ([`Aggregator`]) and hands them to
-//! the JSON sink ([`super::sink`]) and the IPFIX exporters ([`super::ipfix`]).
+//! the JSON sink ([`super::sink`]) and the IPFIX exporters ([`super::ipfix`]). When
+//! the daemon stops, a last read emits the flows' last packets ([`Reader::stop`]).
 
 use std::{
     collections::{HashMap, hash_map::Entry},
     io,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, atomic::Ordering, mpsc},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -145,6 +147,73 @@ fn json_records(
         .collect()
 }
 
+/// The flow reader's thread; [`Reader::stop`] ends it.
+pub struct Reader {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// How long the last records may take to reach the sink when the daemon stops: well
+/// within Kubernetes' default grace period of 30 s.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+impl Reader {
+    /// Reads the map one last time, emits the records of that last interval, and waits
+    /// until the sink has written every queued record (or [`FINAL_FLUSH`] has passed).
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// What each read needs besides the map and the aggregator.
+struct Outputs {
+    sink: Sink,
+    exporters: Exporters,
+    stats: Arc<RecordStats>,
+    node_name: String,
+}
+
+impl Outputs {
+    /// Reads the map, and emits the records of the interval that ends now: JSON lines to
+    /// the sink (waiting for room until `deadline`) and IPFIX to the exporters.
+    fn read_and_emit(
+        &self,
+        maps: &crate::maps::Maps,
+        aggregator: &mut Aggregator,
+        deadline: Instant,
+    ) {
+        let started = Instant::now();
+        let entries = super::batch::read_flows(maps.flows());
+        let clock = Clock::now();
+        let names = super::view::interface_names();
+        let name_of = |ifindex: u32| names.get(&ifindex).cloned();
+        let (deltas, evicted) = aggregator.deltas(&entries, clock.datapath_now());
+        // IPFIX first: queuing it never waits, while the JSON sink may wait for room
+        // until the deadline.
+        if self.exporters.has_collectors() {
+            self.exporters.send(
+                deltas
+                    .iter()
+                    .filter_map(|(key, stats)| ExportRecord::new(key, stats, &clock))
+                    .collect(),
+            );
+        }
+        self.sink.send(
+            &json_records(&deltas, &clock, &self.node_name, &name_of),
+            deadline,
+        );
+        let stats = &self.stats;
+        stats.evictions.fetch_add(evicted, Ordering::Relaxed);
+        stats
+            .flow_map_entries
+            .store(entries.len() as u64, Ordering::Relaxed);
+        stats
+            .last_read_micros
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Reads the map and emits records every `interval`, on its own thread: JSON lines to
 /// `sink`, and the same flows and counts as IPFIX to `exporters`.
 pub fn spawn_reader(
@@ -154,8 +223,15 @@ pub fn spawn_reader(
     exporters: Exporters,
     stats: Arc<RecordStats>,
     node_name: String,
-) -> io::Result<()> {
-    std::thread::Builder::new()
+) -> io::Result<Reader> {
+    let (stop, stopped) = mpsc::channel();
+    let outputs = Outputs {
+        sink,
+        exporters,
+        stats,
+        node_name,
+    };
+    let thread = std::thread::Builder::new()
         .name("flow-reader".into())
         .spawn(move || {
             let maps = match crate::maps::Maps::open(&pins) {
@@ -167,36 +243,18 @@ pub fn spawn_reader(
             };
             let mut aggregator = Aggregator::default();
             let mut next = Instant::now() + interval;
-            loop {
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            // Until stopped (or dropped): then one last read, below.
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(next.saturating_duration_since(Instant::now()))
+            {
                 next += interval;
-                let started = Instant::now();
-                let entries = super::batch::read_flows(maps.flows());
-                let clock = Clock::now();
-                let names = super::view::interface_names();
-                let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-                let (deltas, evicted) = aggregator.deltas(&entries, clock.datapath_now());
-                // IPFIX first: queuing it never waits, while the JSON sink may wait for
-                // room until the next read.
-                if exporters.has_collectors() {
-                    exporters.send(
-                        deltas
-                            .iter()
-                            .filter_map(|(key, stats)| ExportRecord::new(key, stats, &clock))
-                            .collect(),
-                    );
-                }
-                sink.send(&json_records(&deltas, &clock, &node_name, &name_of), next);
-                stats.evictions.fetch_add(evicted, Ordering::Relaxed);
-                stats
-                    .flow_map_entries
-                    .store(entries.len() as u64, Ordering::Relaxed);
-                stats
-                    .last_read_micros
-                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                outputs.read_and_emit(&maps, &mut aggregator, next);
             }
+            let deadline = Instant::now() + FINAL_FLUSH;
+            outputs.read_and_emit(&maps, &mut aggregator, deadline);
+            outputs.sink.finish(deadline);
         })?;
-    Ok(())
+    Ok(Reader { stop, thread })
 }
 
 #[cfg(test)]

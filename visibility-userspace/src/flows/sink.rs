@@ -1,50 +1,74 @@
-//! The JSON-lines sink of flow records: stdout or a size-rotated file, written on a
-//! thread of its own behind a bounded queue. A slow or full sink drops records (and
-//! counts them); it never stalls the daemon, let alone the datapath.
+//! The JSON-lines sink of flow records: stdout or a record file ([`RecordFile`]:
+//! rotated by size, opened anew when moved away), written on a thread of its own behind
+//! a bounded queue. A slow or full sink drops records, and a failed write (a full disk)
+//! drops the records it did not write whole: each counted as dropped, never as
+//! emitted. It never stalls the daemon, let alone the datapath. [`Sink::finish`]
+//! writes what is queued before the daemon exits.
 
 use std::{
-    fs,
     io::{self, Write as _},
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::Ordering,
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use super::{record::FlowRecord, stats::RecordStats};
+use super::{
+    record::FlowRecord,
+    record_file::{RecordFile, Written, write_counted},
+    stats::RecordStats,
+};
 use crate::config::SinkSpec;
 
 /// The writing end of the sink: a bounded queue to the writer thread.
 pub struct Sink {
     sender: Option<SyncSender<String>>,
+    writer: Option<JoinHandle<()>>,
     stats: Arc<RecordStats>,
 }
 
 /// Lines the queue holds before records are dropped.
 const QUEUE: usize = 65_536;
+/// Lines written with one write: a burst's worth.
+const BATCH: usize = 4096;
+
+/// Where the lines go.
+enum Output {
+    Stdout,
+    File(RecordFile),
+}
 
 impl Sink {
     pub fn start(spec: SinkSpec, stats: Arc<RecordStats>) -> io::Result<Self> {
-        let sender = match spec {
+        let output = match spec {
             SinkSpec::Off => None,
-            SinkSpec::Stdout => Some(spawn_writer(Box::new(io::stdout()), None, stats.clone())),
+            SinkSpec::Stdout => Some(Output::Stdout),
             SinkSpec::File {
                 path,
                 max_bytes,
                 keep,
-            } => {
-                let writer = RotatingFile::open(path, max_bytes, keep)?;
-                Some(spawn_writer(
-                    Box::new(writer.file_clone()?),
-                    Some(writer),
-                    stats.clone(),
-                ))
-            }
+            } => Some(Output::File(RecordFile::open(path, max_bytes, keep)?)),
         };
-        Ok(Self { sender, stats })
+        let Some(output) = output else {
+            return Ok(Self {
+                sender: None,
+                writer: None,
+                stats,
+            });
+        };
+        let (sender, receiver) = sync_channel::<String>(QUEUE);
+        let thread_stats = stats.clone();
+        let writer = std::thread::Builder::new()
+            .name("flow-records".into())
+            .spawn(move || write_lines(&receiver, output, &thread_stats))?;
+        Ok(Self {
+            sender: Some(sender),
+            writer: Some(writer),
+            stats,
+        })
     }
 
     /// Queues records, waiting for room until `deadline` (the next interval's read):
@@ -57,6 +81,8 @@ impl Sink {
             let Ok(mut line) = serde_json::to_string(record) else {
                 continue;
             };
+            // Counted before the writer can take it, so the count never goes below zero.
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
             loop {
                 match sender.try_send(line) {
                     Ok(()) => break,
@@ -65,6 +91,7 @@ impl Sink {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         let lost = (records.len() - sent) as u64;
                         self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
                         return;
@@ -73,118 +100,125 @@ impl Sink {
             }
         }
     }
-}
 
-fn spawn_writer(
-    out: Box<dyn io::Write + Send>,
-    rotating: Option<RotatingFile>,
-    stats: Arc<RecordStats>,
-) -> SyncSender<String> {
-    let (sender, receiver) = sync_channel::<String>(QUEUE);
-    std::thread::Builder::new()
-        .name("flow-records".into())
-        .spawn(move || write_lines(receiver, out, rotating, &stats))
-        .expect("spawning the record writer");
-    sender
-}
-
-fn write_lines(
-    receiver: Receiver<String>,
-    out: Box<dyn io::Write + Send>,
-    mut rotating: Option<RotatingFile>,
-    stats: &RecordStats,
-) {
-    let mut out = io::BufWriter::new(out);
-    // Write what is queued, then flush once: one flush per burst, not per line.
-    while let Ok(first) = receiver.recv() {
-        let mut next = Some(first);
-        while let Some(mut line) = next {
-            line.push('\n');
-            if let Some(file) = &mut rotating {
-                match file.before_write(line.len() as u64) {
-                    Ok(Some(reopened)) => {
-                        let _ = out.flush();
-                        out = io::BufWriter::new(Box::new(reopened));
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "rotating the flow record file"),
-                }
-            }
-            // A failed write (closed pipe, full disk) loses the line, counted; draining
-            // goes on so the queue keeps moving.
-            let counter = if out.write_all(line.as_bytes()).is_ok() {
-                &stats.emitted
-            } else {
-                &stats.dropped
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            next = receiver.try_recv().ok();
+    /// Closes the queue and waits until `deadline` for the writer to write what is in
+    /// it; what a stuck sink (a pipe nobody reads) still holds then is counted as
+    /// dropped.
+    pub fn finish(mut self, deadline: Instant) {
+        drop(self.sender.take());
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        while !writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = out.flush();
-    }
-}
-
-/// Size-based rotation: `flows.jsonl` → `flows.jsonl.1` → … → `flows.jsonl.<keep>`.
-struct RotatingFile {
-    path: PathBuf,
-    max_bytes: u64,
-    keep: u32,
-    written: u64,
-}
-
-impl RotatingFile {
-    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Ok(Self {
-            path,
-            max_bytes: max_bytes.max(1),
-            keep,
-            written,
-        })
-    }
-
-    fn file_clone(&self) -> io::Result<fs::File> {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-    }
-
-    fn rotated(path: &Path, n: u32) -> PathBuf {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    }
-
-    /// Rotates first when `len` more bytes would exceed the limit; returns the new file.
-    fn before_write(&mut self, len: u64) -> io::Result<Option<fs::File>> {
-        let rotate = self.written > 0 && self.written + len > self.max_bytes;
-        self.written += len;
-        if !rotate {
-            return Ok(None);
-        }
-        if self.keep == 0 {
-            fs::remove_file(&self.path)?;
+        if writer.is_finished() {
+            let _ = writer.join();
         } else {
-            for n in (1..self.keep).rev() {
-                let from = Self::rotated(&self.path, n);
-                if from.exists() {
-                    fs::rename(&from, Self::rotated(&self.path, n + 1))?;
-                }
-            }
-            fs::rename(&self.path, Self::rotated(&self.path, 1))?;
+            let lost = self.stats.queued.swap(0, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
+            tracing::warn!(
+                lost,
+                "the flow record sink did not take the last records in time; they are dropped"
+            );
         }
-        self.written = len;
-        self.file_clone().map(Some)
+    }
+}
+
+/// The writer thread: writes what is queued in batches, counts each line as emitted or
+/// dropped, and logs when writing starts and stops failing.
+fn write_lines(receiver: &Receiver<String>, mut output: Output, stats: &RecordStats) {
+    let mut failing = false;
+    let mut lines = Vec::with_capacity(BATCH);
+    // Ends when the queue is closed and drained.
+    while let Ok(first) = receiver.recv() {
+        lines.push(first);
+        lines.extend(receiver.try_iter().take(BATCH - 1));
+        let written = match &mut output {
+            Output::Stdout => {
+                let (chunk, ends) = joined(&lines);
+                let mut stdout = io::stdout().lock();
+                let (written, _) = write_counted(&mut stdout, &chunk, &ends);
+                let _ = stdout.flush();
+                written
+            }
+            Output::File(file) => {
+                reopen_if_moved(file, stats);
+                file.write_lines(&lines)
+            }
+        };
+        count(&written, lines.len(), stats, &mut failing);
+        stats
+            .queued
+            .fetch_sub(lines.len() as u64, Ordering::Relaxed);
+        lines.clear();
+    }
+}
+
+/// The lines with a newline each, and where each ends.
+fn joined(lines: &[String]) -> (Vec<u8>, Vec<usize>) {
+    let mut chunk = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    let mut ends = Vec::with_capacity(lines.len());
+    for line in lines {
+        chunk.extend_from_slice(line.as_bytes());
+        chunk.push(b'\n');
+        ends.push(chunk.len());
+    }
+    (chunk, ends)
+}
+
+/// Checks, once a batch, whether logrotate (or anyone) moved the file away.
+fn reopen_if_moved(file: &mut RecordFile, stats: &RecordStats) {
+    match file.reopen_if_moved() {
+        Ok(false) => {}
+        Ok(true) => {
+            stats.file_reopens.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                path = %file.path().display(),
+                "the flow record file was moved away (rotated by another program); writing to a new file at its path"
+            );
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            path = %file.path().display(),
+            "checking whether the flow record file was moved away"
+        ),
+    }
+}
+
+/// Counts a batch's lines as emitted or dropped, and a failed write as a write error,
+/// logged when writing starts to fail and when it works again.
+fn count(written: &Written, batch: usize, stats: &RecordStats, failing: &mut bool) {
+    stats
+        .emitted
+        .fetch_add(written.lines as u64, Ordering::Relaxed);
+    let dropped = (batch - written.lines) as u64;
+    stats.dropped.fetch_add(dropped, Ordering::Relaxed);
+    match &written.error {
+        Some(error) => {
+            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            if !*failing {
+                tracing::warn!(
+                    %error,
+                    dropped,
+                    "writing flow records failed; records are dropped (and counted) until a write succeeds"
+                );
+            }
+            *failing = true;
+        }
+        None if *failing => {
+            tracing::info!("writing flow records works again");
+            *failing = false;
+        }
+        None => {}
     }
 }
 
 #[cfg(test)]
 pub mod tests {
     use visibility_common::flow::{FlowKey, FlowStats};
+
+    use std::fs;
 
     use super::*;
     use crate::flows::view::{Clock, record};
@@ -213,31 +247,12 @@ pub mod tests {
     }
 
     #[test]
-    fn files_rotate_by_size() {
-        let dir = std::env::temp_dir().join(format!("vis-rotate-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let path = dir.join("flows.jsonl");
-        let mut file = RotatingFile::open(path.clone(), 10, 2).unwrap();
-        for _ in 0..5 {
-            if let Some(mut f) = file.before_write(6).unwrap() {
-                f.write_all(b"12345\n").unwrap();
-            } else {
-                file.file_clone().unwrap().write_all(b"12345\n").unwrap();
-            }
-        }
-        assert!(RotatingFile::rotated(&path, 1).exists());
-        assert!(RotatingFile::rotated(&path, 2).exists());
-        assert!(!RotatingFile::rotated(&path, 3).exists());
-        assert!(fs::metadata(&path).unwrap().len() <= 10);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
     fn a_full_queue_drops_and_counts_at_the_deadline() {
         let stats = Arc::new(RecordStats::default());
         let (sender, _receiver) = sync_channel::<String>(1);
         let sink = Sink {
             sender: Some(sender),
+            writer: None,
             stats: stats.clone(),
         };
         let clock = Clock::now();

@@ -17,6 +17,13 @@ pub struct RecordStats {
     /// IPFIX messages (or whole intervals, when an exporter's queue was full) that did
     /// not reach a collector.
     pub ipfix_export_errors: AtomicU64,
+    /// Writes of records that failed (a full disk, a closed stdout): their records
+    /// count as dropped.
+    pub write_errors: AtomicU64,
+    /// Times the record file was found moved away (logrotate) and opened anew.
+    pub file_reopens: AtomicU64,
+    /// Records in the sink's queue, not yet written or dropped.
+    pub queued: AtomicU64,
 }
 
 impl RecordStats {
