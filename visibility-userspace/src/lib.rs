@@ -12,4 +12,6 @@ pub mod maps;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod pod_cidrs;
+pub mod probes;
 pub mod state;

@@ -6,6 +6,7 @@ use rtnetlink::Handle;
 use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
+use super::learn::CidrLearner;
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
@@ -15,6 +16,7 @@ use crate::{
     metrics::Shared,
     net::addr_bytes,
     node::NodeView,
+    pod_cidrs::PodRoute,
     state::{Check, DaemonStatus, PodInterfaceState, UplinkState},
 };
 
@@ -30,6 +32,7 @@ pub struct Reconciler {
     /// Families without an uplink at the last pass, and why.
     missing_uplinks: Vec<(Family, String)>,
     last_checks: Vec<Check>,
+    learner: CidrLearner,
     shared: Arc<Shared>,
 }
 
@@ -60,8 +63,10 @@ impl Reconciler {
             .as_deref()
             .and_then(|g| globset::Glob::new(g).ok())
             .map(|g| g.compile_matcher());
+        let learner = CidrLearner::new(config.cni_conf_dir.clone(), !config.pod_cidrs.is_empty());
         Self {
             pin_dir,
+            learner,
             config,
             origin,
             glob,
@@ -87,6 +92,9 @@ impl Reconciler {
         keep_gateways_resolved(handle, &view, &uplinks).await;
         self.sync_node_addrs(&view, maps);
         let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
+        let pod_routes = self
+            .learner
+            .sync(&view, &uplink_indexes, self.glob.as_ref(), maps);
         let pods = discovery::pod_interfaces(
             &view,
             &maps.pod_cidrs(),
@@ -95,7 +103,7 @@ impl Reconciler {
         );
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
         sync_pod_ifaces(maps, &pods);
-        let status = self.status(&view, datapath, maps, &uplinks, &pods);
+        let status = self.status(&view, datapath, maps, &uplinks, &pods, &pod_routes);
         self.log_check_changes(&status.checks);
         if let Err(error) = status.write(&self.pin_dir) {
             warn!(%error, "writing the status file");
@@ -217,9 +225,15 @@ impl Reconciler {
         maps: &Maps,
         uplinks: &[Uplink],
         pods: &[PodInterface],
+        pod_routes: &[PodRoute],
     ) -> DaemonStatus {
         let mut checks = Vec::new();
         let pod_cidrs = maps.pod_cidrs();
+        let pod_cidr_states = self.learner.states(maps);
+        checks.extend(
+            self.learner
+                .checks(pod_routes, pods, &pod_cidr_states, maps, view),
+        );
         for (family, reason) in &self.missing_uplinks {
             // A family without Pod CIDRs needs no uplink.
             if pod_cidrs
@@ -270,7 +284,7 @@ impl Reconciler {
         if let Some(v4) = uplink_states.iter().find(|u| u.family == "v4") {
             checks.push(health::rp_filter(&v4.uplink, v4.attached));
         }
-        checks.push(health::masquerade(&maps.pod_cidrs()));
+        checks.push(health::masquerade(&pod_cidrs));
         DaemonStatus {
             pid: std::process::id(),
             node_name: self.config.node_name.clone(),
@@ -283,6 +297,7 @@ impl Reconciler {
             .to_owned(),
             attach_mode: datapath.mode().name().to_owned(),
             uplinks: uplink_states,
+            pod_cidrs: pod_cidr_states,
             pod_interfaces: pod_states,
             checks,
             records: self.shared.records.counts(),
