@@ -68,6 +68,7 @@ pub mod gateway;
 pub mod netns;
 pub mod process;
 pub mod servers;
+pub mod site;
 pub mod traffic;
 
 use std::{
@@ -87,6 +88,7 @@ pub use self::{
     netns::{Netns, list_netns},
     process::Background,
     servers::{Received, Reply, TcpServer, UdpServer},
+    site::Site,
     traffic::DEFAULT_TIMEOUT,
 };
 use crate::unique;
@@ -115,6 +117,7 @@ impl Default for LabConfig {
 #[derive(Debug, Clone)]
 pub struct Pod {
     index: usize,
+    site: Site,
     netns: Netns,
     host_ifname: String,
     host_ifindex: u32,
@@ -131,11 +134,17 @@ impl Pod {
     }
     /// The Pod's IPv4 address.
     pub fn ipv4(&self) -> Ipv4Addr {
-        pod_ipv4(self.index)
+        match self.site.pod_ip(self.index, IpFamily::V4) {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => unreachable!("an IPv4 address"),
+        }
     }
     /// The Pod's IPv6 address.
     pub fn ipv6(&self) -> Ipv6Addr {
-        pod_ipv6(self.index)
+        match self.site.pod_ip(self.index, IpFamily::V6) {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(_) => unreachable!("an IPv6 address"),
+        }
     }
     /// The name of the Pod's host-side veth in the node namespace.
     pub fn host_ifname(&self) -> &str {
@@ -150,11 +159,15 @@ impl Pod {
 static STALE_CLEANUP: Once = Once::new();
 
 /// A node with its Pods and its gateway, each in its own network namespace. See the
-/// [module documentation](self) for the topology. Dropping it removes everything.
+/// [module documentation](self) for the topology. Dropping it removes everything (a
+/// [neighbour](Lab::neighbour) leaves the gateway it shares).
 #[derive(Debug)]
 pub struct Lab {
     prefix: String,
     config: LabConfig,
+    site: Site,
+    /// Whether this lab made the gateway and removes it; a neighbour shares it.
+    owns_gateway: bool,
     gateway: Netns,
     node: Netns,
     pods: Vec<Option<Pod>>,
@@ -166,15 +179,42 @@ impl Lab {
     ///
     /// On error, everything created so far is removed.
     pub fn new(tag: &str, config: LabConfig) -> Result<Lab> {
+        let prefix = format!("lab-{}", unique::name(tag));
+        let gateway = Netns::from_name(format!("{prefix}-gw"));
+        Self::build(prefix, config, Site::FIRST, gateway, true)
+    }
+
+    /// A second node behind this lab's gateway, on a link of its own (the gateway's
+    /// `eth1`), with Pod ranges of its own (`10.52.1.0/24`, `fd00:52:1::/64`; see
+    /// [`Site`]); the gateway routes them to it. Its namespaces are named like a lab's
+    /// of its own (`tag`), and dropping it removes them and its link, not the gateway.
+    /// Drop it before this lab.
+    pub fn neighbour(&self, tag: &str, config: LabConfig) -> Result<Lab> {
+        ensure!(
+            self.owns_gateway,
+            "a neighbour of a neighbour is not supported"
+        );
+        let prefix = format!("lab-{}", unique::name(tag));
+        Self::build(prefix, config, Site(1), self.gateway.clone(), false)
+    }
+
+    fn build(
+        prefix: String,
+        config: LabConfig,
+        site: Site,
+        gateway: Netns,
+        owns_gateway: bool,
+    ) -> Result<Lab> {
         ensure!(config.pods <= MAX_PODS, "at most {MAX_PODS} pods");
         STALE_CLEANUP.call_once(|| {
             if let Err(e) = cleanup_stale_labs() {
                 eprintln!("lab: cleaning up stale labs: {e:#}");
             }
         });
-        let prefix = format!("lab-{}", unique::name(tag));
         let mut lab = Lab {
-            gateway: Netns::from_name(format!("{prefix}-gw")),
+            site,
+            owns_gateway,
+            gateway,
             node: Netns::from_name(format!("{prefix}-node")),
             prefix,
             config,
@@ -187,22 +227,24 @@ impl Lab {
     }
 
     fn setup(&mut self) -> Result<()> {
-        let gw = Netns::create(self.gateway.name())?;
+        if self.owns_gateway {
+            gateway::setup(&Netns::create(self.gateway.name())?)?;
+        }
+        let gw = &self.gateway;
         let node = Netns::create(self.node.name())?;
-        let no_dad = [
+        node.sysctl(&[
             ("net.ipv6.conf.all.accept_dad", "0"),
             ("net.ipv6.conf.default.accept_dad", "0"),
-        ];
-        gw.sysctl(&no_dad)?;
-        node.sysctl(&no_dad)?;
-
+        ])?;
+        let site = self.site;
+        let gw_if = site.gateway_ifname();
         // The uplink, created straight into the two namespaces.
         gw.run(
             "ip",
             [
                 "link",
                 "add",
-                GATEWAY_IFNAME,
+                gw_if.as_str(),
                 "type",
                 "veth",
                 "peer",
@@ -212,31 +254,27 @@ impl Lab {
                 node.name(),
             ],
         )?;
-
-        // Gateway.
         gw.sysctl(&[
-            ("net.ipv6.conf.eth0.accept_dad", "0"),
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv6.conf.default.forwarding", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.default.send_redirects", "0"),
-            ("net.ipv4.conf.eth0.send_redirects", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv4.conf.eth0.rp_filter", "0"),
+            (&format!("net.ipv6.conf.{gw_if}.accept_dad"), "0"),
+            (&format!("net.ipv4.conf.{gw_if}.send_redirects"), "0"),
+            (&format!("net.ipv4.conf.{gw_if}.rp_filter"), "0"),
         ])?;
+        let (v4, v6) = (IpFamily::V4, IpFamily::V6);
         gw.ip_batch(&[
-            format!("link set {GATEWAY_IFNAME} up"),
-            format!("addr add {GATEWAY_IPV4}/24 dev {GATEWAY_IFNAME}"),
-            format!("addr add {GATEWAY_IPV6}/64 dev {GATEWAY_IFNAME} nodad"),
-            format!("route add {POD_CIDR_V4} via {NODE_IPV4} dev {GATEWAY_IFNAME}"),
-            format!("route add {POD_CIDR_V6} via {NODE_IPV6} dev {GATEWAY_IFNAME}"),
+            format!("link set {gw_if} up"),
+            format!("addr add {}/24 dev {gw_if}", site.gateway_ip(v4)),
+            format!("addr add {}/64 dev {gw_if} nodad", site.gateway_ip(v6)),
+            format!(
+                "route add {} via {} dev {gw_if}",
+                site.pod_cidr(v4),
+                site.node_ip(v4)
+            ),
+            format!(
+                "route add {} via {} dev {gw_if}",
+                site.pod_cidr(v6),
+                site.node_ip(v6)
+            ),
         ])?;
-        gw.run_with_stdin("nft", ["-f", "-"], &gateway::ruleset())
-            .context("installing the gateway's nftables ruleset")?;
-        // The sysctl exists once conntrack is loaded, which the ruleset makes sure of.
-        gw.sysctl(&[("net.netfilter.nf_conntrack_acct", "1")])?;
 
         // Node.
         let rp = if self.config.strict_rp_filter {
@@ -255,10 +293,16 @@ impl Lab {
         ])?;
         node.ip_batch(&[
             format!("link set {NODE_UPLINK} up"),
-            format!("addr add {NODE_IPV4}/24 dev {NODE_UPLINK}"),
-            format!("addr add {NODE_IPV6}/64 dev {NODE_UPLINK} nodad"),
-            format!("route add default via {GATEWAY_IPV4} dev {NODE_UPLINK}"),
-            format!("route add ::/0 via {GATEWAY_IPV6} dev {NODE_UPLINK}"),
+            format!("addr add {}/24 dev {NODE_UPLINK}", site.node_ip(v4)),
+            format!("addr add {}/64 dev {NODE_UPLINK} nodad", site.node_ip(v6)),
+            format!(
+                "route add default via {} dev {NODE_UPLINK}",
+                site.gateway_ip(v4)
+            ),
+            format!(
+                "route add ::/0 via {} dev {NODE_UPLINK}",
+                site.gateway_ip(v6)
+            ),
         ])?;
 
         for _ in 0..self.config.pods {
@@ -307,6 +351,7 @@ impl Lab {
             Ok(host_ifindex) => {
                 self.pods[index] = Some(Pod {
                     index,
+                    site: self.site,
                     netns,
                     host_ifname,
                     host_ifindex,
@@ -327,14 +372,20 @@ impl Lab {
             ("net.ipv6.conf.all.accept_dad", "0"),
             ("net.ipv6.conf.default.accept_dad", "0"),
         ])?;
-        let (v4, v6) = (pod_ipv4(index), pod_ipv6(index));
+        let site = self.site;
+        let (v4, v6) = (
+            site.pod_ip(index, IpFamily::V4),
+            site.pod_ip(index, IpFamily::V6),
+        );
+        let (cidr_v4, cidr_v6) = (site.pod_cidr(IpFamily::V4), site.pod_cidr(IpFamily::V6));
+        let pod_gateway_v4 = site.pod_gateway_ipv4();
         node.ip_batch(&[
             format!(
                 "link add {host_if} type veth peer name {POD_IFNAME} netns {}",
                 pod.name()
             ),
             format!("link set {host_if} up"),
-            format!("addr add {POD_GATEWAY_V4}/32 dev {host_if}"),
+            format!("addr add {pod_gateway_v4}/32 dev {host_if}"),
             format!("addr add {POD_GATEWAY_V6}/64 dev {host_if} nodad"),
             format!("route add {v4}/32 dev {host_if} scope host"),
             format!("route add {v6}/128 dev {host_if}"),
@@ -345,10 +396,10 @@ impl Lab {
             format!("link set {POD_IFNAME} up"),
             format!("addr add {v4}/24 dev {POD_IFNAME} noprefixroute"),
             format!("addr add {v6}/64 dev {POD_IFNAME} nodad noprefixroute"),
-            format!("route add {POD_GATEWAY_V4}/32 dev {POD_IFNAME} scope link"),
-            format!("route add {POD_CIDR_V4} via {POD_GATEWAY_V4} dev {POD_IFNAME}"),
-            format!("route add default via {POD_GATEWAY_V4} dev {POD_IFNAME}"),
-            format!("route add {POD_CIDR_V6} via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
+            format!("route add {pod_gateway_v4}/32 dev {POD_IFNAME} scope link"),
+            format!("route add {cidr_v4} via {pod_gateway_v4} dev {POD_IFNAME}"),
+            format!("route add default via {pod_gateway_v4} dev {POD_IFNAME}"),
+            format!("route add {cidr_v6} via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
             format!("route add ::/0 via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
         ])?;
         node.ifindex(host_if)
@@ -536,7 +587,8 @@ impl Drop for Lab {
                 errors.push(pod_ns.name().to_string());
             }
         }
-        for ns in [&self.node, &self.gateway] {
+        let own = [Some(&self.node), self.owns_gateway.then_some(&self.gateway)];
+        for ns in own.into_iter().flatten() {
             if let Err(e) = ns.delete() {
                 errors.push(format!("{}: {e:#}", ns.name()));
             }
