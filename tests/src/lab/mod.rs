@@ -33,6 +33,9 @@
 //!
 //! With plain routing, Pod-to-Pod traffic stays on the node: the gateway sees none of it.
 //!
+//! [`Lab::neighbour`] adds a second node behind the same gateway, with ranges of its
+//! own ([`Site`]); traffic between the nodes' Pods goes node → gateway → node.
+//!
 //! # Parallel use and cleanup
 //!
 //! Every [`Lab`] gets a unique name prefix `lab-<tag>-<pid>-<counter>`; its namespaces are
@@ -57,10 +60,12 @@
 //! [`addresses`] (the address plan), [`netns`] (a namespace handle and commands in it),
 //! [`traffic`] (pings, TCP and UDP from inside a namespace), [`servers`] (TCP and UDP
 //! servers in a namespace), [`gateway`] (the gateway's nftables firewall and counters),
-//! [`conntrack`] (its flow log), [`process`] (commands and background processes),
+//! [`conntrack`] (its flow log), [`cleanup`] (what labs leave behind), [`site`] (each node's addresses behind the gateway),
+//! [`process`] (commands and background processes),
 //! [`deadline`] (reads that give up), and [`cpu`] (pinning a thread to a CPU).
 
 pub mod addresses;
+pub mod cleanup;
 pub mod conntrack;
 pub mod cpu;
 pub mod deadline;
@@ -73,14 +78,15 @@ pub mod traffic;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Stdio,
     sync::Once,
 };
 
 use anyhow::{Context, Result, ensure};
 
+use self::cleanup::remove_pod_parts;
 pub use self::{
     addresses::*,
+    cleanup::cleanup_stale_labs,
     conntrack::{Flow, parse_conntrack},
     cpu::pin_to_cpu,
     deadline::udp_recv,
@@ -134,17 +140,11 @@ impl Pod {
     }
     /// The Pod's IPv4 address.
     pub fn ipv4(&self) -> Ipv4Addr {
-        match self.site.pod_ip(self.index, IpFamily::V4) {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(_) => unreachable!("an IPv4 address"),
-        }
+        self.site.pod_ipv4(self.index)
     }
     /// The Pod's IPv6 address.
     pub fn ipv6(&self) -> Ipv6Addr {
-        match self.site.pod_ip(self.index, IpFamily::V6) {
-            IpAddr::V6(v6) => v6,
-            IpAddr::V4(_) => unreachable!("an IPv6 address"),
-        }
+        self.site.pod_ipv6(self.index)
     }
     /// The name of the Pod's host-side veth in the node namespace.
     pub fn host_ifname(&self) -> &str {
@@ -597,52 +597,4 @@ impl Drop for Lab {
             eprintln!("lab {}: cleanup left: {errors:?}", self.prefix);
         }
     }
-}
-
-fn remove_pod_parts(node: &Netns, pod: &Netns, host_ifname: &str) {
-    if let Err(e) = pod.delete() {
-        eprintln!("lab: removing {}: {e:#}", pod.name());
-    }
-    if node.exists() {
-        let _ = node
-            .cmd("ip", ["link", "del", host_ifname])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Removes namespaces of labs whose process is gone (`lab-<tag>-<pid>-<n>-...` where no
-/// process `<pid>` exists), e.g. after a test binary was killed. Returns the names removed.
-///
-/// [`Lab::new`] calls this once per process.
-pub fn cleanup_stale_labs() -> Result<Vec<String>> {
-    let mut removed = Vec::new();
-    for name in list_netns()? {
-        let Some(rest) = name.strip_prefix("lab-") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('-').collect();
-        let [tag, pid, n, role] = parts[..] else {
-            continue;
-        };
-        let well_formed = !tag.is_empty()
-            && tag.chars().all(|c| c.is_ascii_alphanumeric())
-            && n.parse::<usize>().is_ok()
-            && (role == "gw"
-                || role == "node"
-                || role
-                    .strip_prefix('p')
-                    .is_some_and(|i| i.parse::<usize>().is_ok()));
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !well_formed || !unique::is_left_over(pid) {
-            continue;
-        }
-        let ns = Netns::from_name(name);
-        ns.delete()?;
-        removed.push(ns.name().to_owned());
-    }
-    Ok(removed)
 }

@@ -34,12 +34,20 @@ impl Site {
     /// # Panics
     /// If `index >= MAX_PODS`.
     pub fn pod_ip(self, index: usize, family: IpFamily) -> IpAddr {
-        assert!(index < MAX_PODS, "pod index {index} out of range");
-        let host = (index + 2) as u8;
         match family {
-            IpFamily::V4 => Ipv4Addr::new(10, 52, self.0, host).into(),
-            IpFamily::V6 => self.v6(0x52, u16::from(host)).into(),
+            IpFamily::V4 => self.pod_ipv4(index).into(),
+            IpFamily::V6 => self.pod_ipv6(index).into(),
         }
+    }
+
+    /// Pod `index`'s IPv4 address; panics like [`Site::pod_ip`].
+    pub fn pod_ipv4(self, index: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 52, self.0, pod_host(index))
+    }
+
+    /// Pod `index`'s IPv6 address; panics like [`Site::pod_ip`].
+    pub fn pod_ipv6(self, index: usize) -> Ipv6Addr {
+        self.v6(0x52, u16::from(pod_host(index)))
     }
 
     /// The address every host-side veth carries: the Pods' gateway. IPv6 uses the
@@ -68,6 +76,12 @@ impl Site {
     fn v6(self, range: u16, host: u16) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, range, u16::from(self.0), 0, 0, 0, 0, host)
     }
+}
+
+/// The last byte of Pod `index`'s addresses.
+fn pod_host(index: usize) -> u8 {
+    assert!(index < MAX_PODS, "pod index {index} out of range");
+    (index + 2) as u8
 }
 
 #[cfg(test)]
