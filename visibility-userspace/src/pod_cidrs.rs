@@ -231,7 +231,7 @@ pub fn uncovered<'a>(routes: &'a [PodRoute], cidrs: &[IpNet]) -> Vec<&'a PodRout
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{Interface, Route};
+    use crate::node::testing::{iface, route};
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
@@ -239,32 +239,17 @@ mod tests {
 
     fn view() -> NodeView {
         let mut view = NodeView::default();
-        for (index, name, kind, master) in [
-            (2, "eth0", "veth", None),
-            (3, "veth0", "veth", None),
-            (4, "veth1", "veth", None),
-            (5, "cni0", "bridge", None),
-            (6, "vethb", "veth", Some(5)),
-            (7, "br-empty", "bridge", None),
-            (8, "dummy0", "dummy", None),
+        for i in [
+            iface(2, "eth0", "veth", None),
+            iface(3, "veth0", "veth", None),
+            iface(4, "veth1", "veth", None),
+            iface(5, "cni0", "bridge", None),
+            iface(6, "vethb", "veth", Some(5)),
+            iface(7, "br-empty", "bridge", None),
+            iface(8, "dummy0", "dummy", None),
         ] {
-            view.interfaces.insert(
-                index,
-                Interface {
-                    index,
-                    name: name.into(),
-                    kind: kind.into(),
-                    master,
-                    up: true,
-                    mac: None,
-                },
-            );
+            view.interfaces.insert(i.index, i);
         }
-        let route = |dst: &str, oif: u32, gateway: Option<&str>| Route {
-            destination: dst.parse().unwrap(),
-            oif: Some(oif),
-            gateway: gateway.map(|g| g.parse().unwrap()),
-        };
         view.routes = vec![
             route("0.0.0.0/0", 2, Some("10.128.0.1")),
             route("10.128.0.0/24", 2, None),

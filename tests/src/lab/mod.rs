@@ -184,16 +184,11 @@ impl Lab {
         Self::build(prefix, config, Site::FIRST, gateway, true)
     }
 
-    /// A second node behind this lab's gateway, on a link of its own (the gateway's
-    /// `eth1`), with Pod ranges of its own (`10.52.1.0/24`, `fd00:52:1::/64`; see
-    /// [`Site`]); the gateway routes them to it. Its namespaces are named like a lab's
-    /// of its own (`tag`), and dropping it removes them and its link, not the gateway.
-    /// Drop it before this lab.
+    /// A second node behind this lab's gateway (its `eth1`), with Pod ranges of its own
+    /// ([`Site`]), named like a lab of its own (`tag`). Dropping it (before this lab)
+    /// removes its namespaces and its link, not the gateway.
     pub fn neighbour(&self, tag: &str, config: LabConfig) -> Result<Lab> {
-        ensure!(
-            self.owns_gateway,
-            "a neighbour of a neighbour is not supported"
-        );
+        ensure!(self.owns_gateway, "no neighbour of a neighbour");
         let prefix = format!("lab-{}", unique::name(tag));
         Self::build(prefix, config, Site(1), self.gateway.clone(), false)
     }
@@ -586,6 +581,11 @@ impl Drop for Lab {
             if pod_ns.exists() {
                 errors.push(pod_ns.name().to_string());
             }
+        }
+        // A neighbour's link goes now, not whenever the kernel gets to its namespace.
+        if !self.owns_gateway && self.gateway.exists() {
+            let link = self.site.gateway_ifname();
+            let _ = self.gateway.run("ip", ["link", "del", link.as_str()]);
         }
         let own = [Some(&self.node), self.owns_gateway.then_some(&self.gateway)];
         for ns in own.into_iter().flatten() {

@@ -57,15 +57,26 @@ pub(crate) fn gateway_saw_udp(lab: &Lab, addr: impl Into<IpAddr>, port: u16) -> 
 /// Sends one UDP datagram from Pod `from` to `port` of Pod `to` (IPv4) and checks the
 /// echo.
 pub(crate) fn udp_exchange(lab: &Lab, from: usize, to: usize, port: u16) {
+    udp_exchange_between(lab, from, lab, to, port);
+}
+
+/// [`udp_exchange`] from a Pod of one lab node to a Pod of another (or the same).
+pub(crate) fn udp_exchange_between(
+    from_lab: &Lab,
+    from: usize,
+    to_lab: &Lab,
+    to: usize,
+    port: u16,
+) {
     let server = UdpServer::start(
-        lab.pod_ns(to),
-        SocketAddr::new(lab.pod_ipv4(to).into(), port),
+        to_lab.pod_ns(to),
+        SocketAddr::new(to_lab.pod_ipv4(to).into(), port),
         1,
         Reply::Echo,
         DEFAULT_TIMEOUT,
     )
     .unwrap();
-    let reply = lab
+    let reply = from_lab
         .pod_ns(from)
         .udp_request(server.local_addr(), b"visibility", DEFAULT_TIMEOUT)
         .unwrap();

@@ -107,7 +107,7 @@ fn two_nodes_with_one_configuration_each_send_only_their_own_pod_pairs_to_the_ga
         from.pod_ns(0).ping(to.pod_ipv4(1), 2).unwrap();
         from.pod_ns(0).ping(to.pod_ipv6(1), 2).unwrap();
     }
-    udp_between(a, b);
+    udp_exchange_between(a, 0, b, 1, 7100);
     let after = [path_counters(&first), path_counters(&second)];
     for node in 0..2 {
         let (was, now) = (before[node], after[node]);
@@ -143,24 +143,4 @@ fn two_nodes_with_one_configuration_each_send_only_their_own_pod_pairs_to_the_ga
             );
         }
     }
-}
-
-/// One UDP exchange from the first node's Pod 0 to the second node's Pod 1.
-fn udp_between(a: &Lab, b: &Lab) {
-    use std::net::SocketAddr;
-    use visibility_tests::lab::{DEFAULT_TIMEOUT, Reply, UdpServer};
-    let server = UdpServer::start(
-        b.pod_ns(1),
-        SocketAddr::new(b.pod_ipv4(1).into(), 7100),
-        1,
-        Reply::Echo,
-        DEFAULT_TIMEOUT,
-    )
-    .unwrap();
-    let reply = a
-        .pod_ns(0)
-        .udp_request(server.local_addr(), b"two nodes", DEFAULT_TIMEOUT)
-        .unwrap();
-    assert_eq!(reply, b"two nodes");
-    server.join().unwrap();
 }
