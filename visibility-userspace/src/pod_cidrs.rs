@@ -67,25 +67,36 @@ pub struct PodRoute {
 
 /// The routes of the main table that lead straight (no gateway) to a Pod interface: a
 /// veth, a bridge with a veth port, or an interface matching `--pod-interfaces`; never
-/// an uplink. Link-local and default routes are not Pod addresses.
+/// an uplink. Link-local and default routes are not Pod addresses, and neither is the
+/// subnet of an address the node has on that very interface, unless it is a bridge's
+/// (a bridge CNI's Pod subnet): a veth that carries the node's own subnet is a link to
+/// other hosts, such as an uplink whose default route is gone for a moment.
 pub fn pod_routes(view: &NodeView, uplinks: &[u32], glob: Option<&GlobMatcher>) -> Vec<PodRoute> {
-    let leads_to_pods = |ifindex: u32| {
+    let is_bridge_with_veths = |ifindex: u32| {
+        view.interface(ifindex).is_some_and(|i| i.kind == "bridge")
+            && view
+                .interfaces
+                .values()
+                .any(|port| port.master == Some(ifindex) && port.is_veth())
+    };
+    let leads_to_pods = |ifindex: u32, destination: &IpNet| {
         let Some(iface) = view.interface(ifindex) else {
             return false;
         };
-        iface.is_veth()
-            || glob.is_some_and(|g| g.is_match(&iface.name))
-            || (iface.kind == "bridge"
-                && view
-                    .interfaces
-                    .values()
-                    .any(|port| port.master == Some(ifindex) && port.is_veth()))
+        if is_bridge_with_veths(ifindex) {
+            return true;
+        }
+        let own_subnet = view
+            .addresses
+            .iter()
+            .any(|(i, addr)| *i == ifindex && destination.contains(addr));
+        (iface.is_veth() || glob.is_some_and(|g| g.is_match(&iface.name))) && !own_subnet
     };
     view.routes
         .iter()
         .filter(|route| route.gateway.is_none() && is_pod_address_range(&route.destination))
         .filter_map(|route| Some((route, route.oif?)))
-        .filter(|(_, oif)| !uplinks.contains(oif) && leads_to_pods(*oif))
+        .filter(|(route, oif)| !uplinks.contains(oif) && leads_to_pods(*oif, &route.destination))
         .map(|(route, ifindex)| PodRoute {
             destination: route.destination.trunc(),
             ifindex,
@@ -279,6 +290,18 @@ mod tests {
                 ("fd00:52::2/128".to_owned(), 3),
                 ("10.244.1.0/24".to_owned(), 5),
             ]
+        );
+        // Without its default route, the uplink is not known as one; its own subnet
+        // still names no Pod.
+        let mut no_default = view();
+        no_default
+            .addresses
+            .push((2, "10.128.0.2".parse().unwrap()));
+        no_default.routes.remove(0);
+        assert!(
+            pod_routes(&no_default, &[], None)
+                .iter()
+                .all(|r| r.ifindex != 2)
         );
         let glob = globset::Glob::new("dummy*").unwrap().compile_matcher();
         assert!(
