@@ -232,9 +232,12 @@ pub fn learn(cni: &[IpNet], routes: &[PodRoute]) -> BTreeMap<IpNet, CidrSource> 
 
 /// Pod addresses (route destinations) that no CIDR in `cidrs` covers, with the
 /// interface name the node routes them to.
-pub fn uncovered<'a>(routes: &'a [PodRoute], cidrs: &[IpNet]) -> Vec<&'a PodRoute> {
+pub fn uncovered<'a>(
+    routes: impl IntoIterator<Item = &'a PodRoute>,
+    cidrs: &[IpNet],
+) -> Vec<&'a PodRoute> {
     routes
-        .iter()
+        .into_iter()
         .filter(|r| !cidrs.iter().any(|c| c.contains(&r.destination)))
         .collect()
 }

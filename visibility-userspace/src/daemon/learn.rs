@@ -113,7 +113,6 @@ impl CidrLearner {
         routes: &[PodRoute],
         pods: &[PodInterface],
         cidrs: &[PodCidrState],
-        maps: &Maps,
         view: &NodeView,
     ) -> Vec<Check> {
         let pod_routes: Vec<&PodRoute> = routes
@@ -126,17 +125,16 @@ impl CidrLearner {
                 .map_or("(gone)", |i| i.name.as_str());
             format!("{name}: {}", route.destination)
         };
-        let installed = maps.pod_cidrs();
+        let installed: Vec<(IpNet, &PodCidrState)> = cidrs
+            .iter()
+            .filter_map(|c| Some((c.cidr.parse().ok()?, c)))
+            .collect();
         let mut checks = Vec::new();
         for (family, family_name) in [(Family::V4, "v4"), (Family::V6, "v6")] {
-            let family_cidrs: Vec<String> = cidrs
+            let family_cidrs: Vec<String> = installed
                 .iter()
-                .filter(|c| {
-                    c.cidr
-                        .parse::<IpNet>()
-                        .is_ok_and(|n| family_of(&n) == family)
-                })
-                .map(|c| format!("{} ({})", c.cidr, c.source.name()))
+                .filter(|(net, _)| family_of(net) == family)
+                .map(|(_, c)| format!("{} ({})", c.cidr, c.source.name()))
                 .collect();
             let addresses: Vec<String> = pod_routes
                 .iter()
@@ -149,8 +147,8 @@ impl CidrLearner {
                 &addresses,
             ));
         }
-        let owned: Vec<PodRoute> = pod_routes.into_iter().cloned().collect();
-        let outside: Vec<String> = pod_cidrs::uncovered(&owned, &installed)
+        let nets: Vec<IpNet> = installed.iter().map(|(net, _)| *net).collect();
+        let outside: Vec<String> = pod_cidrs::uncovered(pod_routes, &nets)
             .iter()
             .map(describe)
             .collect();

@@ -232,7 +232,7 @@ impl Reconciler {
         let pod_cidr_states = self.learner.states(maps);
         checks.extend(
             self.learner
-                .checks(pod_routes, pods, &pod_cidr_states, maps, view),
+                .checks(pod_routes, pods, &pod_cidr_states, view),
         );
         for (family, reason) in &self.missing_uplinks {
             // A family without Pod CIDRs needs no uplink.
