@@ -100,10 +100,89 @@ fn the_configmap_is_a_valid_daemon_config() {
     let text = kind(&docs, "ConfigMap")["data"]["config.toml"]
         .as_str()
         .unwrap();
-    let layer = visibility::config::Layer::from_toml(text).unwrap();
-    let config = visibility::config::NodeConfig::resolve(layer).unwrap();
-    assert!(!config.pod_cidrs.is_empty());
+    let config = configured(&docs);
     assert!(!config.exemptions.is_empty());
+    assert!(text.contains("pod-cidr"), "the override is documented");
+}
+
+/// The daemon's configuration the ConfigMap gives.
+fn configured(docs: &[Value]) -> visibility::config::NodeConfig {
+    let text = kind(docs, "ConfigMap")["data"]["config.toml"]
+        .as_str()
+        .unwrap();
+    let layer = visibility::config::Layer::from_toml(text).unwrap();
+    visibility::config::NodeConfig::resolve(layer).unwrap()
+}
+
+/// One manifest for every node: nothing in it is per node. The ConfigMap sets no Pod
+/// CIDR (each daemon learns its node's), and the CNI configuration it learns from is
+/// mounted, read-only, where the daemon reads it.
+#[test]
+fn the_manifest_has_no_per_node_setting_and_mounts_the_cni_configuration() {
+    let docs = documents();
+    let config = configured(&docs);
+    assert!(
+        config.pod_cidrs.is_empty(),
+        "one pod-cidr for every node: {:?}",
+        config.pod_cidrs
+    );
+    let pod = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == config.cni_conf_dir.to_str())
+        .unwrap_or_else(|| panic!("{} is not mounted", config.cni_conf_dir.display()));
+    assert_eq!(mount["readOnly"], true);
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(
+        volume["hostPath"]["path"].as_str(),
+        config.cni_conf_dir.to_str()
+    );
+}
+
+/// Liveness asks only whether the daemon's loop passes (`/healthz`), so a failing health
+/// check (a configuration problem) never restarts the daemon in a loop; readiness
+/// (`/readyz`) shows health. Both reach the metrics listener the ConfigMap configures,
+/// and the daemon answers them (`tests/tests/daemon/probes.rs`). No probe runs
+/// `visibility status`, which fails on any health check.
+#[test]
+fn the_probes_ask_the_daemon_for_liveness_and_readiness_on_its_metrics_listener() {
+    let docs = documents();
+    let listener = configured(&docs)
+        .metrics_addr
+        .expect("the probes need the metrics listener");
+    let container = &kind(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        let probe_spec = &container[probe];
+        assert!(probe_spec["exec"].is_null(), "{probe} runs a command");
+        let get = &probe_spec["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(
+            get["port"].as_u64(),
+            Some(u64::from(listener.port())),
+            "{probe}"
+        );
+        assert_eq!(
+            get["host"].as_str(),
+            Some(listener.ip().to_string().as_str()),
+            "{probe}: the listener is on {listener}"
+        );
+    }
+    // A stuck loop is restarted within a minute or two, not at its first slow pass.
+    let liveness = &container["livenessProbe"];
+    let tolerated = liveness["periodSeconds"].as_u64().unwrap()
+        * liveness["failureThreshold"].as_u64().unwrap();
+    assert!(tolerated >= 30, "liveness gives up after {tolerated} s");
 }
 
 #[test]

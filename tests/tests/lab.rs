@@ -482,3 +482,46 @@ fn too_many_pods_is_an_error() {
     .unwrap_err();
     assert!(err.to_string().contains("at most"), "{err:#}");
 }
+
+/// A neighbour node behind the same gateway: its Pods have ranges of their own and
+/// reach the first node's Pods, both families, through the gateway (plain routing). Its
+/// drop removes its namespaces and its link at the gateway, and leaves the first lab
+/// working.
+#[test]
+fn a_neighbour_node_reaches_the_first_through_the_gateway_and_goes_alone() {
+    let first = lab(
+        "neighbour",
+        LabConfig {
+            pods: 1,
+            ..LabConfig::default()
+        },
+    );
+    let second = first
+        .neighbour(
+            "neighbour2",
+            LabConfig {
+                pods: 1,
+                ..LabConfig::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(second.pod_ipv4(0), Ipv4Addr::new(10, 52, 1, 2));
+    assert_eq!(second.pod_ipv6(0).to_string(), "fd00:52:1::2");
+    let before = first.gateway_forwarded_packets().unwrap();
+    for family in FAMILIES {
+        second.pod_ns(0).ping(first.pod_ip(0, family), 1).unwrap();
+        first.pod_ns(0).ping(second.pod_ip(0, family), 1).unwrap();
+    }
+    // Each ping crosses the gateway twice (request and reply).
+    assert!(first.gateway_forwarded_packets().unwrap() >= before + 8);
+
+    let prefix = second.prefix().to_owned();
+    drop(second);
+    assert!(namespaces_of(&prefix).is_empty());
+    assert!(first.gateway().run("ip", ["link", "show", "eth1"]).is_err());
+    assert!(first.gateway().exists());
+    first
+        .pod_ns(0)
+        .ping(Lab::gateway_ip(IpFamily::V4), 1)
+        .unwrap();
+}

@@ -110,6 +110,11 @@ pub const POD_CIDR_ENTRY: u8 = 1;
 /// not a trie lookup and a node-address lookup. The control plane keeps the list of
 /// the node's addresses (in userspace) and marks those a Pod CIDR covers.
 pub const NODE_ADDR_ENTRY: u8 = 2;
+/// Value flag of a Pod-CIDR trie entry, beside [`POD_CIDR_ENTRY`], that the daemon
+/// learned from the node (its routes, its CNI) rather than was told: it removes the
+/// entry when the node no longer says so. The datapath reads every non-node entry as a
+/// Pod CIDR, whatever else is set.
+pub const LEARNED_POD_CIDR_ENTRY: u8 = 4;
 
 /// Value of the Pod-interface map.
 #[repr(C)]

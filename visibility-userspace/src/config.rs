@@ -20,8 +20,11 @@ use crate::{error::InputError, maps::Exemption};
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Layer {
-    /// The node's Pod CIDRs.
+    /// The node's Pod CIDRs, as an override: by default the daemon learns them from the
+    /// node (its routes to Pod interfaces and its CNI's ranges).
     pub pod_cidr: Option<Vec<String>>,
+    /// Where the CNI configuration is read (for `host-local` ranges).
+    pub cni_conf_dir: Option<String>,
     /// Uplink interface; by default the default route's, per family.
     pub uplink: Option<String>,
     /// Gateway addresses (at most one per family); by default the default route's.
@@ -94,6 +97,7 @@ impl Layer {
             };
             match key {
                 "POD_CIDR" => layer.pod_cidr = Some(list()),
+                "CNI_CONF_DIR" => layer.cni_conf_dir = Some(value.clone()),
                 "UPLINK" => layer.uplink = Some(value.clone()),
                 "GATEWAY" => layer.gateway = Some(list()),
                 "EXEMPT" => layer.exempt = Some(list()),
@@ -132,6 +136,7 @@ impl Layer {
     pub fn overridden_by(self, other: Layer) -> Layer {
         Layer {
             pod_cidr: other.pod_cidr.or(self.pod_cidr),
+            cni_conf_dir: other.cni_conf_dir.or(self.cni_conf_dir),
             uplink: other.uplink.or(self.uplink),
             gateway: other.gateway.or(self.gateway),
             exempt: other.exempt.or(self.exempt),
@@ -181,7 +186,9 @@ pub enum ConfigError {
 /// The resolved, validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeConfig {
+    /// Configured Pod CIDRs: when there are any, the daemon learns none.
     pub pod_cidrs: Vec<IpNet>,
+    pub cni_conf_dir: PathBuf,
     pub uplink: Option<String>,
     pub gateway_v4: Option<IpAddr>,
     pub gateway_v6: Option<IpAddr>,
@@ -386,6 +393,12 @@ impl NodeConfig {
             metrics_addr,
             ipfix_collectors,
             pod_cidrs,
+            cni_conf_dir: PathBuf::from(
+                layer
+                    .cni_conf_dir
+                    .as_deref()
+                    .unwrap_or(crate::pod_cidrs::DEFAULT_CNI_CONF_DIR),
+            ),
             uplink: layer.uplink,
             gateway_v4,
             gateway_v6,

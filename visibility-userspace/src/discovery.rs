@@ -161,26 +161,7 @@ fn is_link_local(addr: &IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{Interface, Route};
-
-    fn iface(index: u32, name: &str, kind: &str, master: Option<u32>) -> Interface {
-        Interface {
-            index,
-            name: name.into(),
-            kind: kind.into(),
-            master,
-            up: true,
-            mac: None,
-        }
-    }
-
-    fn route(dst: &str, oif: u32, gateway: Option<&str>) -> Route {
-        Route {
-            destination: dst.parse().unwrap(),
-            oif: Some(oif),
-            gateway: gateway.map(|g| g.parse().unwrap()),
-        }
-    }
+    use crate::node::testing::{iface, route};
 
     fn view() -> NodeView {
         let mut view = NodeView::default();

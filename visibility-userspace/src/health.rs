@@ -81,6 +81,51 @@ pub fn pod_interfaces_attached(unattached: &[String]) -> Check {
     }
 }
 
+/// A family whose Pod interfaces have addresses needs a Pod CIDR of that family, or
+/// its Pod-to-Pod traffic silently stays on the node. `addresses` are the Pod routes of
+/// the family (`interface: prefix`), `cidrs` its Pod CIDRs (`prefix (source)`).
+pub fn pod_cidr_family(family: &str, cidrs: &[String], addresses: &[String]) -> Check {
+    let name = format!("pod_cidr_{family}");
+    match (cidrs.is_empty(), addresses.is_empty()) {
+        (false, _) => check(name, true, cidrs.join(", ")),
+        (true, true) => check(name, true, format!("no {family} Pod addresses")),
+        (true, false) => check(
+            name,
+            false,
+            format!(
+                "Pod interfaces have {family} addresses ({}) but there is no {family} Pod CIDR: their {family} Pod-to-Pod traffic stays on the node; add the family to the pod-cidr override, or remove the override to learn it",
+                abbreviated(addresses)
+            ),
+        ),
+    }
+}
+
+/// Pod addresses outside every Pod CIDR: their traffic stays on the node.
+pub fn pod_addresses_covered(outside: &[String]) -> Check {
+    let name = "pod_addresses_covered";
+    if outside.is_empty() {
+        return check(name, true, "every Pod interface's address is in a Pod CIDR");
+    }
+    check(
+        name,
+        false,
+        format!(
+            "outside every Pod CIDR: {}; Pod-to-Pod traffic to them stays on the node: widen the pod-cidr override, or remove it to learn the node's",
+            abbreviated(outside)
+        ),
+    )
+}
+
+/// The first few items of a long list, and how many more.
+fn abbreviated(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = items[..items.len().min(SHOWN)].join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
+}
+
 /// Strict reverse-path filtering drops packets that come back from the gateway with a
 /// Pod's source address, unless the datapath delivers them itself (the uplink program).
 pub fn rp_filter(uplink: &str, uplink_program_attached: bool) -> Check {

@@ -12,5 +12,7 @@ pub mod maps;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod pod_cidrs;
+pub mod probes;
 pub mod state;
 pub mod variant;

@@ -107,9 +107,13 @@ struct DaemonArgs {
     /// as a ConfigMap carries it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// A Pod CIDR of this node (repeatable; IPv4 and IPv6).
+    /// A Pod CIDR of this node (repeatable; IPv4 and IPv6). An override: by default the
+    /// daemon learns them from the node's routes to Pod interfaces and its CNI's ranges.
     #[arg(long = "pod-cidr", value_name = "CIDR")]
     pod_cidr: Vec<String>,
+    /// Where the CNI configuration is read, for host-local ranges (default /etc/cni/net.d).
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<String>,
     /// The uplink; by default the default route's interface, per family.
     #[arg(long, value_name = "IFACE")]
     uplink: Option<String>,
@@ -159,6 +163,7 @@ impl DaemonArgs {
         let list = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
         Layer {
             pod_cidr: list(&self.pod_cidr),
+            cni_conf_dir: self.cni_conf_dir.clone(),
             uplink: self.uplink.clone(),
             gateway: list(&self.gateway),
             exempt: list(&self.exempt),

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use visibility_common::{
     clock::JiffiesClock,
     config::{
-        ExemptRule, ExemptRules, Gateway, MAX_EXEMPT_RULES, NODE_ADDR_ENTRY, POD_CIDR_ENTRY,
-        PodIface, Settings,
+        ExemptRule, ExemptRules, Gateway, LEARNED_POD_CIDR_ENTRY, MAX_EXEMPT_RULES,
+        NODE_ADDR_ENTRY, POD_CIDR_ENTRY, PodIface, Settings,
     },
     counters::{Counter, CounterValue, slot},
     flow::{FlowKey, FlowStats},
@@ -165,29 +165,59 @@ impl Maps {
         })
     }
 
-    /// Adds a Pod CIDR (idempotent), and marks the node addresses among `node_addrs`
-    /// that it covers (the daemon's reconcile marks the node's addresses anew; see
+    /// Adds a Pod CIDR the operator gave (idempotent; one the daemon had learned becomes
+    /// the operator's and stays), and marks the node addresses among `node_addrs` that
+    /// it covers (the daemon's reconcile marks the node's addresses anew; see
     /// [`Maps::set_node_addrs`]).
     pub fn add_pod_cidr(&mut self, net: &IpNet, node_addrs: &[IpAddr]) -> Result<(), MapsError> {
         let net = net.trunc();
-        let family = family_of(&net);
-        let entries = self.pod_trie_entries(family);
-        let flags = exact_flags(&entries, &net);
+        let flags = exact_flags(&self.pod_trie_entries(family_of(&net)), &net);
+        if flags & POD_CIDR_ENTRY != 0 {
+            return if flags & LEARNED_POD_CIDR_ENTRY != 0 {
+                self.set_pod_trie_entry(&net, flags & !LEARNED_POD_CIDR_ENTRY)
+            } else {
+                Ok(())
+            };
+        }
+        self.insert_pod_cidr(&net, flags | POD_CIDR_ENTRY, node_addrs)
+    }
+
+    /// Adds a Pod CIDR the daemon learned from the node; one already there (learned or
+    /// given) stays as it is.
+    pub fn add_learned_pod_cidr(
+        &mut self,
+        net: &IpNet,
+        node_addrs: &[IpAddr],
+    ) -> Result<(), MapsError> {
+        let net = net.trunc();
+        let flags = exact_flags(&self.pod_trie_entries(family_of(&net)), &net);
         if flags & POD_CIDR_ENTRY != 0 {
             return Ok(());
         }
+        self.insert_pod_cidr(
+            &net,
+            flags | POD_CIDR_ENTRY | LEARNED_POD_CIDR_ENTRY,
+            node_addrs,
+        )
+    }
+
+    /// Writes a new Pod CIDR entry with `flags`, within the per-family limit, and marks
+    /// the node addresses it covers.
+    fn insert_pod_cidr(
+        &mut self,
+        net: &IpNet,
+        flags: u8,
+        node_addrs: &[IpAddr],
+    ) -> Result<(), MapsError> {
+        let family = family_of(net);
         // The trie also holds node addresses, so its capacity does not bound this.
-        let cidrs = entries
-            .iter()
-            .filter(|(_, f)| f & POD_CIDR_ENTRY != 0)
-            .count();
-        if cidrs >= visibility_common::MAX_POD_CIDRS as usize {
+        if self.pod_cidr_entries(family).count() >= visibility_common::MAX_POD_CIDRS as usize {
             return Err(MapsError::Full {
                 map: pod_trie_name(family),
                 max: visibility_common::MAX_POD_CIDRS,
             });
         }
-        self.set_pod_trie_entry(&net, flags | POD_CIDR_ENTRY)?;
+        self.set_pod_trie_entry(net, flags)?;
         let mut marked = self.node_entries(family);
         marked.extend(node_addrs.iter().filter(|addr| net.contains(*addr)));
         self.sync_node_entries(family, &marked)
@@ -202,20 +232,37 @@ impl Maps {
             return Ok(false);
         }
         let marked = self.node_entries(family);
-        self.set_pod_trie_entry(&net, flags & !POD_CIDR_ENTRY)?;
+        self.set_pod_trie_entry(&net, flags & !(POD_CIDR_ENTRY | LEARNED_POD_CIDR_ENTRY))?;
         self.sync_node_entries(family, &marked)?;
         Ok(true)
     }
 
     pub fn pod_cidrs(&self) -> Vec<IpNet> {
-        let mut nets: Vec<IpNet> = [Family::V4, Family::V6]
+        let mut nets: Vec<IpNet> = self
+            .pod_cidrs_learned()
             .into_iter()
-            .flat_map(|family| self.pod_trie_entries(family))
-            .filter(|(_, flags)| flags & POD_CIDR_ENTRY != 0)
             .map(|(net, _)| net)
             .collect();
         nets.sort();
         nets
+    }
+
+    /// The Pod CIDRs, each with whether the daemon learned it (rather than was told).
+    pub fn pod_cidrs_learned(&self) -> Vec<(IpNet, bool)> {
+        let mut nets: Vec<(IpNet, bool)> = [Family::V4, Family::V6]
+            .into_iter()
+            .flat_map(|family| self.pod_cidr_entries(family))
+            .map(|(net, flags)| (net, flags & LEARNED_POD_CIDR_ENTRY != 0))
+            .collect();
+        nets.sort();
+        nets
+    }
+
+    /// The family's trie entries that are Pod CIDRs, with their flags.
+    fn pod_cidr_entries(&self, family: Family) -> impl Iterator<Item = (IpNet, u8)> {
+        self.pod_trie_entries(family)
+            .into_iter()
+            .filter(|(_, flags)| flags & POD_CIDR_ENTRY != 0)
     }
 
     /// Every entry of the family's Pod-CIDR trie with its flags: the Pod CIDRs and

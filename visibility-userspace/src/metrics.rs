@@ -29,6 +29,9 @@ pub struct Shared {
     pub gateway_mac_changes: AtomicU64,
     /// The last status the reconciler computed.
     pub status: Mutex<Option<DaemonStatus>>,
+    /// When the daemon's loop last passed, in ms since the Unix epoch (0: not yet); the
+    /// liveness probe reads it (see [`crate::probes`]).
+    pub loop_passed_at_ms: AtomicU64,
 }
 
 /// Builds one scrape's metrics; registration only fails on duplicate names, which
@@ -215,7 +218,8 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Serves `/metrics` on `addr` from a thread of its own.
+/// Serves `/metrics`, and the probes `/healthz` and `/readyz` (see [`crate::probes`]),
+/// on `addr` from a thread of its own.
 pub fn serve(addr: SocketAddr, pins: PinDir, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
@@ -224,15 +228,22 @@ pub fn serve(addr: SocketAddr, pins: PinDir, shared: Arc<Shared>) -> std::io::Re
         .name("metrics".into())
         .spawn(move || {
             for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    let header = tiny_http::Header::from_bytes(
-                        "Content-Type",
-                        TextEncoder::new().format_type(),
-                    )
-                    .expect("static header");
-                    tiny_http::Response::from_string(render(&maps, &shared)).with_header(header)
-                } else {
-                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                let probe = |answer: crate::probes::Answer| {
+                    tiny_http::Response::from_string(answer.body).with_status_code(answer.status)
+                };
+                let response = match request.url() {
+                    "/metrics" => {
+                        let header = tiny_http::Header::from_bytes(
+                            "Content-Type",
+                            TextEncoder::new().format_type(),
+                        )
+                        .expect("static header");
+                        tiny_http::Response::from_string(render(&maps, &shared)).with_header(header)
+                    }
+                    "/healthz" => probe(crate::probes::liveness(&shared)),
+                    "/readyz" => probe(crate::probes::readiness(&shared)),
+                    _ => tiny_http::Response::from_string("see /metrics, /healthz, /readyz\n")
+                        .with_status_code(404),
                 };
                 let _ = request.respond(response);
             }

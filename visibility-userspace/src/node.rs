@@ -386,3 +386,30 @@ pub fn subscribe() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError
     });
     Ok(receiver)
 }
+
+/// Builders of a [`NodeView`]'s parts, for the unit tests of what reads one.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Interface, Route};
+
+    /// An interface that is up, without a MAC.
+    pub fn iface(index: u32, name: &str, kind: &str, master: Option<u32>) -> Interface {
+        Interface {
+            index,
+            name: name.into(),
+            kind: kind.into(),
+            master,
+            up: true,
+            mac: None,
+        }
+    }
+
+    /// A route of the main table out of `oif`.
+    pub fn route(dst: &str, oif: u32, gateway: Option<&str>) -> Route {
+        Route {
+            destination: dst.parse().unwrap(),
+            oif: Some(oif),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+        }
+    }
+}

@@ -62,6 +62,13 @@ pub struct UplinkState {
     pub attached: bool,
 }
 
+/// A Pod CIDR in the datapath, and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodCidrState {
+    pub cidr: String,
+    pub source: crate::pod_cidrs::CidrSource,
+}
+
 /// Flow record counts since the daemon started.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordCounts {
@@ -92,6 +99,9 @@ pub struct DaemonStatus {
     /// `tcx` or `clsact`.
     pub attach_mode: String,
     pub uplinks: Vec<UplinkState>,
+    /// The Pod CIDRs in the datapath, each with its source.
+    #[serde(default)]
+    pub pod_cidrs: Vec<PodCidrState>,
     pub pod_interfaces: Vec<PodInterfaceState>,
     pub checks: Vec<Check>,
     pub records: RecordCounts,

@@ -14,6 +14,28 @@ use super::{
 /// The nftables table (family `inet`) in the gateway namespace.
 pub const GATEWAY_NFT_TABLE: &str = "lab";
 
+/// Makes `gw` a router with the lab's firewall, before any link to a node exists:
+/// forwarding on, no ICMP redirects, no reverse-path filter, no DAD (a new interface
+/// takes the `default` values), and the nftables table with conntrack accounting.
+pub(super) fn setup(gw: &Netns) -> Result<()> {
+    gw.sysctl(&[
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+        ("net.ipv6.conf.default.forwarding", "1"),
+        ("net.ipv4.conf.all.send_redirects", "0"),
+        ("net.ipv4.conf.default.send_redirects", "0"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ])?;
+    gw.run_with_stdin("nft", ["-f", "-"], &ruleset())
+        .context("installing the gateway's nftables ruleset")?;
+    // The sysctl exists once conntrack is loaded, which the ruleset makes sure of.
+    gw.sysctl(&[("net.netfilter.nf_conntrack_acct", "1")])?;
+    Ok(())
+}
+
 /// The gateway's conntrack table, IPv4 and IPv6 (`conntrack -L -o extended`).
 pub(super) fn flows(gateway: &Netns) -> Result<Vec<Flow>> {
     let mut flows = Vec::new();
@@ -97,7 +119,7 @@ pub(super) fn counter(gateway: &Netns, name: &str) -> Result<(u64, u64)> {
 }
 
 /// The gateway's nftables ruleset.
-pub(super) fn ruleset() -> String {
+fn ruleset() -> String {
     format!(
         r#"table inet {GATEWAY_NFT_TABLE} {{
     counter forwarded {{ }}

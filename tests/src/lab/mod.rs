@@ -33,6 +33,9 @@
 //!
 //! With plain routing, Pod-to-Pod traffic stays on the node: the gateway sees none of it.
 //!
+//! [`Lab::neighbour`] adds a second node behind the same gateway, with ranges of its
+//! own ([`Site`]); traffic between the nodes' Pods goes node → gateway → node.
+//!
 //! # Parallel use and cleanup
 //!
 //! Every [`Lab`] gets a unique name prefix `lab-<tag>-<pid>-<counter>`; its namespaces are
@@ -57,12 +60,13 @@
 //! [`addresses`] (the address plan), [`netns`] (a namespace handle and commands in it),
 //! [`traffic`] (pings, TCP and UDP from inside a namespace), [`servers`] (TCP and UDP
 //! servers in a namespace), [`gateway`] (the gateway's nftables firewall and counters),
-//! [`conntrack`] (its flow log), [`uplink`] (the node's uplink, which tests may remove
-//! and add again), [`process`] (commands and background processes), [`deadline`] (reads
-//! that give up), [`cpu`] (pinning a thread to a CPU), and [`stale`] (removing what a
-//! killed test process left).
+//! [`conntrack`] (its flow log), [`cleanup`] (what labs leave behind), [`site`] (each
+//! node's addresses behind the gateway), [`uplink`] (the node's uplink, which tests may
+//! remove and add again), [`process`] (commands and background processes), [`deadline`]
+//! (reads that give up), and [`cpu`] (pinning a thread to a CPU).
 
 pub mod addresses;
+pub mod cleanup;
 pub mod conntrack;
 pub mod cpu;
 pub mod deadline;
@@ -70,20 +74,21 @@ pub mod gateway;
 pub mod netns;
 pub mod process;
 pub mod servers;
-pub mod stale;
+pub mod site;
 pub mod traffic;
 pub mod uplink;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Stdio,
     sync::Once,
 };
 
 use anyhow::{Context, Result, ensure};
 
+use self::cleanup::remove_pod_parts;
 pub use self::{
     addresses::*,
+    cleanup::cleanup_stale_labs,
     conntrack::{Flow, parse_conntrack},
     cpu::pin_to_cpu,
     deadline::udp_recv,
@@ -91,7 +96,7 @@ pub use self::{
     netns::{Netns, list_netns},
     process::Background,
     servers::{Received, Reply, TcpServer, UdpServer},
-    stale::cleanup_stale_labs,
+    site::Site,
     traffic::DEFAULT_TIMEOUT,
 };
 use crate::unique;
@@ -120,6 +125,7 @@ impl Default for LabConfig {
 #[derive(Debug, Clone)]
 pub struct Pod {
     index: usize,
+    site: Site,
     netns: Netns,
     host_ifname: String,
     host_ifindex: u32,
@@ -136,11 +142,11 @@ impl Pod {
     }
     /// The Pod's IPv4 address.
     pub fn ipv4(&self) -> Ipv4Addr {
-        pod_ipv4(self.index)
+        self.site.pod_ipv4(self.index)
     }
     /// The Pod's IPv6 address.
     pub fn ipv6(&self) -> Ipv6Addr {
-        pod_ipv6(self.index)
+        self.site.pod_ipv6(self.index)
     }
     /// The name of the Pod's host-side veth in the node namespace.
     pub fn host_ifname(&self) -> &str {
@@ -155,11 +161,15 @@ impl Pod {
 static STALE_CLEANUP: Once = Once::new();
 
 /// A node with its Pods and its gateway, each in its own network namespace. See the
-/// [module documentation](self) for the topology. Dropping it removes everything.
+/// [module documentation](self) for the topology. Dropping it removes everything (a
+/// [neighbour](Lab::neighbour) leaves the gateway it shares).
 #[derive(Debug)]
 pub struct Lab {
     prefix: String,
     config: LabConfig,
+    site: Site,
+    /// Whether this lab made the gateway and removes it; a neighbour shares it.
+    owns_gateway: bool,
     gateway: Netns,
     node: Netns,
     pods: Vec<Option<Pod>>,
@@ -171,15 +181,37 @@ impl Lab {
     ///
     /// On error, everything created so far is removed.
     pub fn new(tag: &str, config: LabConfig) -> Result<Lab> {
+        let prefix = format!("lab-{}", unique::name(tag));
+        let gateway = Netns::from_name(format!("{prefix}-gw"));
+        Self::build(prefix, config, Site::FIRST, gateway, true)
+    }
+
+    /// A second node behind this lab's gateway (its `eth1`), with Pod ranges of its own
+    /// ([`Site`]), named like a lab of its own (`tag`). Dropping it (before this lab)
+    /// removes its namespaces and its link, not the gateway.
+    pub fn neighbour(&self, tag: &str, config: LabConfig) -> Result<Lab> {
+        ensure!(self.owns_gateway, "no neighbour of a neighbour");
+        let prefix = format!("lab-{}", unique::name(tag));
+        Self::build(prefix, config, Site(1), self.gateway.clone(), false)
+    }
+
+    fn build(
+        prefix: String,
+        config: LabConfig,
+        site: Site,
+        gateway: Netns,
+        owns_gateway: bool,
+    ) -> Result<Lab> {
         ensure!(config.pods <= MAX_PODS, "at most {MAX_PODS} pods");
         STALE_CLEANUP.call_once(|| {
             if let Err(e) = cleanup_stale_labs() {
                 eprintln!("lab: cleaning up stale labs: {e:#}");
             }
         });
-        let prefix = format!("lab-{}", unique::name(tag));
         let mut lab = Lab {
-            gateway: Netns::from_name(format!("{prefix}-gw")),
+            site,
+            owns_gateway,
+            gateway,
             node: Netns::from_name(format!("{prefix}-node")),
             prefix,
             config,
@@ -192,30 +224,14 @@ impl Lab {
     }
 
     fn setup(&mut self) -> Result<()> {
-        let gw = Netns::create(self.gateway.name())?;
+        if self.owns_gateway {
+            gateway::setup(&Netns::create(self.gateway.name())?)?;
+        }
         let node = Netns::create(self.node.name())?;
-        let no_dad = [
+        node.sysctl(&[
             ("net.ipv6.conf.all.accept_dad", "0"),
             ("net.ipv6.conf.default.accept_dad", "0"),
-        ];
-        gw.sysctl(&no_dad)?;
-        node.sysctl(&no_dad)?;
-
-        gw.sysctl(&[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv6.conf.default.forwarding", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.default.send_redirects", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
         ])?;
-        gw.run_with_stdin("nft", ["-f", "-"], &gateway::ruleset())
-            .context("installing the gateway's nftables ruleset")?;
-        // The sysctl exists once conntrack is loaded, which the ruleset makes sure of.
-        gw.sysctl(&[("net.netfilter.nf_conntrack_acct", "1")])?;
-
-        // Node.
         let rp = self.rp_filter();
         node.sysctl(&[
             ("net.ipv4.ip_forward", "1"),
@@ -272,6 +288,7 @@ impl Lab {
             Ok(host_ifindex) => {
                 self.pods[index] = Some(Pod {
                     index,
+                    site: self.site,
                     netns,
                     host_ifname,
                     host_ifindex,
@@ -292,14 +309,20 @@ impl Lab {
             ("net.ipv6.conf.all.accept_dad", "0"),
             ("net.ipv6.conf.default.accept_dad", "0"),
         ])?;
-        let (v4, v6) = (pod_ipv4(index), pod_ipv6(index));
+        let site = self.site;
+        let (v4, v6) = (
+            site.pod_ip(index, IpFamily::V4),
+            site.pod_ip(index, IpFamily::V6),
+        );
+        let (cidr_v4, cidr_v6) = (site.pod_cidr(IpFamily::V4), site.pod_cidr(IpFamily::V6));
+        let pod_gateway_v4 = site.pod_gateway_ipv4();
         node.ip_batch(&[
             format!(
                 "link add {host_if} type veth peer name {POD_IFNAME} netns {}",
                 pod.name()
             ),
             format!("link set {host_if} up"),
-            format!("addr add {POD_GATEWAY_V4}/32 dev {host_if}"),
+            format!("addr add {pod_gateway_v4}/32 dev {host_if}"),
             format!("addr add {POD_GATEWAY_V6}/64 dev {host_if} nodad"),
             format!("route add {v4}/32 dev {host_if} scope host"),
             format!("route add {v6}/128 dev {host_if}"),
@@ -310,10 +333,10 @@ impl Lab {
             format!("link set {POD_IFNAME} up"),
             format!("addr add {v4}/24 dev {POD_IFNAME} noprefixroute"),
             format!("addr add {v6}/64 dev {POD_IFNAME} nodad noprefixroute"),
-            format!("route add {POD_GATEWAY_V4}/32 dev {POD_IFNAME} scope link"),
-            format!("route add {POD_CIDR_V4} via {POD_GATEWAY_V4} dev {POD_IFNAME}"),
-            format!("route add default via {POD_GATEWAY_V4} dev {POD_IFNAME}"),
-            format!("route add {POD_CIDR_V6} via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
+            format!("route add {pod_gateway_v4}/32 dev {POD_IFNAME} scope link"),
+            format!("route add {cidr_v4} via {pod_gateway_v4} dev {POD_IFNAME}"),
+            format!("route add default via {pod_gateway_v4} dev {POD_IFNAME}"),
+            format!("route add {cidr_v6} via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
             format!("route add ::/0 via {POD_GATEWAY_V6} dev {POD_IFNAME}"),
         ])?;
         node.ifindex(host_if)
@@ -501,7 +524,13 @@ impl Drop for Lab {
                 errors.push(pod_ns.name().to_string());
             }
         }
-        for ns in [&self.node, &self.gateway] {
+        // A neighbour's link goes now, not whenever the kernel gets to its namespace.
+        if !self.owns_gateway && self.gateway.exists() {
+            let link = self.site.gateway_ifname();
+            let _ = self.gateway.run("ip", ["link", "del", link.as_str()]);
+        }
+        let own = [Some(&self.node), self.owns_gateway.then_some(&self.gateway)];
+        for ns in own.into_iter().flatten() {
             if let Err(e) = ns.delete() {
                 errors.push(format!("{}: {e:#}", ns.name()));
             }
@@ -509,18 +538,5 @@ impl Drop for Lab {
         if !errors.is_empty() {
             eprintln!("lab {}: cleanup left: {errors:?}", self.prefix);
         }
-    }
-}
-
-fn remove_pod_parts(node: &Netns, pod: &Netns, host_ifname: &str) {
-    if let Err(e) = pod.delete() {
-        eprintln!("lab: removing {}: {e:#}", pod.name());
-    }
-    if node.exists() {
-        let _ = node
-            .cmd("ip", ["link", "del", host_ifname])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }

@@ -6,10 +6,7 @@ use anyhow::Result;
 
 use super::{
     Lab,
-    addresses::{
-        GATEWAY_IFNAME, GATEWAY_IPV4, GATEWAY_IPV6, NODE_IPV4, NODE_IPV6, NODE_UPLINK, POD_CIDR_V4,
-        POD_CIDR_V6,
-    },
+    addresses::{IpFamily, NODE_UPLINK},
 };
 
 impl Lab {
@@ -22,16 +19,18 @@ impl Lab {
         }
     }
 
-    /// Creates the uplink pair straight into the two namespaces and configures both
-    /// ends: addresses, the node's default routes, the gateway's routes to the Pods.
+    /// Creates the uplink pair straight into the two namespaces (the gateway's end
+    /// named for this lab's [`Site`](super::Site)) and configures both ends: addresses,
+    /// the node's default routes, the gateway's routes to the Pods.
     pub fn add_uplink(&self) -> Result<()> {
-        let (gw, node) = (self.gateway(), self.node());
+        let (gw, node, site) = (self.gateway(), self.node(), self.site);
+        let gw_if = site.gateway_ifname();
         gw.run(
             "ip",
             [
                 "link",
                 "add",
-                GATEWAY_IFNAME,
+                gw_if.as_str(),
                 "type",
                 "veth",
                 "peer",
@@ -42,16 +41,25 @@ impl Lab {
             ],
         )?;
         gw.sysctl(&[
-            ("net.ipv6.conf.eth0.accept_dad", "0"),
-            ("net.ipv4.conf.eth0.send_redirects", "0"),
-            ("net.ipv4.conf.eth0.rp_filter", "0"),
+            (&format!("net.ipv6.conf.{gw_if}.accept_dad"), "0"),
+            (&format!("net.ipv4.conf.{gw_if}.send_redirects"), "0"),
+            (&format!("net.ipv4.conf.{gw_if}.rp_filter"), "0"),
         ])?;
+        let (v4, v6) = (IpFamily::V4, IpFamily::V6);
         gw.ip_batch(&[
-            format!("link set {GATEWAY_IFNAME} up"),
-            format!("addr add {GATEWAY_IPV4}/24 dev {GATEWAY_IFNAME}"),
-            format!("addr add {GATEWAY_IPV6}/64 dev {GATEWAY_IFNAME} nodad"),
-            format!("route add {POD_CIDR_V4} via {NODE_IPV4} dev {GATEWAY_IFNAME}"),
-            format!("route add {POD_CIDR_V6} via {NODE_IPV6} dev {GATEWAY_IFNAME}"),
+            format!("link set {gw_if} up"),
+            format!("addr add {}/24 dev {gw_if}", site.gateway_ip(v4)),
+            format!("addr add {}/64 dev {gw_if} nodad", site.gateway_ip(v6)),
+            format!(
+                "route add {} via {} dev {gw_if}",
+                site.pod_cidr(v4),
+                site.node_ip(v4)
+            ),
+            format!(
+                "route add {} via {} dev {gw_if}",
+                site.pod_cidr(v6),
+                site.node_ip(v6)
+            ),
         ])?;
         node.sysctl(&[
             ("net.ipv6.conf.eth0.accept_dad", "0"),
@@ -63,12 +71,17 @@ impl Lab {
     /// Brings the node's end of the uplink, now called `name`, up with its addresses
     /// and the default routes. Idempotent.
     fn configure_node_end(&self, name: &str) -> Result<()> {
+        let site = self.site;
+        let (v4, v6) = (IpFamily::V4, IpFamily::V6);
         self.node().ip_batch(&[
             format!("link set {name} up"),
-            format!("addr replace {NODE_IPV4}/24 dev {name}"),
-            format!("addr replace {NODE_IPV6}/64 dev {name} nodad"),
-            format!("route replace default via {GATEWAY_IPV4} dev {name}"),
-            format!("route replace ::/0 via {GATEWAY_IPV6} dev {name}"),
+            format!("addr replace {}/24 dev {name}", site.node_ip(v4)),
+            format!("addr replace {}/64 dev {name} nodad", site.node_ip(v6)),
+            format!(
+                "route replace default via {} dev {name}",
+                site.gateway_ip(v4)
+            ),
+            format!("route replace ::/0 via {} dev {name}", site.gateway_ip(v6)),
         ])
     }
 

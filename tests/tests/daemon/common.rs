@@ -62,15 +62,26 @@ pub(crate) fn gateway_saw_udp(lab: &Lab, addr: impl Into<IpAddr>, port: u16) -> 
 /// Sends one UDP datagram from Pod `from` to `port` of Pod `to` (IPv4) and checks the
 /// echo.
 pub(crate) fn udp_exchange(lab: &Lab, from: usize, to: usize, port: u16) {
+    udp_exchange_between(lab, from, lab, to, port);
+}
+
+/// [`udp_exchange`] from a Pod of one lab node to a Pod of another (or the same).
+pub(crate) fn udp_exchange_between(
+    from_lab: &Lab,
+    from: usize,
+    to_lab: &Lab,
+    to: usize,
+    port: u16,
+) {
     let server = UdpServer::start(
-        lab.pod_ns(to),
-        SocketAddr::new(lab.pod_ipv4(to).into(), port),
+        to_lab.pod_ns(to),
+        SocketAddr::new(to_lab.pod_ipv4(to).into(), port),
         1,
         Reply::Echo,
         DEFAULT_TIMEOUT,
     )
     .unwrap();
-    let reply = lab
+    let reply = from_lab
         .pod_ns(from)
         .udp_request(server.local_addr(), b"visibility", DEFAULT_TIMEOUT)
         .unwrap();
@@ -107,4 +118,56 @@ pub(crate) fn link_pins(pin_dir: &Path) -> Vec<String> {
 
 pub(crate) fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The flags of a daemon that learns its Pod CIDRs: no `--pod-cidr`, a fast reconcile,
+/// and a CNI configuration directory that holds nothing (the same on every node).
+pub(crate) fn learning_args() -> Vec<String> {
+    args(&[
+        "--reconcile-interval",
+        "1",
+        "--cni-conf-dir",
+        "/nonexistent/visibility-test/net.d",
+    ])
+}
+
+/// The daemon's Pod CIDRs with their sources, from `status --json`: `CIDR (source)`.
+pub(crate) fn pod_cidr_sources(status: &Value) -> Vec<String> {
+    status["pod_cidr_sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} ({})",
+                c["cidr"].as_str().unwrap(),
+                c["source"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// Waits until the daemon's Pod CIDRs (with sources) are `wanted`.
+pub(crate) fn wait_for_pod_cidrs(node: &Node, wanted: &[&str]) {
+    node.wait_for(WAIT, |status| {
+        (pod_cidr_sources(status) == wanted).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("waiting for Pod CIDRs {wanted:?}: {e:#}"));
+}
+
+/// A health check of a parsed `status --json`, by name.
+pub(crate) fn check<'a>(status: &'a Value, name: &str) -> &'a Value {
+    find_check(status, name).unwrap_or_else(|| panic!("no check {name}: {status}"))
+}
+
+/// Whether a health check passes, if the status has it.
+pub(crate) fn check_passes(status: &Value, name: &str) -> Option<bool> {
+    find_check(status, name)?["ok"].as_bool()
+}
+
+fn find_check<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["daemon"]["checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
 }

@@ -9,13 +9,17 @@
 //!
 //! Run: `cargo build -p visibility-userspace && cargo test -p visibility-tests --test daemon`
 //!
-//! One file a topic: [`control`], [`pods`], [`teardown`], [`status`], [`flows`] and
-//! [`logs`]; [`common`] holds what they share.
+//! One file a topic: [`control`], [`pods`], [`teardown`], [`status`], [`flows`],
+//! [`logs`], [`learned`] (Pod CIDRs learned from the node, and the probes) and
+//! [`two_nodes`] (two nodes behind one gateway, one configuration); [`common`] holds
+//! what they share.
 
 mod common;
 mod control;
 mod flows;
+mod learned;
 mod logs;
 mod pods;
 mod status;
 mod teardown;
+mod two_nodes;

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::{
     cli::{CliError, open_maps, output},
     config::format_exemption,
+    pod_cidrs::CidrSource,
     state::{Check, DaemonStatus},
 };
 
@@ -18,6 +19,15 @@ struct CounterRow {
     bytes: u64,
 }
 
+/// A Pod CIDR and where it came from.
+#[derive(Serialize)]
+struct PodCidrRow {
+    cidr: String,
+    /// `configured`, `cni` or `routes` (as the daemon last said), or `learned` for one
+    /// the daemon learned when it is not running to say how.
+    source: String,
+}
+
 #[derive(Serialize)]
 struct Status {
     enabled: bool,
@@ -25,6 +35,7 @@ struct Status {
     healthy: bool,
     daemon: Option<DaemonStatus>,
     pod_cidrs: Vec<String>,
+    pod_cidr_sources: Vec<PodCidrRow>,
     exempt: Vec<String>,
     counters: Vec<CounterRow>,
     flow_map_capacity: u32,
@@ -46,7 +57,29 @@ pub fn status(pin_dir: &Path, json: bool) -> Result<ExitCode, CliError> {
             bytes: value.bytes,
         })
         .collect();
+    let pod_cidr_sources = maps
+        .pod_cidrs_learned()
+        .into_iter()
+        .map(|(net, learned)| {
+            let cidr = net.to_string();
+            let reported = daemon
+                .iter()
+                .flat_map(|d| &d.pod_cidrs)
+                .find(|c| c.cidr == cidr)
+                .map(|c| c.source.name());
+            let source = match (reported, learned) {
+                (Some(source), _) => source,
+                (None, true) => "learned",
+                (None, false) => CidrSource::Configured.name(),
+            };
+            PodCidrRow {
+                cidr,
+                source: source.to_owned(),
+            }
+        })
+        .collect();
     let status = Status {
+        pod_cidr_sources,
         enabled: settings.enabled != 0,
         daemon_running: daemon.is_some(),
         healthy: daemon.as_ref().is_some_and(DaemonStatus::healthy),
@@ -100,7 +133,12 @@ fn print_text(status: &Status) {
             );
         }
     }
-    println!("Pod CIDRs:      {}", list_or_none(&status.pod_cidrs));
+    let pod_cidrs: Vec<String> = status
+        .pod_cidr_sources
+        .iter()
+        .map(|c| format!("{} ({})", c.cidr, c.source))
+        .collect();
+    println!("Pod CIDRs:      {}", list_or_none(&pod_cidrs));
     println!("Exempt:         {}", list_or_none(&status.exempt));
     println!(
         "Flow map:       {} entries at most",

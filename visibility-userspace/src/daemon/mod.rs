@@ -3,6 +3,7 @@
 //! the maps in line with the node, and reports health.
 
 mod changes;
+mod learn;
 mod reconcile;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -79,6 +80,8 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     );
 
     let shared = Arc::new(Shared::default());
+    // Alive from the start: the first reconcile can take a while with many Pods.
+    shared.note_loop_pass();
     if let Some(addr) = config.metrics_addr {
         let bound = crate::metrics::serve(addr, datapath.pins().clone(), shared.clone())
             .map_err(DaemonError::Metrics)?;
@@ -103,7 +106,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 
     let handle = crate::node::connect()?;
     let mut events = crate::node::subscribe()?;
-    let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin, shared);
+    let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin, shared.clone());
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut tick = tokio::time::interval(Duration::from_secs(config.reconcile_interval_secs));
@@ -124,6 +127,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+        shared.note_loop_pass();
     }
     datapath.flush_logs();
     info!("stopping: emitting the last flow records");
@@ -160,11 +164,6 @@ fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(),
     exemptions.dedup();
     if exemptions.len() != before || origin == Origin::Loaded {
         maps.set_exemptions(&exemptions)?;
-    }
-    if maps.pod_cidrs().is_empty() {
-        warn!(
-            "no Pod CIDRs: nothing will be redirected until one is added (--pod-cidr, or `visibility pod-cidr add`)"
-        );
     }
     Ok(())
 }

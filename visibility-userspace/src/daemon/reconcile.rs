@@ -7,6 +7,7 @@ use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
 use super::changes::Changes;
+use super::learn::CidrLearner;
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
@@ -16,6 +17,7 @@ use crate::{
     metrics::Shared,
     net::addr_bytes,
     node::NodeView,
+    pod_cidrs::PodRoute,
     state::{Check, DaemonStatus, PodInterfaceState, UplinkState},
 };
 
@@ -32,6 +34,7 @@ pub struct Reconciler {
     missing_uplinks: Vec<(Family, String)>,
     last_checks: Vec<Check>,
     changes: Changes,
+    learner: CidrLearner,
     shared: Arc<Shared>,
 }
 
@@ -62,8 +65,10 @@ impl Reconciler {
             .as_deref()
             .and_then(|g| globset::Glob::new(g).ok())
             .map(|g| g.compile_matcher());
+        let learner = CidrLearner::new(config.cni_conf_dir.clone(), !config.pod_cidrs.is_empty());
         Self {
             pin_dir,
+            learner,
             config,
             origin,
             glob,
@@ -90,6 +95,13 @@ impl Reconciler {
         keep_gateways_resolved(handle, &view, &uplinks).await;
         self.sync_node_addrs(&view, maps);
         let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
+        let pod_routes = {
+            // A `pod-cidr add` taking over a learned entry must not be undone by the
+            // learner's removal of what it no longer sees.
+            let _lock = lock_or_warn(maps);
+            self.learner
+                .sync(&view, &uplink_indexes, self.glob.as_ref(), maps)
+        };
         let pods = discovery::pod_interfaces(
             &view,
             &maps.pod_cidrs(),
@@ -99,7 +111,7 @@ impl Reconciler {
         self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
         self.changes.notice(&view, &uplinks, &self.shared);
         sync_pod_ifaces(maps, &pods);
-        let status = self.status(&view, datapath, maps, &uplinks, &pods);
+        let status = self.status(&view, datapath, maps, &uplinks, &pods, &pod_routes);
         self.log_check_changes(&status.checks);
         if let Err(error) = status.write(&self.pin_dir) {
             warn!(%error, "writing the status file");
@@ -223,9 +235,15 @@ impl Reconciler {
         maps: &Maps,
         uplinks: &[Uplink],
         pods: &[PodInterface],
+        pod_routes: &[PodRoute],
     ) -> DaemonStatus {
         let mut checks = Vec::new();
         let pod_cidrs = maps.pod_cidrs();
+        let pod_cidr_states = self.learner.states(maps);
+        checks.extend(
+            self.learner
+                .checks(pod_routes, pods, &pod_cidr_states, view),
+        );
         for (family, reason) in &self.missing_uplinks {
             // A family without Pod CIDRs needs no uplink.
             if pod_cidrs
@@ -276,7 +294,7 @@ impl Reconciler {
         if let Some(v4) = uplink_states.iter().find(|u| u.family == "v4") {
             checks.push(health::rp_filter(&v4.uplink, v4.attached));
         }
-        checks.push(health::masquerade(&maps.pod_cidrs()));
+        checks.push(health::masquerade(&pod_cidrs));
         DaemonStatus {
             pid: std::process::id(),
             node_name: self.config.node_name.clone(),
@@ -289,6 +307,7 @@ impl Reconciler {
             .to_owned(),
             attach_mode: datapath.mode().name().to_owned(),
             uplinks: uplink_states,
+            pod_cidrs: pod_cidr_states,
             pod_interfaces: pod_states,
             checks,
             records: self.shared.records.counts(),

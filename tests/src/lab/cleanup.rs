@@ -1,10 +1,25 @@
-//! Labs a killed test process left behind: their namespaces, found by name
-//! (`lab-<tag>-<pid>-<n>-<role>`) and removed when no process `<pid>` exists.
+//! Removing what labs leave: a Pod's parts, and the namespaces of labs whose test
+//! process is gone.
+
+use std::process::Stdio;
 
 use anyhow::Result;
 
 use super::netns::{Netns, list_netns};
 use crate::unique;
+
+pub(super) fn remove_pod_parts(node: &Netns, pod: &Netns, host_ifname: &str) {
+    if let Err(e) = pod.delete() {
+        eprintln!("lab: removing {}: {e:#}", pod.name());
+    }
+    if node.exists() {
+        let _ = node
+            .cmd("ip", ["link", "del", host_ifname])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
 
 /// Removes namespaces of labs whose process is gone (`lab-<tag>-<pid>-<n>-...` where no
 /// process `<pid>` exists), e.g. after a test binary was killed. Returns the names removed.
