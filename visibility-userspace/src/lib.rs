@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod error;
 pub mod flows;
 pub mod health;
+pub mod http;
 pub mod maps;
 pub mod metrics;
 pub mod net;

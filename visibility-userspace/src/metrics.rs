@@ -1,13 +1,10 @@
-//! The Prometheus endpoint. Each scrape reads the maps and the daemon's shared state
+//! What the Prometheus endpoint serves (see [`crate::http`]). Each scrape reads the maps and the daemon's shared state
 //! into a fresh registry, so what it serves is never older than the scrape. The
 //! exposition is Prometheus text format 0.0.4, which `promtool check metrics` reads.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
 };
 
 use prometheus::{
@@ -15,7 +12,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::{datapath::PinDir, flows::stats::RecordStats, maps::Maps, state::DaemonStatus};
+use crate::{flows::stats::RecordStats, maps::Maps, state::DaemonStatus};
 
 /// What the daemon shares with the endpoint.
 #[derive(Default)]
@@ -30,7 +27,7 @@ pub struct Shared {
     /// The last status the reconciler computed.
     pub status: Mutex<Option<DaemonStatus>>,
     /// When the daemon's loop last passed, in ms since the Unix epoch (0: not yet); the
-    /// liveness probe reads it (see [`crate::probes`]).
+    /// liveness probe reads it (see [`crate::probes`], served by [`crate::http`]).
     pub loop_passed_at_ms: AtomicU64,
 }
 
@@ -216,37 +213,4 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&scrape.registry.gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
-}
-
-/// Serves `/metrics`, and the probes `/healthz` and `/readyz` (see [`crate::probes`]),
-/// on `addr` from a thread of its own.
-pub fn serve(addr: SocketAddr, pins: PinDir, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
-    let bound = server.server_addr().to_ip().unwrap_or(addr);
-    let maps = Maps::open(&pins).map_err(std::io::Error::other)?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let probe = |answer: crate::probes::Answer| {
-                    tiny_http::Response::from_string(answer.body).with_status_code(answer.status)
-                };
-                let response = match request.url() {
-                    "/metrics" => {
-                        let header = tiny_http::Header::from_bytes(
-                            "Content-Type",
-                            TextEncoder::new().format_type(),
-                        )
-                        .expect("static header");
-                        tiny_http::Response::from_string(render(&maps, &shared)).with_header(header)
-                    }
-                    "/healthz" => probe(crate::probes::liveness(&shared)),
-                    "/readyz" => probe(crate::probes::readiness(&shared)),
-                    _ => tiny_http::Response::from_string("see /metrics, /healthz, /readyz\n")
-                        .with_status_code(404),
-                };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(bound)
 }

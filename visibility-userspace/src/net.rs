@@ -141,3 +141,19 @@ mod tests {
         }
     }
 }
+
+/// The family as logs and metric labels name it.
+pub fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+/// A MAC address as `ip link` shows it.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -38,7 +38,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// Fails unless run as root, saying that `what` needs it.
 pub fn require_root(what: &str) -> anyhow::Result<()> {
-    if !crate::setup::is_root() {
+    if !is_root() {
         bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
     }
     Ok(())
@@ -56,4 +56,10 @@ pub fn display(cmd: &Command) -> String {
     let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
+}
+
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -4,7 +4,7 @@ use std::{env, fs, path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::run::{output, run, succeeds};
+use crate::run::{is_root, output, run, succeeds};
 
 /// Debian packages the tests, the demo and the benchmarks use.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -201,8 +201,3 @@ pub fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Whether xtask runs as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}

@@ -8,8 +8,12 @@ use std::{net::IpAddr, sync::atomic::Ordering};
 use tracing::{info, warn};
 use visibility_common::packet::Family;
 
-use super::reconcile::{family_name, format_mac};
-use crate::{discovery::Uplink, metrics::Shared, node::NodeView};
+use crate::{
+    discovery::Uplink,
+    metrics::Shared,
+    net::{family_name, format_mac},
+    node::NodeView,
+};
 
 /// A family's uplink as the last pass found it.
 #[derive(Clone, Debug, PartialEq, Eq)]

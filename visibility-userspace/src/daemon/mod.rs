@@ -83,7 +83,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     // Alive from the start: the first reconcile can take a while with many Pods.
     shared.note_loop_pass();
     if let Some(addr) = config.metrics_addr {
-        let bound = crate::metrics::serve(addr, datapath.pins().clone(), shared.clone())
+        let bound = crate::http::serve(addr, datapath.pins().clone(), shared.clone())
             .map_err(DaemonError::Metrics)?;
         info!(%bound, "serving Prometheus metrics on /metrics");
     }

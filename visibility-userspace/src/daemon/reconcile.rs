@@ -6,8 +6,7 @@ use rtnetlink::Handle;
 use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
-use super::changes::Changes;
-use super::learn::CidrLearner;
+use super::{changes::Changes, learn::CidrLearner};
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
@@ -15,7 +14,7 @@ use crate::{
     health,
     maps::{Maps, MapsLock},
     metrics::Shared,
-    net::addr_bytes,
+    net::{addr_bytes, family_name, format_mac},
     node::NodeView,
     pod_cidrs::PodRoute,
     state::{Check, DaemonStatus, PodInterfaceState, UplinkState},
@@ -44,19 +43,6 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn family_name(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "v4",
-        Family::V6 => "v6",
-    }
-}
-
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 impl Reconciler {
     pub fn new(pin_dir: PathBuf, config: NodeConfig, origin: Origin, shared: Arc<Shared>) -> Self {

@@ -50,8 +50,7 @@ use self::{
 };
 use crate::{
     paths::{target_dir, workspace_root},
-    run::{display, run},
-    setup::is_root,
+    run::{display, is_root, run},
 };
 
 #[derive(clap::Args, Default)]

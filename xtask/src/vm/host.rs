@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::ensure;
 
-use crate::setup::{install_debian_packages, is_root};
+use crate::{run::is_root, setup::install_debian_packages};
 
 /// Userspace tools in the guest: (guest path, host program), with their shared
 /// libraries. The test fixtures find them through `PATH`.
