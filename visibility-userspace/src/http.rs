@@ -32,7 +32,8 @@ pub fn serve(addr: SocketAddr, pins: PinDir, shared: Arc<Shared>) -> std::io::Re
                             TextEncoder::new().format_type(),
                         )
                         .expect("static header");
-                        tiny_http::Response::from_string(metrics::render(&maps, &shared)).with_header(header)
+                        tiny_http::Response::from_string(metrics::render(&maps, &shared))
+                            .with_header(header)
                     }
                     "/healthz" => probe(probes::liveness(&shared)),
                     "/readyz" => probe(probes::readiness(&shared)),

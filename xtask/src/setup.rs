@@ -200,4 +200,3 @@ pub fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
-

@@ -43,7 +43,6 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-
 impl Reconciler {
     pub fn new(pin_dir: PathBuf, config: NodeConfig, origin: Origin, shared: Arc<Shared>) -> Self {
         let glob = config
