@@ -161,8 +161,14 @@ fn interval(
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    let (records, evicted) =
-        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
+    let (records, evicted) = aggregator.interval(
+        &entries,
+        &clock,
+        clock.datapath_now(),
+        NODE_NAME,
+        &name_of,
+        &visibility::kubernetes::PodNames::default(),
+    );
     let aggregate = started.elapsed();
     ensure!(evicted == 0, "a fresh aggregator saw {evicted} evictions");
     ensure!(
@@ -194,8 +200,14 @@ fn idle_interval(maps: &Maps, aggregator: &mut Aggregator) -> Result<Duration> {
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    let (records, _) =
-        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
+    let (records, _) = aggregator.interval(
+        &entries,
+        &clock,
+        clock.datapath_now(),
+        NODE_NAME,
+        &name_of,
+        &visibility::kubernetes::PodNames::default(),
+    );
     let elapsed = started.elapsed();
     ensure!(
         records.is_empty(),
@@ -212,7 +224,14 @@ fn all_records(maps: &Maps) -> Vec<FlowRecord> {
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
     Aggregator::default()
-        .interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of)
+        .interval(
+            &entries,
+            &clock,
+            clock.datapath_now(),
+            NODE_NAME,
+            &name_of,
+            &visibility::kubernetes::PodNames::default(),
+        )
         .0
 }
 
