@@ -94,6 +94,22 @@ pub fn node_addresses() -> Vec<IpAddr> {
     addrs
 }
 
+/// The family as logs and metric labels name it.
+pub fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+/// A MAC address as `ip link` shows it.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,20 +156,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The family as logs and metric labels name it.
-pub fn family_name(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "v4",
-        Family::V6 => "v6",
-    }
-}
-
-/// A MAC address as `ip link` shows it.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
