@@ -24,8 +24,8 @@ struct CounterRow {
 #[derive(Serialize)]
 struct PodCidrRow {
     cidr: String,
-    /// `configured`, `cni` or `routes` (as the daemon last said), or `learned` for one
-    /// the daemon learned when it is not running to say how.
+    /// `configured`, `kubernetes`, `cni` or `routes` (as the daemon last said), or
+    /// `learned` for one the daemon learned when it is not running to say how.
     source: String,
 }
 
