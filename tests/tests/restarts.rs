@@ -59,8 +59,9 @@ fn seconds_of(record: &Value, field: &str) -> f64 {
 }
 
 /// A steady UDP stream from pod-0 to pod-1 over several 5 s intervals, with the daemon
-/// killed with SIGKILL right after it wrote an interval's records and started again:
-/// the records add up to exactly what was sent, and no interval's rate stands out.
+/// killed with SIGKILL right after it wrote an interval's records and started again,
+/// then an interval later stopped with SIGTERM and started again: the records add up to
+/// exactly what was sent, and no interval's rate stands out.
 ///
 /// The kill follows a write of the record file on purpose: the counters reported are
 /// pinned before the records are written (`flows/reported.rs`), so at that moment
@@ -68,7 +69,7 @@ fn seconds_of(record: &Value, field: &str) -> f64 {
 /// the pinning and the write would lose that one interval's records, never count them
 /// twice; that window is not what this test aims at.)
 #[test]
-fn kill_9_between_intervals_reports_every_byte_once() {
+fn kill_9_and_sigterm_restarts_report_every_byte_once() {
     const PAYLOAD: usize = 200;
     const DATAGRAMS: usize = 500;
     const GAP: Duration = Duration::from_millis(50);
@@ -91,7 +92,6 @@ fn kill_9_between_intervals_reports_every_byte_once() {
     .unwrap();
     let sender = std::thread::spawn(move || send_steadily(&socket, PAYLOAD, DATAGRAMS, GAP));
 
-    // Two intervals' records, then the kill as soon as the second is written.
     let records_of = |file: &RecordFile| -> Vec<Value> {
         file.records()
             .unwrap()
@@ -99,13 +99,21 @@ fn kill_9_between_intervals_reports_every_byte_once() {
             .filter(|r| tuple.matches(r))
             .collect()
     };
-    poll(RECORD_WAIT * 2, "two intervals' records", || {
-        std::thread::sleep(Duration::from_millis(10));
-        Ok((records_of(&file).len() >= 2).then_some(()))
-    })
-    .unwrap();
+    let wait_for_record = |count: usize| {
+        poll(RECORD_WAIT * 2, &format!("{count} records"), || {
+            std::thread::sleep(Duration::from_millis(10));
+            Ok((records_of(&file).len() >= count).then_some(()))
+        })
+        .unwrap();
+    };
+    // Two intervals' records, then the kill as soon as the second is written.
+    wait_for_record(2);
     node.kill_daemon().unwrap();
-    let before_kill = records_of(&file).len();
+    node.restart_daemon().unwrap();
+    // The restarted daemon's first interval, then SIGTERM (which writes one more).
+    wait_for_record(3);
+    node.stop_daemon().unwrap();
+    let before_last_restart = records_of(&file).len();
     node.restart_daemon().unwrap();
     sender.join().unwrap();
     assert_eq!(
@@ -119,8 +127,8 @@ fn kill_9_between_intervals_reports_every_byte_once() {
         .unwrap();
     let what = format!("{records:#?}");
     assert!(
-        records.len() > before_kill,
-        "records after the restart: {what}"
+        records.len() > before_last_restart,
+        "records after the last restart: {what}"
     );
     let sum = |field| records.iter().map(|r| count(r, field)).sum::<u64>();
     assert_eq!(sum("packets_sent"), DATAGRAMS as u64, "{what}");

@@ -2,7 +2,9 @@
 //! that touches aya programs and links.
 //!
 //! Layout under the pin directory (root-only):
-//! - `maps/VIS_*`: every map, pinned by name by the loader;
+//! - `maps/VIS_*`: every map, pinned by name by the loader, and the two the daemon makes:
+//!   `VIS_OBJECT` (the object's identity, [`crate::object`]) and `VIS_REPORTED` (what
+//!   the flow records reported, [`crate::flows::reported`]);
 //! - `programs/{pod_ingress,pod_egress,uplink_ingress}`, and `programs/clock_sample`,
 //!   never attached, which [`crate::clock::sync_clock`] runs to measure the datapath's clock;
 //! - `links/if<ifindex>_<program>`: TCX links, so attachments outlive the daemon.
