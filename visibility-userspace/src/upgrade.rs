@@ -18,10 +18,11 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{
-        AttachMode, LoadOptions, Origin, PinDir, ProgramKind, attachments, classifier,
-        create_private_dir, detach_pinned, io_error, load_verified, pin_programs, program_error,
+        AttachMode, LoadOptions, Origin, PinDir, ProgramKind, attachments, create_private_dir,
+        detach_pinned, io_error, program_error,
     },
     error::DatapathError,
+    load::{classifier, load_verified, pin_programs},
     object::{Change, ObjectInfo},
 };
 
