@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 
 use crate::{
-    lab::{DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, TcpServer},
+    lab::{DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, TcpServer, UdpServer},
     node::{Node, poll},
 };
 
@@ -198,6 +198,52 @@ pub const HTTP_PORT: u16 = 8080;
 pub const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: pod-1\r\n\r\n";
 pub const HTTP_RESPONSE: &[u8] =
     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, world!";
+
+/// A UDP stream to record, from Pod `from` to a server in Pod `to` that takes
+/// `datagrams` (or waits `timeout` for them) and answers none: the client's socket,
+/// connected, its tuple, and the server.
+pub fn udp_stream(
+    lab: &Lab,
+    from: usize,
+    to: usize,
+    family: IpFamily,
+    datagrams: usize,
+    timeout: Duration,
+) -> Result<(std::net::UdpSocket, FiveTuple, UdpServer)> {
+    let server = UdpServer::start(
+        lab.pod_ns(to),
+        SocketAddr::new(lab.pod_ip(to, family), 0),
+        datagrams,
+        Reply::Nothing,
+        timeout,
+    )?;
+    let socket = lab
+        .pod_ns(from)
+        .udp_bind(SocketAddr::new(lab.pod_ip(from, family), 0))?;
+    socket.connect(server.local_addr())?;
+    let tuple = FiveTuple {
+        src: socket.local_addr()?,
+        dst: server.local_addr(),
+        protocol: 17,
+    };
+    Ok((socket, tuple, server))
+}
+
+/// Sends `datagrams` datagrams of `payload` bytes on `socket`, one every `gap`.
+pub fn send_steadily(
+    socket: &std::net::UdpSocket,
+    payload: usize,
+    datagrams: usize,
+    gap: Duration,
+) {
+    let payload = vec![0x5au8; payload];
+    let mut next = std::time::Instant::now();
+    for _ in 0..datagrams {
+        assert_eq!(socket.send(&payload).unwrap(), payload.len());
+        next += gap;
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
+}
 
 /// An HTTP/1.0 GET from Pod `from` to a server on port 8080 of Pod `to`; returns the
 /// client-to-server tuple.

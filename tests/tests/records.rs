@@ -22,8 +22,8 @@ use visibility_tests::{
     lab::{Background, DEFAULT_TIMEOUT, Flow, IpFamily, Lab, Reply, UdpServer},
     node::{Node, poll},
     records::{
-        FiveTuple, HTTP_PORT, RecordFile, Totals, daemon_args_with_records, http_get, totals,
-        wait_for_records,
+        FiveTuple, HTTP_PORT, RecordFile, Totals, daemon_args_with_records, http_get,
+        send_steadily, totals, udp_stream, wait_for_records,
     },
 };
 
@@ -210,38 +210,14 @@ fn records_of_a_long_transfer_add_up_to_its_total() {
     // Both families at once, each from its own socket.
     let mut streams = Vec::new();
     for family in FAMILIES {
-        let server = UdpServer::start(
-            lab.pod_ns(1),
-            SocketAddr::new(lab.pod_ip(1, family), 0),
-            DATAGRAMS,
-            Reply::Nothing,
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        let socket = lab
-            .pod_ns(0)
-            .udp_bind(SocketAddr::new(lab.pod_ip(0, family), 0))
-            .unwrap();
-        socket.connect(server.local_addr()).unwrap();
-        let tuple = FiveTuple {
-            src: socket.local_addr().unwrap(),
-            dst: server.local_addr(),
-            protocol: 17,
-        };
+        let (socket, tuple, server) =
+            udp_stream(lab, 0, 1, family, DATAGRAMS, Duration::from_secs(60)).unwrap();
         streams.push((family, tuple, socket, server));
     }
     let sending = Instant::now();
     std::thread::scope(|scope| {
         for (_, _, socket, _) in &streams {
-            scope.spawn(move || {
-                let payload = [0x5au8; PAYLOAD];
-                let mut next = Instant::now();
-                for _ in 0..DATAGRAMS {
-                    assert_eq!(socket.send(&payload).unwrap(), PAYLOAD);
-                    next += GAP;
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                }
-            });
+            scope.spawn(move || send_steadily(socket, PAYLOAD, DATAGRAMS, GAP));
         }
     });
     assert!(sending.elapsed() >= Duration::from_secs(11));

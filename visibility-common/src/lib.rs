@@ -42,7 +42,20 @@ pub mod map_names {
     pub const COUNTERS: &str = "VIS_COUNTERS";
     /// `Array<JiffiesClock>` with one entry: how the datapath tells the time.
     pub const CLOCK: &str = "VIS_CLOCK";
+    /// `Array` with one entry, made by userspace (not in the eBPF object): the pinned
+    /// object's [`crate::LAYOUT_VERSION`] and hash, which a new daemon compares with its own.
+    pub const OBJECT: &str = "VIS_OBJECT";
+    /// `HashMap<FlowKey, _>`, made by userspace (not in the eBPF object): each flow's
+    /// counters as last reported in a flow record, so that a restarted daemon reports
+    /// only what came since.
+    pub const REPORTED: &str = "VIS_REPORTED";
 }
+
+/// The version of the maps' layouts: bumped whenever the key or value layout of any map
+/// (of the object's, or [`map_names::REPORTED`]) changes, or what its entries mean. (A
+/// new map needs no bump: the loader makes it beside the pinned ones.) A daemon whose layout version differs from the pinned
+/// datapath's makes new maps rather than reuse the pinned ones, dropping the old flows.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Constants of the eBPF object that the loader sets (`.rodata`), to pick how many paths
 /// the kernel's verifier is asked to walk; the daemon's `variant` module says which

@@ -2,13 +2,20 @@
 //! that touches aya programs and links.
 //!
 //! Layout under the pin directory (root-only):
-//! - `maps/VIS_*`: every map, pinned by name by the loader;
+//! - `maps/VIS_*`: every map, pinned by name by the loader, and the two the daemon makes:
+//!   `VIS_OBJECT` (the object's identity, [`crate::object`]) and `VIS_REPORTED` (what
+//!   the flow records reported, [`crate::flows::reported`]);
 //! - `programs/{pod_ingress,pod_egress,uplink_ingress}`, and `programs/clock_sample`,
 //!   never attached, which [`crate::clock::sync_clock`] runs to measure the datapath's clock;
 //! - `links/if<ifindex>_<program>`: TCX links, so attachments outlive the daemon.
 //!
 //! Kernels before 6.6 have no TCX; there programs attach as clsact filters, which
-//! outlive the daemon by themselves and are found again by program name.
+//! outlive the daemon by themselves; `links/if<ifindex>_<program>` is then a directory
+//! holding an empty one named `prio<priority>_handle<handle>`, the filter's place, where
+//! an upgrade puts the new program.
+//!
+//! A daemon whose eBPF object differs from the pinned one replaces the programs in place
+//! ([`crate::upgrade`]).
 
 use std::{
     fs, io,
@@ -17,7 +24,6 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     programs::{
         SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
@@ -25,11 +31,13 @@ use aya::{
     },
     util::KernelVersion,
 };
-use visibility_common::{clock::ClockSample, global_names, map_names, program_names};
+use visibility_common::{clock::ClockSample, map_names, program_names};
 
-use crate::variant::Variant;
-
-use crate::error::DatapathError;
+use crate::{
+    error::DatapathError,
+    load::{load_verified, pin_programs},
+    object::{self, Change, ObjectInfo},
+};
 
 /// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
 pub static EBPF_OBJECT: &[u8] =
@@ -73,7 +81,7 @@ impl ProgramKind {
         }
     }
 
-    fn attach_type(self) -> TcAttachType {
+    pub(crate) fn attach_type(self) -> TcAttachType {
         match self {
             ProgramKind::PodEgress => TcAttachType::Egress,
             ProgramKind::PodIngress | ProgramKind::UplinkIngress => TcAttachType::Ingress,
@@ -107,11 +115,38 @@ impl AttachMode {
     }
 }
 
-/// Whether [`Datapath::open`] loaded new programs or adopted pinned ones.
+/// Whether [`Datapath::open`] loaded new programs, adopted pinned ones, or replaced
+/// pinned ones with its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
+    /// Nothing was pinned: new programs and maps.
     Loaded,
+    /// The pinned datapath is this daemon's own object: kept as it is.
     Adopted,
+    /// The pinned programs were another object's, with maps of the same layout: the
+    /// programs were replaced, the maps kept.
+    Upgraded,
+    /// The pinned programs were another object's, with maps of another layout: the
+    /// programs were replaced and the maps made anew, without the old flows.
+    UpgradedWithNewMaps,
+}
+
+impl Origin {
+    /// As `status` shows it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Origin::Loaded => "loaded",
+            Origin::Adopted => "adopted",
+            Origin::Upgraded => "upgraded",
+            Origin::UpgradedWithNewMaps => "upgraded_new_maps",
+        }
+    }
+
+    /// Whether the maps are new, so that the configuration goes into them whole; when
+    /// kept, they are the truth (CLI changes survive restarts and upgrades).
+    pub const fn maps_are_new(self) -> bool {
+        matches!(self, Origin::Loaded | Origin::UpgradedWithNewMaps)
+    }
 }
 
 /// Paths under a pin directory.
@@ -145,6 +180,11 @@ impl PinDir {
     }
     pub fn link(&self, ifindex: u32, kind: ProgramKind) -> PathBuf {
         self.links().join(format!("if{ifindex}_{}", kind.name()))
+    }
+    /// Where new maps are pinned while an upgrade to another layout replaces the
+    /// programs; renamed to [`PinDir::maps`] once no program uses the old ones.
+    pub fn next_maps(&self) -> PathBuf {
+        self.0.join("maps_next")
     }
     /// Whether the datapath's state is pinned here.
     pub fn is_pinned(&self) -> bool {
@@ -183,7 +223,10 @@ pub struct Datapath {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
+pub(crate) fn io_error(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> DatapathError {
     let path = path.to_owned();
     move |source| DatapathError::Io {
         action,
@@ -193,7 +236,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Data
 }
 
 /// Creates a directory readable by root only.
-fn create_private_dir(path: &Path) -> Result<(), DatapathError> {
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), DatapathError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -229,7 +272,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn program_error(kind: ProgramKind) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+pub(crate) fn program_error(
+    kind: ProgramKind,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
     move |source| DatapathError::Program {
         program: kind.name(),
         source: Box::new(source),
@@ -244,12 +289,21 @@ impl Datapath {
         }
         ensure_bpffs(pin_dir)?;
         let pins = PinDir::new(pin_dir);
+        let ours = ObjectInfo::of(EBPF_OBJECT);
         let origin = if pins.is_pinned() {
-            Origin::Adopted
+            let pinned = object::pinned(&pins);
+            match Change::between(pinned, ours) {
+                Change::None => Origin::Adopted,
+                change => crate::upgrade::replace_pinned(&pins, options, change, pinned, ours)?,
+            }
         } else {
             Self::load_and_pin(&pins, options)?;
             Origin::Loaded
         };
+        // Last, so that a daemon that stopped half way through tries again.
+        if origin != Origin::Adopted {
+            object::set_pinned(&pins, ours)?;
+        }
         let mut programs = Vec::new();
         for kind in ProgramKind::ALL {
             let program =
@@ -308,43 +362,8 @@ impl Datapath {
         ] {
             create_private_dir(&dir)?;
         }
-        let mut variant = Variant::for_kernel(KernelVersion::current().ok());
-        let mut ebpf = loop {
-            match load_programs(pins, options, variant) {
-                Ok(ebpf) => break ebpf,
-                Err(error) => match variant.fallback() {
-                    Some(next) if is_verifier_refusal(&error) => {
-                        tracing::warn!(
-                            %variant,
-                            %next,
-                            %error,
-                            "the kernel's verifier refused this build of the datapath; loading a simpler one"
-                        );
-                        variant = next;
-                    }
-                    _ => return Err(error),
-                },
-            }
-        };
-        tracing::info!(%variant, "datapath loaded");
-        let pin = |program: &mut SchedClassifier, path: PathBuf| {
-            program.pin(&path).map_err(|source| DatapathError::Link {
-                path,
-                source: Box::new(source),
-            })
-        };
-        let programs = ProgramKind::ALL
-            .map(|kind| (kind.name(), pins.program(kind)))
-            .into_iter()
-            .chain([(program_names::CLOCK_SAMPLE, pins.clock_sample_program())]);
-        for (name, path) in programs {
-            let program = classifier(&mut ebpf, name).map_err(|source| DatapathError::Program {
-                program: name,
-                source: Box::new(source),
-            })?;
-            pin(program, path)?;
-        }
-        Ok(())
+        let mut ebpf = load_verified(&pins.maps(), options)?;
+        pin_programs(&mut ebpf, pins)
     }
 
     pub fn pins(&self) -> &PinDir {
@@ -429,12 +448,14 @@ impl Datapath {
                     .attach(ifname, kind.attach_type())
                     .map_err(program_error(kind))?;
                 let link = program.take_link(id).map_err(program_error(kind))?;
+                let place = crate::upgrade::FilterPlace::of(&link).map_err(program_error(kind))?;
                 // A clsact filter outlives the daemon by itself; dropping the link would
                 // detach it, so it is let go on purpose.
                 std::mem::forget(link);
-                // An empty bpffs directory marks the attachment, so restarts and `status`
-                // know about it as they do for TCX links.
+                // A bpffs directory marks the attachment, so restarts and `status` know
+                // about it as they do for TCX links; the filter's place is in it.
                 create_private_dir(&link_pin)?;
+                create_private_dir(&link_pin.join(place.dir_name()))?;
             }
         }
         Ok(())
@@ -454,84 +475,6 @@ impl Datapath {
     pub fn attachments(&self) -> Vec<(u32, ProgramKind)> {
         attachments(&self.pins)
     }
-}
-
-/// Loads a program, retrying when the verifier gave up with `EAGAIN` because a signal
-/// was pending for the loading thread (as libbpf does, up to five times).
-fn load_retrying(program: &mut SchedClassifier) -> Result<(), aya::programs::ProgramError> {
-    let mut attempts = 0;
-    loop {
-        match program.load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
-            {
-                attempts += 1;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Whether `error` is the verifier's refusal of a program (too many instructions, or a
-/// path it cannot prove safe), which a simpler variant may pass; not a missing
-/// permission or a failed map.
-fn is_verifier_refusal(error: &DatapathError) -> bool {
-    matches!(
-        error,
-        DatapathError::Program { source, .. }
-            if matches!(
-                source.as_ref(),
-                aya::programs::ProgramError::LoadError { io_error, .. }
-                    if matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::EACCES | libc::EINVAL))
-            )
-    )
-}
-
-/// The object with `variant`'s constants, and its programs loaded (verified), not yet
-/// pinned. Its maps are pinned by name as they are created, and the next attempt after
-/// a refusal takes them up again.
-fn load_programs(
-    pins: &PinDir,
-    options: &LoadOptions,
-    variant: Variant,
-) -> Result<Ebpf, DatapathError> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pins.maps())
-        .map_max_entries(map_names::FLOWS, options.flow_capacity)
-        .override_global(
-            global_names::JUDGE_EVERY_PACKET,
-            &variant.judge_every_packet(),
-            true,
-        )
-        .override_global(
-            global_names::WALK_PACKET_KINDS_AS_ONE,
-            &variant.walk_packet_kinds_as_one(),
-            true,
-        )
-        .load(EBPF_OBJECT)
-        .map_err(|e| DatapathError::Load(Box::new(e)))?;
-    let names = ProgramKind::ALL
-        .map(ProgramKind::name)
-        .into_iter()
-        .chain([program_names::CLOCK_SAMPLE]);
-    for name in names {
-        let error = |source| DatapathError::Program {
-            program: name,
-            source: Box::new(source),
-        };
-        load_retrying(classifier(&mut ebpf, name).map_err(error)?).map_err(error)?;
-    }
-    Ok(ebpf)
-}
-
-/// The object's classifier program `name`.
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, aya::programs::ProgramError> {
-    ebpf.program_mut(name)
-        .ok_or(aya::programs::ProgramError::NotLoaded)?
-        .try_into()
 }
 
 /// The attachments recorded under a pin directory.
@@ -554,7 +497,7 @@ pub fn attachments(pins: &PinDir) -> Vec<(u32, ProgramKind)> {
 
 /// Detaches `kind` from the interface and removes its attachment pin. Idempotent; a
 /// vanished interface is fine.
-fn detach_pinned(
+pub(crate) fn detach_pinned(
     pins: &PinDir,
     mode: AttachMode,
     ifname: Option<&str>,
@@ -580,7 +523,7 @@ fn detach_pinned(
                 let _ = tc::qdisc_detach_program(ifname, kind.attach_type(), kind.name());
             }
             if link_pin.exists() {
-                fs::remove_dir(&link_pin).map_err(io_error("removing", &link_pin))?;
+                fs::remove_dir_all(&link_pin).map_err(io_error("removing", &link_pin))?;
             }
         }
     }

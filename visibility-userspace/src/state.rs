@@ -94,7 +94,8 @@ pub struct DaemonStatus {
     /// RFC 3339.
     pub started_at: String,
     pub updated_at: String,
-    /// `loaded` or `adopted`.
+    /// `loaded`, `adopted`, `upgraded` or `upgraded_new_maps` (see
+    /// [`crate::datapath::Origin`]).
     pub origin: String,
     /// `tcx` or `clsact`.
     pub attach_mode: String,

@@ -7,7 +7,9 @@ use serde::Serialize;
 use crate::{
     cli::{CliError, open_maps, output},
     config::format_exemption,
+    datapath::{EBPF_OBJECT, PinDir},
     kubernetes::KubeState,
+    object::{self, ObjectInfo},
     pod_cidrs::CidrSource,
     state::{Check, DaemonStatus},
 };
@@ -29,6 +31,16 @@ struct PodCidrRow {
     source: String,
 }
 
+/// The pinned eBPF object's identity (see [`crate::object`]).
+#[derive(Serialize)]
+struct ObjectRow {
+    layout_version: u32,
+    sha256: String,
+    /// Whether it is this binary's own object; when not, the next daemon start
+    /// replaces the programs.
+    same_as_this_binary: bool,
+}
+
 #[derive(Serialize)]
 struct Status {
     enabled: bool,
@@ -40,6 +52,8 @@ struct Status {
     exempt: Vec<String>,
     counters: Vec<CounterRow>,
     flow_map_capacity: u32,
+    /// `None` for a datapath pinned by a daemon from before it was recorded.
+    datapath_object: Option<ObjectRow>,
 }
 
 /// Prints the status; the exit code is non-zero when the daemon is not running or a
@@ -88,6 +102,11 @@ pub fn status(pin_dir: &Path, json: bool) -> Result<ExitCode, CliError> {
         exempt: maps.exemptions().iter().map(format_exemption).collect(),
         counters,
         flow_map_capacity: maps.flow_capacity(),
+        datapath_object: object::pinned(&PinDir::new(pin_dir)).map(|pinned| ObjectRow {
+            layout_version: pinned.layout_version,
+            sha256: pinned.sha256_hex(),
+            same_as_this_binary: pinned == ObjectInfo::of(EBPF_OBJECT),
+        }),
         daemon,
     };
     if json {
@@ -145,6 +164,19 @@ fn print_text(status: &Status) {
         "Flow map:       {} entries at most",
         status.flow_map_capacity
     );
+    match &status.datapath_object {
+        Some(o) => println!(
+            "eBPF object:    sha256 {}, layout version {}{}",
+            o.sha256,
+            o.layout_version,
+            if o.same_as_this_binary {
+                ""
+            } else {
+                " (not this binary's: the next daemon start replaces it)"
+            }
+        ),
+        None => println!("eBPF object:    unknown (pinned by an older daemon)"),
+    }
     if let Some(d) = &status.daemon {
         let r = &d.records;
         println!(

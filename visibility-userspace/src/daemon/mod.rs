@@ -165,7 +165,7 @@ async fn sync_clock(datapath: &Datapath, maps: &mut Maps) {
 /// configuration only adds what they lack.
 fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(), MapsError> {
     let _lock = maps.lock()?;
-    if origin == Origin::Loaded {
+    if origin.maps_are_new() {
         maps.update_settings(|settings| settings.enabled = u8::from(config.enabled))?;
     }
     let node_addrs = crate::net::node_addresses();
@@ -177,7 +177,7 @@ fn seed_maps(maps: &mut Maps, config: &NodeConfig, origin: Origin) -> Result<(),
     exemptions.extend(config.exemptions.iter().copied());
     exemptions.sort();
     exemptions.dedup();
-    if exemptions.len() != before || origin == Origin::Loaded {
+    if exemptions.len() != before || origin.maps_are_new() {
         maps.set_exemptions(&exemptions)?;
     }
     Ok(())

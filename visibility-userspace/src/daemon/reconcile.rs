@@ -289,11 +289,7 @@ impl Reconciler {
             node_name: self.config.node_name.clone(),
             started_at: self.started_at.clone(),
             updated_at: now_rfc3339(),
-            origin: match self.origin {
-                Origin::Loaded => "loaded",
-                Origin::Adopted => "adopted",
-            }
-            .to_owned(),
+            origin: self.origin.name().to_owned(),
             attach_mode: datapath.mode().name().to_owned(),
             uplinks: uplink_states,
             pod_cidrs: pod_cidr_states,

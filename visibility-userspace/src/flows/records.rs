@@ -2,7 +2,9 @@
 //! with that interval's packets and bytes. A thread of their own reads the flow map,
 //! turns successive reads into per-interval records ([`Aggregator`]) and hands them to
 //! the JSON sink ([`super::sink`]) and the IPFIX exporters ([`super::ipfix`]). When
-//! the daemon stops, a last read emits the flows' last packets ([`Reader::stop`]).
+//! the daemon stops, a last read emits the flows' last packets ([`Reader::stop`]). What
+//! was reported is pinned ([`super::reported`]) before it is emitted, and a daemon
+//! started again resumes from it.
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -17,6 +19,7 @@ use visibility_common::flow::{FlowKey, FlowStats};
 use super::{
     ipfix::{encode::ExportRecord, export::Exporters},
     record::FlowRecord,
+    reported::{Reported, ReportedMap},
     sink::Sink,
     stats::RecordStats,
     view::{Clock, record},
@@ -26,11 +29,8 @@ use crate::kubernetes::PodNames;
 /// What a flow had at the previous read.
 #[derive(Clone, Copy, Debug)]
 struct Seen {
-    packets: u64,
-    bytes: u64,
-    returned_packets: u64,
-    returned_bytes: u64,
-    first_seen_ns: u64,
+    /// Its counters then, as pinned (see [`super::reported`]).
+    counts: Reported,
     /// The number of the read that saw it last.
     read: u64,
 }
@@ -46,9 +46,36 @@ pub struct Aggregator {
     previous: HashMap<FlowKey, Seen>,
     reads: u64,
     last_read_ns: u64,
+    /// What the last read reported of each flow it found with traffic, to pin.
+    reported: Vec<(FlowKey, Reported)>,
+    /// The flows the last read no longer found, to unpin.
+    gone: Vec<FlowKey>,
 }
 
 impl Aggregator {
+    /// Starts from what an earlier daemon reported: the next read reports only what
+    /// came since (see [`super::reported`]).
+    pub fn resume(&mut self, reported: impl IntoIterator<Item = (FlowKey, Reported)>) {
+        for (key, counts) in reported {
+            let seen = Seen {
+                counts,
+                read: self.reads,
+            };
+            self.previous.insert(key, seen);
+            self.last_read_ns = self.last_read_ns.max(counts.read_ns);
+        }
+    }
+
+    /// What the last read reported of each flow it found with traffic.
+    pub fn reported(&self) -> &[(FlowKey, Reported)] {
+        &self.reported
+    }
+
+    /// The flows the last read no longer found (evicted, or gone while no daemon ran).
+    pub fn gone(&self) -> &[FlowKey] {
+        &self.gone
+    }
+
     /// The records of the interval that ends now, given the map's current entries.
     /// Returns the records and the number of flows evicted since the last read.
     pub fn interval(
@@ -77,13 +104,11 @@ impl Aggregator {
         self.reads += 1;
         let read = self.reads;
         let mut deltas = Vec::new();
+        self.reported.clear();
+        self.gone.clear();
         for (key, stats) in entries {
             let seen = Seen {
-                packets: stats.packets,
-                bytes: stats.bytes,
-                returned_packets: stats.returned_packets,
-                returned_bytes: stats.returned_bytes,
-                first_seen_ns: stats.first_seen_ns,
+                counts: Reported::of(stats, now_ns),
                 read,
             };
             let before = match self.previous.entry(*key) {
@@ -95,6 +120,7 @@ impl Aggregator {
             }
             // A flow evicted and seen again since the last read starts from zero. (A
             // key the batch read returned twice finds this read's own values: no delta.)
+            .map(|p| p.counts)
             .filter(|p| p.first_seen_ns == stats.first_seen_ns);
             let delta = |now: u64, then: Option<u64>| now.saturating_sub(then.unwrap_or(0));
             let packets = delta(stats.packets, before.map(|b| b.packets));
@@ -119,12 +145,19 @@ impl Aggregator {
                     ..*stats
                 };
                 deltas.push((*key, interval));
+                self.reported.push((*key, seen.counts));
             }
         }
         // What this read did not see, the map's LRU evicted.
-        let known = self.previous.len();
-        self.previous.retain(|_, seen| seen.read == read);
-        let evicted = (known - self.previous.len()) as u64;
+        let gone = &mut self.gone;
+        self.previous.retain(|key, seen| {
+            let found = seen.read == read;
+            if !found {
+                gone.push(*key);
+            }
+            found
+        });
+        let evicted = self.gone.len() as u64;
         // A table keeps its room when it empties; after a burst of flows, give most of
         // it back, so the daemon's memory follows the flows it has.
         let flows = self.previous.len();
@@ -190,6 +223,7 @@ impl Outputs {
         &self,
         maps: &crate::maps::Maps,
         aggregator: &mut Aggregator,
+        reported: Option<&mut ReportedMap>,
         deadline: Instant,
     ) {
         let started = Instant::now();
@@ -198,6 +232,16 @@ impl Outputs {
         let names = super::view::interface_names();
         let name_of = |ifindex: u32| names.get(&ifindex).cloned();
         let (deltas, evicted) = aggregator.deltas(&entries, clock.datapath_now());
+        // Pinned before emitted: a crash in between loses this interval's records
+        // rather than report them twice (see `super::reported`).
+        if let Some(reported) = reported {
+            let pinned = reported
+                .forget(aggregator.gone())
+                .and_then(|()| reported.record(aggregator.reported()));
+            if let Err(error) = pinned {
+                tracing::warn!(%error, "pinning the reported counters; a restart may report this interval again");
+            }
+        }
         // IPFIX first: queuing it never waits, while the JSON sink may wait for room
         // until the deadline.
         if self.exporters.has_collectors() {
@@ -254,16 +298,26 @@ pub fn spawn_reader(
                 }
             };
             let mut aggregator = Aggregator::default();
+            let mut reported = match ReportedMap::open(&pins, maps.flow_capacity()) {
+                Ok(reported) => {
+                    aggregator.resume(reported.entries());
+                    Some(reported)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "flow records: the reported counters cannot be pinned; a restart reports live flows again");
+                    None
+                }
+            };
             let mut next = Instant::now() + interval;
             // Until stopped (or dropped): then one last read, below.
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(next.saturating_duration_since(Instant::now()))
             {
                 next += interval;
-                outputs.read_and_emit(&maps, &mut aggregator, next);
+                outputs.read_and_emit(&maps, &mut aggregator, reported.as_mut(), next);
             }
             let deadline = Instant::now() + FINAL_FLUSH;
-            outputs.read_and_emit(&maps, &mut aggregator, deadline);
+            outputs.read_and_emit(&maps, &mut aggregator, reported.as_mut(), deadline);
             outputs.sink.finish(deadline);
         })?;
     Ok(Reader { stop, thread })
@@ -386,6 +440,57 @@ mod tests {
             "{} slots kept for 10 flows",
             aggregator.previous.capacity()
         );
+    }
+
+    /// A daemon started again resumes from what the last one reported: only what came
+    /// since is reported, a flow recreated under the same key counts from zero, and the
+    /// flows gone meanwhile are forgotten.
+    #[test]
+    fn a_resumed_aggregator_reports_only_what_came_since() {
+        let clock = Clock::now();
+        let names = |_: u32| None;
+        let mut before = Aggregator::default();
+        before.interval(
+            &[
+                (key(1), stats(5, 100)),
+                (key(2), stats(3, 100)),
+                (key(3), stats(1, 1)),
+            ],
+            &clock,
+            1_000,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
+        let pinned = before.reported().to_vec();
+        assert_eq!(pinned.len(), 3);
+        assert!(pinned.iter().all(|(_, r)| r.read_ns == 1_000));
+
+        let mut after = Aggregator::default();
+        after.resume(pinned);
+        let recreated = FlowStats {
+            first_seen_ns: 1_500,
+            ..stats(2, 100)
+        };
+        let (records, evicted) = after.interval(
+            &[(key(1), stats(8, 100)), (key(2), recreated)],
+            &clock,
+            2_000,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
+        let sent = |port: u16| {
+            records
+                .iter()
+                .find(|r| r.connection.src_port == port)
+                .map(|r| r.packets_sent)
+        };
+        assert_eq!(sent(1), Some(3), "{records:#?}");
+        assert_eq!(sent(2), Some(2), "{records:#?}");
+        assert_eq!(evicted, 1);
+        assert_eq!(after.gone(), &[key(3)]);
+        assert_eq!(after.reported().len(), 2);
     }
 
     /// A batch read of a map that changes under it may return a key twice; the flow's
