@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod object;
+pub mod pins;
 pub mod pod_cidrs;
 pub mod probes;
 pub mod state;

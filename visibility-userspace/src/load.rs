@@ -9,7 +9,7 @@ use aya::{Ebpf, EbpfLoader, programs::SchedClassifier, util::KernelVersion};
 use visibility_common::{global_names, map_names, program_names};
 
 use crate::{
-    datapath::{EBPF_OBJECT, LoadOptions, PinDir, ProgramKind, io_error},
+    pins::{EBPF_OBJECT, LoadOptions, PinDir, ProgramKind, io_error},
     error::DatapathError,
     variant::Variant,
 };

@@ -111,7 +111,7 @@ pub struct DaemonStatus {
     pub ipfix_collectors: Vec<String>,
     /// The Kubernetes API: whether records name Pods, and if not, why.
     #[serde(default)]
-    pub kubernetes: crate::kubernetes::KubeState,
+    pub kubernetes: KubeState,
 }
 
 /// Where [`DaemonStatus::write`] writes before it renames the file into place.
@@ -146,7 +146,7 @@ impl DaemonStatus {
         let dir = state_dir(pin_dir);
         let _ = fs::remove_file(dir.join("status.json"));
         let _ = fs::remove_file(dir.join(STATUS_TMP));
-        let pods = dir.join(crate::kubernetes::PODS_FILE);
+        let pods = dir.join(PODS_FILE);
         let _ = fs::remove_file(&pods);
         let _ = fs::remove_file(pods.with_extension("json.tmp"));
         let _ = fs::remove_dir(dir);
@@ -186,6 +186,61 @@ fn process_alive(pid: u32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
         })
         .is_some_and(|dead| !dead)
+}
+
+/// The directory the daemon saves for `visibility flows`, in its state directory.
+pub const PODS_FILE: &str = "pods.json";
+
+/// Why records carry no Pod names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unnamed {
+    /// `kubernetes = "off"` in the configuration.
+    TurnedOff,
+    /// The daemon does not run in a Pod with a ServiceAccount token.
+    NoInClusterConfig,
+    /// The kubeconfig given could not be read or used.
+    BadKubeconfig,
+    /// The API refused (401, 403): the RBAC of deploy/ is missing or not bound.
+    Forbidden,
+    /// The API server could not be reached, or failed.
+    Unreachable,
+    /// Connected; the list of this node's Pods has not completed yet.
+    Syncing,
+}
+
+impl Unnamed {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Unnamed::TurnedOff => "turned off (kubernetes = \"off\")",
+            Unnamed::NoInClusterConfig => {
+                "no in-cluster configuration (not in a Pod with a ServiceAccount)"
+            }
+            Unnamed::BadKubeconfig => "the kubeconfig could not be used",
+            Unnamed::Forbidden => {
+                "forbidden: apply the ServiceAccount and RBAC of deploy/daemonset.yaml"
+            }
+            Unnamed::Unreachable => "the API server is unreachable",
+            Unnamed::Syncing => "listing this node's Pods",
+        }
+    }
+}
+
+/// What `status` shows about the API.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeState {
+    /// `in-cluster`, `kubeconfig PATH` or `off`.
+    pub access: String,
+    /// The Pods of this node are listed and being watched.
+    pub synced: bool,
+    /// Pods of this node that hold an address.
+    pub pods: usize,
+    /// `Node.spec.podCIDRs` as last read.
+    pub node_pod_cidrs: Vec<String>,
+    /// Why records carry no Pod names now; none while synced.
+    pub names_missing: Option<Unnamed>,
+    /// The last error from the API (kept after it recovers, for the record).
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

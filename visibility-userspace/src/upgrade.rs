@@ -17,7 +17,7 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{
+    pins::{
         AttachMode, LoadOptions, Origin, PinDir, ProgramKind, attachments, create_private_dir,
         detach_pinned, io_error, program_error,
     },

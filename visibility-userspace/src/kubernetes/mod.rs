@@ -22,6 +22,7 @@ pub use self::{
     directory::{PodDirectory, PodIdentity, PodSighting, Workload},
     watch::spawn,
 };
+pub use crate::state::{KubeState, PODS_FILE, Unnamed};
 use crate::flows::record::{ClusterDetails, FlowRecord, GkeDetails, PodDetails, PodWorkload};
 
 /// How the daemon reaches the API server (`kubernetes` in the configuration).
@@ -65,58 +66,6 @@ pub struct KubeConfig {
     /// Per-Pod metric series (namespace, Pod, workload labels): off by default, since
     /// their number grows with the Pods, as Hubble's `labelsContext` is opt-in.
     pub pod_metric_labels: bool,
-}
-
-/// Why records carry no Pod names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Unnamed {
-    /// `kubernetes = "off"` in the configuration.
-    TurnedOff,
-    /// The daemon does not run in a Pod with a ServiceAccount token.
-    NoInClusterConfig,
-    /// The kubeconfig given could not be read or used.
-    BadKubeconfig,
-    /// The API refused (401, 403): the RBAC of deploy/ is missing or not bound.
-    Forbidden,
-    /// The API server could not be reached, or failed.
-    Unreachable,
-    /// Connected; the list of this node's Pods has not completed yet.
-    Syncing,
-}
-
-impl Unnamed {
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Unnamed::TurnedOff => "turned off (kubernetes = \"off\")",
-            Unnamed::NoInClusterConfig => {
-                "no in-cluster configuration (not in a Pod with a ServiceAccount)"
-            }
-            Unnamed::BadKubeconfig => "the kubeconfig could not be used",
-            Unnamed::Forbidden => {
-                "forbidden: apply the ServiceAccount and RBAC of deploy/daemonset.yaml"
-            }
-            Unnamed::Unreachable => "the API server is unreachable",
-            Unnamed::Syncing => "listing this node's Pods",
-        }
-    }
-}
-
-/// What `status` shows about the API.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KubeState {
-    /// `in-cluster`, `kubeconfig PATH` or `off`.
-    pub access: String,
-    /// The Pods of this node are listed and being watched.
-    pub synced: bool,
-    /// Pods of this node that hold an address.
-    pub pods: usize,
-    /// `Node.spec.podCIDRs` as last read.
-    pub node_pod_cidrs: Vec<String>,
-    /// Why records carry no Pod names now; none while synced.
-    pub names_missing: Option<Unnamed>,
-    /// The last error from the API (kept after it recovers, for the record).
-    pub last_error: Option<String>,
 }
 
 /// Packets and bytes a Pod sent and received, for the opt-in per-Pod metrics.
@@ -243,6 +192,3 @@ impl PodNames {
         }
     }
 }
-
-/// The directory the daemon saves for `visibility flows`, in its state directory.
-pub const PODS_FILE: &str = "pods.json";
