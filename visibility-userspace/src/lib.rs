@@ -19,6 +19,7 @@ pub mod object;
 pub mod pins;
 pub mod pod_cidrs;
 pub mod probes;
+pub mod rules;
 pub mod state;
 pub mod upgrade;
 pub mod variant;
