@@ -12,7 +12,9 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use crate::rules::{format_exemption, parse_cidr, parse_exemption, parse_protocol, protocol_name};
+pub use crate::rules::{
+    format_exemption, parse_cidr, parse_exemption, parse_protocol, protocol_name,
+};
 use crate::{
     error::InputError,
     kubernetes::{Access, KubeConfig},

@@ -3,21 +3,14 @@
 //! every step shares, are in [`crate::pins`]; loading in [`crate::load`], replacing a
 //! pinned datapath's programs in [`crate::upgrade`].
 
-use std::{
-    fs, io,
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
-use aya::{
-    programs::{
-        SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
-        links::{FdLink, PinnedLink},
-        tc::{self, TcAttachOptions},
-    },
-    util::KernelVersion,
+use aya::programs::{
+    SchedClassifier, TestRun as _, TestRunOptions,
+    links::FdLink,
+    tc::{self, TcAttachOptions},
 };
-use visibility_common::{clock::ClockSample, map_names, program_names};
+use visibility_common::{clock::ClockSample, program_names};
 
 use crate::{
     error::DatapathError,
@@ -25,14 +18,13 @@ use crate::{
     object::{self, Change, ObjectInfo},
 };
 
+#[cfg(feature = "bench-programs")]
+pub use crate::pins::BENCH_EBPF_OBJECT;
 pub use crate::pins::{
     AttachMode, DEFAULT_PIN_DIR, EBPF_OBJECT, LoadOptions, Origin, PinDir, ProgramKind,
     attachments, ensure_bpffs, is_bpffs, remove_pins,
 };
-#[cfg(feature = "bench-programs")]
-pub use crate::pins::BENCH_EBPF_OBJECT;
-use crate::pins::{create_private_dir, detach_pinned, io_error, program_error};
-
+use crate::pins::{create_private_dir, detach_pinned, program_error};
 
 /// The loaded (or adopted) programs.
 pub struct Datapath {

@@ -9,8 +9,8 @@ use aya::{Ebpf, EbpfLoader, programs::SchedClassifier, util::KernelVersion};
 use visibility_common::{global_names, map_names, program_names};
 
 use crate::{
-    pins::{EBPF_OBJECT, LoadOptions, PinDir, ProgramKind, io_error},
     error::DatapathError,
+    pins::{EBPF_OBJECT, LoadOptions, PinDir, ProgramKind, io_error},
     variant::Variant,
 };
 

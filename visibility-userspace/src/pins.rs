@@ -25,14 +25,10 @@ use std::{
 };
 
 use aya::{
-    programs::{
-        SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
-        links::{FdLink, PinnedLink},
-        tc::{self, TcAttachOptions},
-    },
+    programs::{TcAttachType, links::PinnedLink, tc},
     util::KernelVersion,
 };
-use visibility_common::{clock::ClockSample, map_names, program_names};
+use visibility_common::{map_names, program_names};
 
 use crate::error::DatapathError;
 
@@ -206,7 +202,6 @@ impl Default for LoadOptions {
         }
     }
 }
-
 
 pub(crate) fn io_error(
     action: &'static str,

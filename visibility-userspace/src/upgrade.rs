@@ -17,13 +17,13 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
+    error::DatapathError,
+    load::{classifier, load_verified, pin_programs},
+    object::{Change, ObjectInfo},
     pins::{
         AttachMode, LoadOptions, Origin, PinDir, ProgramKind, attachments, create_private_dir,
         detach_pinned, io_error, program_error,
     },
-    error::DatapathError,
-    load::{classifier, load_verified, pin_programs},
-    object::{Change, ObjectInfo},
 };
 
 /// Where a clsact filter sits on its hook: what a replacement must name.

@@ -16,14 +16,14 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use self::{
     directory::{PodDirectory, PodIdentity, PodSighting, Workload},
     watch::spawn,
 };
-pub use crate::state::{KubeState, PODS_FILE, Unnamed};
 use crate::flows::record::{ClusterDetails, FlowRecord, GkeDetails, PodDetails, PodWorkload};
+pub use crate::state::{KubeState, PODS_FILE, Unnamed};
 
 /// How the daemon reaches the API server (`kubernetes` in the configuration).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
