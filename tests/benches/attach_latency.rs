@@ -31,6 +31,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::json;
 use visibility_tests::{
     attach_watch::Watch,
+    bench_node::{BenchArgs, ensure_tcx, run_on_node},
     lab::{Lab, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4},
     measure::{ms, percentile},
     node::Node,
@@ -41,76 +42,36 @@ const FILLER_CIDR: &str = "10.53.0.0/16";
 /// How many addresses of each /24 of [`FILLER_CIDR`] are used (.2 to .201).
 const FILLERS_PER_24: usize = 200;
 
+/// How many Pod interfaces are present, and how many Pods are added one at a time.
 struct Options {
     present: usize,
     new: usize,
-    json: bool,
-}
-
-impl Options {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let args: Vec<String> = args.collect();
-        let quick = args.iter().any(|a| a == "--quick");
-        let mut options = Self {
-            present: if quick { 20 } else { 250 },
-            new: if quick { 5 } else { 40 },
-            json: false,
-        };
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            match arg.as_str() {
-                "--quick" | "--bench" => {}
-                "--json" => options.json = true,
-                "--present" => {
-                    options.present = iter.next().context("--present N")?.parse()?;
-                }
-                "--new" => options.new = iter.next().context("--new N")?.parse()?,
-                other => bail!(
-                    "unknown argument {other:?} (known: --quick, --json, --present N, --new N)"
-                ),
-            }
-        }
-        ensure!(
-            options.present >= 2,
-            "--present must be at least 2 (the lab's Pods)"
-        );
-        ensure!(options.new >= 1, "--new must be at least 1");
-        ensure!(
-            options.new + 2 <= visibility_tests::lab::MAX_PODS,
-            "at most {} new Pods",
-            visibility_tests::lab::MAX_PODS - 2
-        );
-        Ok(options)
-    }
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("attach_latency: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> Result<()> {
-    let options = Options::parse(std::env::args().skip(1))?;
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces, BPF)"
-    );
     let started = Instant::now();
-    let mut node = Node::new("attach", 2).context("building the lab")?;
-    node.capture_daemon_log();
-    let result = measure(&mut node, &options, started);
-    if result.is_err() {
-        node.print_daemon_log_tail(40);
-    }
-    result
+    run_on_node(
+        "attach_latency",
+        &[("present", 250, 20), ("new", 40, 5)],
+        |node, args| measure(node, args, started),
+    )
 }
 
-fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
+fn measure(node: &mut Node, args: &BenchArgs, started: Instant) -> Result<()> {
+    let options = Options {
+        present: args.size("present"),
+        new: args.size("new"),
+    };
+    ensure!(
+        options.present >= 2,
+        "--present must be at least 2 (the lab's Pods)"
+    );
+    ensure!(options.new >= 1, "--new must be at least 1");
+    ensure!(
+        options.new + 2 <= visibility_tests::lab::MAX_PODS,
+        "at most {} new Pods",
+        visibility_tests::lab::MAX_PODS - 2
+    );
     node.start_daemon(
         [
             "--pod-cidr",
@@ -124,12 +85,7 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
         .map(|s| s.to_string())
         .collect(),
     )?;
-    let status = node.status()?;
-    let mode = status["daemon"]["attach_mode"].as_str().unwrap_or_default();
-    ensure!(
-        mode == "tcx",
-        "the daemon attaches with {mode:?}; this bench watches TCX link pins (Linux 6.6+)"
-    );
+    let mode = ensure_tcx(node)?;
 
     let fillers = options.present - node.lab.pod_count();
     add_fillers(&node.lab, fillers)?;
@@ -183,7 +139,7 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
     eprintln!(
         "attach_latency: p50 route -> first program attached {first_p50:.1} ms, first -> second {second_p50:.1} ms"
     );
-    if options.json {
+    if args.json {
         let document = json!({
             "present": present,
             "new": samples.len(),

@@ -16,7 +16,7 @@ use visibility::{
 };
 
 use crate::{
-    lab::{Lab, Netns, POD_GATEWAY_V4, POD_IFNAME},
+    lab::{Lab, Netns, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4, POD_IFNAME},
     node::{Node, poll},
 };
 
@@ -24,6 +24,25 @@ use crate::{
 pub const CHURN_CIDR: &str = "10.54.0.0/16";
 /// How many addresses of each /24 of [`CHURN_CIDR`] are used (.2 to .201).
 const PODS_PER_24: usize = 200;
+
+/// The daemon's flags under churn: the lab's Pod CIDRs and [`CHURN_CIDR`], and the slow
+/// reconcile held off, so that every attachment and every clean-up comes from netlink
+/// events.
+pub fn daemon_args() -> Vec<String> {
+    [
+        "--pod-cidr",
+        POD_CIDR_V4,
+        "--pod-cidr",
+        POD_CIDR_V6,
+        "--pod-cidr",
+        CHURN_CIDR,
+        "--reconcile-interval",
+        "3600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
 
 /// One churned Pod, as the node sees it.
 #[derive(Debug, Clone)]

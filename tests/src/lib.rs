@@ -9,6 +9,7 @@
 //!   kernel's programs, frame by frame (`cargo xtask fuzz`).
 //! * [`attach_watch`]: when new Pods' routes appear and when the daemon has attached
 //!   them, for the attach-latency and churn benchmarks.
+//! * [`bench_node`]: the arguments and the lab node the daemon's benchmarks share.
 //! * [`churn`]: Pod interfaces made and deleted in bursts, and what the daemon must have
 //!   cleaned up after them.
 //! * [`measure`]: percentiles, and a process's CPU time and memory, for the benchmarks.
@@ -24,6 +25,7 @@
 //! Most tests in `tests/` need root (network namespaces, nftables, BPF).
 
 pub mod attach_watch;
+pub mod bench_node;
 pub mod churn;
 pub mod dashboard;
 pub mod datapath_harness;

@@ -4,8 +4,7 @@
 //! interfaces and reports the time and the daemon's CPU and memory.)
 
 use visibility_tests::{
-    churn::{CHURN_CIDR, Churn, wait_until_cleaned_up},
-    lab::{POD_CIDR_V4, POD_CIDR_V6},
+    churn::{Churn, daemon_args, wait_until_cleaned_up},
     node::Node,
     require_root,
 };
@@ -23,17 +22,7 @@ fn bursts_of_pods_are_all_attached_and_leave_nothing_behind() {
     require_root();
     let mut node = Node::new("d-churn", 2).expect("building the lab");
     node.capture_daemon_log();
-    node.start_daemon(args(&[
-        "--pod-cidr",
-        POD_CIDR_V4,
-        "--pod-cidr",
-        POD_CIDR_V6,
-        "--pod-cidr",
-        CHURN_CIDR,
-        "--reconcile-interval",
-        "3600",
-    ]))
-    .unwrap();
+    node.start_daemon(daemon_args()).unwrap();
     let lab_pods = node.lab.pod_count();
     let mut churn = Churn::new(&node.lab, BURST).unwrap();
     for _ in 0..BURSTS {

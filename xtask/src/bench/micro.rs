@@ -73,13 +73,14 @@ pub(super) fn attach_line(attach: &Value) -> Option<String> {
 /// JSON.
 pub(super) fn churn_line(churn: &Value) -> Option<String> {
     Some(format!(
-        "churn: {} Pod interfaces made and deleted in {} bursts of {}, netlink events alone: attach p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the daemon used {:.2} s of CPU over {:.0} s, RSS {:.0} MiB (peak {:.0} MiB); {} left behind",
+        "churn: {} Pod interfaces made and deleted in {} bursts of {}, netlink events alone: attach p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, a burst {:.1} ms a Pod; the daemon used {:.2} s of CPU over {:.0} s, RSS {:.0} MiB (peak {:.0} MiB); {} left behind",
         churn["interfaces"].as_u64()?,
         churn["bursts"].as_u64()?,
         churn["burst"].as_u64()?,
         churn["p50_ms"].as_f64()?,
         churn["p99_ms"].as_f64()?,
         churn["max_ms"].as_f64()?,
+        churn["burst_ms_per_pod"].as_f64()?,
         churn["daemon_cpu_seconds"].as_f64()?,
         churn["seconds"].as_f64()?,
         churn["daemon_rss_mib"].as_f64()?,
