@@ -141,11 +141,7 @@ fn interval(
 
     let started = Instant::now();
     let mut aggregator = Aggregator::default();
-    let clock = Clock::now();
-    let names = interface_names();
-    let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    let (records, evicted) =
-        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
+    let (records, evicted) = records_now(&mut aggregator, &entries);
     let aggregate = started.elapsed();
     ensure!(evicted == 0, "a fresh aggregator saw {evicted} evictions");
     ensure!(
@@ -174,11 +170,7 @@ fn interval(
 fn idle_interval(maps: &Maps, aggregator: &mut Aggregator) -> Result<Duration> {
     let started = Instant::now();
     let entries = read_flows(maps.flows());
-    let clock = Clock::now();
-    let names = interface_names();
-    let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    let (records, _) =
-        aggregator.interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of);
+    let (records, _) = records_now(aggregator, &entries);
     let elapsed = started.elapsed();
     ensure!(
         records.is_empty(),
@@ -190,13 +182,26 @@ fn idle_interval(maps: &Maps, aggregator: &mut Aggregator) -> Result<Duration> {
 
 /// Every flow's record, from a fresh aggregator.
 fn all_records(maps: &Maps) -> Vec<FlowRecord> {
-    let entries = read_flows(maps.flows());
+    records_now(&mut Aggregator::default(), &read_flows(maps.flows())).0
+}
+
+/// The records of the interval that ends now, as the daemon's reader makes them
+/// (interface names read once; no Kubernetes API, so no Pod names).
+fn records_now(
+    aggregator: &mut Aggregator,
+    entries: &[(FlowKey, FlowStats)],
+) -> (Vec<FlowRecord>, u64) {
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
-    Aggregator::default()
-        .interval(&entries, &clock, clock.datapath_now(), NODE_NAME, &name_of)
-        .0
+    aggregator.interval(
+        entries,
+        &clock,
+        clock.datapath_now(),
+        NODE_NAME,
+        &name_of,
+        &visibility::kubernetes::PodNames::default(),
+    )
 }
 
 /// Hands one interval's records to the daemon's own sink, writing to a file on tmpfs

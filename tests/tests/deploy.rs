@@ -247,3 +247,148 @@ fn the_dashboard_has_datasource_and_node_variables_that_every_query_uses() {
         );
     }
 }
+
+/// Every document of every manifest in deploy/, as JSON, with the file it came from.
+fn all_manifest_objects() -> Vec<(String, serde_json::Value)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let mut objects = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty());
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value: Value = serde::Deserialize::deserialize(doc).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            objects.push((name, serde_json::to_value(value).unwrap()));
+        }
+    }
+    objects
+}
+
+/// The object through its k8s-openapi type and back: a field the type does not know
+/// (a typo, a wrong indentation, a field of another kind) is lost on the way.
+fn through<T: serde::de::DeserializeOwned + serde::Serialize>(
+    object: &serde_json::Value,
+) -> serde_json::Value {
+    let typed: T =
+        serde_json::from_value(object.clone()).unwrap_or_else(|e| panic!("{e}: {object:#}"));
+    serde_json::to_value(&typed).unwrap()
+}
+
+/// `kubectl --dry-run=client` needs an API server, which cannot run here: the
+/// manifests go through the API's own types instead.
+#[test]
+fn every_object_in_deploy_round_trips_through_its_kubernetes_type_without_losing_a_field() {
+    use k8s_openapi::api::{apps, core, rbac};
+    let objects = all_manifest_objects();
+    for (file, object) in &objects {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let back = match kind {
+            "Namespace" => through::<core::v1::Namespace>(object),
+            "ConfigMap" => through::<core::v1::ConfigMap>(object),
+            "ServiceAccount" => through::<core::v1::ServiceAccount>(object),
+            "ClusterRole" => through::<rbac::v1::ClusterRole>(object),
+            "ClusterRoleBinding" => through::<rbac::v1::ClusterRoleBinding>(object),
+            "DaemonSet" => through::<apps::v1::DaemonSet>(object),
+            other => panic!("{file}: no round trip for kind {other:?}"),
+        };
+        assert_eq!(&back, object, "{file}: {kind} changed on the way");
+    }
+    let kinds: Vec<&str> = objects
+        .iter()
+        .filter_map(|(_, o)| o["kind"].as_str())
+        .collect();
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in deploy/: {kinds:?}");
+    }
+}
+
+/// Read-only and least privilege: get/list/watch on pods, get on nodes and on
+/// replicasets (to name a ReplicaSet's Deployment), nothing else; bound to the
+/// ServiceAccount the DaemonSet runs as, and to nothing else.
+#[test]
+fn the_rbac_is_read_only_least_privilege_and_bound_to_the_daemonsets_service_account() {
+    use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ServiceAccount, rbac::v1};
+    let objects = all_manifest_objects();
+    let only = |kind: &str| {
+        let found: Vec<&serde_json::Value> = objects
+            .iter()
+            .map(|(_, o)| o)
+            .filter(|o| o["kind"] == kind)
+            .collect();
+        assert_eq!(found.len(), 1, "one {kind}");
+        found[0].clone()
+    };
+    for kind in ["Role", "RoleBinding"] {
+        assert!(objects.iter().all(|(_, o)| o["kind"] != kind), "a {kind}");
+    }
+    let role: v1::ClusterRole = serde_json::from_value(only("ClusterRole")).unwrap();
+    let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rule in role.rules.unwrap_or_default() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                let mut verbs = rule.verbs.clone();
+                verbs.sort();
+                granted.push((group.clone(), resource, verbs));
+            }
+        }
+    }
+    granted.sort();
+    let expected = |group: &str, resource: &str, verbs: &[&str]| {
+        (
+            group.to_owned(),
+            resource.to_owned(),
+            verbs.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        granted,
+        [
+            expected("", "nodes", &["get"]),
+            expected("", "pods", &["get", "list", "watch"]),
+            expected("apps", "replicasets", &["get"]),
+        ]
+    );
+
+    let binding: v1::ClusterRoleBinding =
+        serde_json::from_value(only("ClusterRoleBinding")).unwrap();
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(binding.role_ref.name), role.metadata.name);
+    let account: ServiceAccount = serde_json::from_value(only("ServiceAccount")).unwrap();
+    let daemon_set: DaemonSet = serde_json::from_value(only("DaemonSet")).unwrap();
+    let pod = daemon_set.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    assert_eq!(
+        pod.automount_service_account_token, None,
+        "the token is mounted"
+    );
+    assert_eq!(account.metadata.namespace, daemon_set.metadata.namespace);
+    let subjects = binding.subjects.unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(subjects[0].name.clone()), account.metadata.name);
+    assert_eq!(subjects[0].namespace, account.metadata.namespace);
+}
+
+/// The ConfigMap names Pods through the API (in-cluster), and keeps per-Pod metric
+/// labels off: their number grows with the Pods.
+#[test]
+fn the_configmap_names_pods_in_cluster_with_per_pod_metric_labels_off() {
+    let config = configured(&documents());
+    assert_eq!(
+        config.kubernetes.access,
+        visibility::kubernetes::Access::Auto
+    );
+    assert!(!config.kubernetes.pod_metric_labels);
+}

@@ -168,7 +168,7 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
                     .all(|l| s.labels.iter().any(|(key, _)| key == l))
         })
     };
-    let required: [(&str, &[&str]); 16] = [
+    let required: [(&str, &[&str]); 18] = [
         ("visibility_datapath_packets_total", &["hook", "verdict"]),
         ("visibility_redirected_packets_total", &[]),
         ("visibility_redirected_bytes_total", &[]),
@@ -185,6 +185,8 @@ fn the_exposition_passes_promtool_and_has_every_required_series() {
         ("visibility_flow_record_file_reopens_total", &[]),
         ("visibility_uplink_changes_total", &[]),
         ("visibility_gateway_mac_changes_total", &[]),
+        ("visibility_kubernetes_synced", &[]),
+        ("visibility_kubernetes_pods", &[]),
     ];
     let missing: Vec<&str> = required
         .iter()

@@ -12,7 +12,11 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{error::InputError, maps::Exemption};
+use crate::{
+    error::InputError,
+    kubernetes::{Access, KubeConfig},
+    maps::Exemption,
+};
 
 /// Everything the daemon can be told. Every field is optional so that layers only
 /// override what they set. The same keys serve the file, the flags and the
@@ -53,6 +57,13 @@ pub struct Layer {
     pub metrics_addr: Option<String>,
     /// IPFIX collectors, `HOST:PORT` (UDP), each sent every flow record.
     pub ipfix: Option<Vec<String>>,
+    /// The Kubernetes API, for Pod names and the Node's Pod CIDRs: `auto` (in-cluster
+    /// when in a Pod), `off`, or a kubeconfig file.
+    pub kubernetes: Option<String>,
+    /// The cluster's name, in records' `*_gke_details.cluster.cluster_name`.
+    pub cluster_name: Option<String>,
+    /// Per-Pod metric series (namespace, Pod and workload labels); off by default.
+    pub metrics_pod_labels: Option<bool>,
 }
 
 impl Layer {
@@ -124,6 +135,12 @@ impl Layer {
                 }
                 "METRICS_ADDR" => layer.metrics_addr = Some(value.clone()),
                 "IPFIX" => layer.ipfix = Some(list()),
+                "KUBERNETES" => layer.kubernetes = Some(value.clone()),
+                "CLUSTER_NAME" => layer.cluster_name = Some(value.clone()),
+                "METRICS_POD_LABELS" => {
+                    layer.metrics_pod_labels =
+                        Some(value.parse().map_err(|_| bad("expected true or false"))?)
+                }
                 // Variables read elsewhere (VISIBILITY_LOG, VISIBILITY_PIN_DIR by clap) or by
                 // other tools are not ours to reject.
                 _ => {}
@@ -151,6 +168,9 @@ impl Layer {
             records_keep: other.records_keep.or(self.records_keep),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
             ipfix: other.ipfix.or(self.ipfix),
+            kubernetes: other.kubernetes.or(self.kubernetes),
+            cluster_name: other.cluster_name.or(self.cluster_name),
+            metrics_pod_labels: other.metrics_pod_labels.or(self.metrics_pod_labels),
         }
     }
 }
@@ -205,6 +225,8 @@ pub struct NodeConfig {
     /// IPFIX collectors, `HOST:PORT`, resolved by the exporter (so a name that does not
     /// resolve yet is an export error, not a daemon that will not start).
     pub ipfix_collectors: Vec<String>,
+    /// The Kubernetes API: Pod names in records, the Node's Pod CIDRs.
+    pub kubernetes: KubeConfig,
 }
 
 /// The default Prometheus endpoint: localhost only.
@@ -387,7 +409,13 @@ impl NodeConfig {
             .iter()
             .map(|c| parse_collector(c))
             .collect::<Result<Vec<_>, _>>()?;
+        let kubernetes = KubeConfig {
+            access: Access::parse(layer.kubernetes.as_deref().unwrap_or("auto")),
+            cluster_name: layer.cluster_name.filter(|name| !name.is_empty()),
+            pod_metric_labels: layer.metrics_pod_labels.unwrap_or(false),
+        };
         Ok(Self {
+            kubernetes,
             records,
             records_interval_secs,
             metrics_addr,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod flows;
 pub mod health;
 pub mod http;
+pub mod kubernetes;
 pub mod maps;
 pub mod metrics;
 pub mod net;

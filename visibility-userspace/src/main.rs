@@ -156,6 +156,17 @@ struct DaemonArgs {
     /// Also export flow records as IPFIX over UDP to this collector (repeatable).
     #[arg(long, value_name = "HOST:PORT")]
     ipfix: Vec<String>,
+    /// The Kubernetes API, for Pod names in records and the Node's Pod CIDRs: auto
+    /// (in-cluster when in a Pod), off, or a kubeconfig file (default auto).
+    #[arg(long, value_name = "auto|off|KUBECONFIG")]
+    kubernetes: Option<String>,
+    /// The cluster's name, in records' *_gke_details.cluster.cluster_name.
+    #[arg(long, value_name = "NAME")]
+    cluster_name: Option<String>,
+    /// Per-Pod metric series (namespace, pod, workload labels): their number grows with
+    /// the Pods, so they are off by default.
+    #[arg(long)]
+    metrics_pod_labels: bool,
 }
 
 impl DaemonArgs {
@@ -178,6 +189,9 @@ impl DaemonArgs {
             records_keep: self.records_keep,
             metrics_addr: self.metrics_addr.clone(),
             ipfix: list(&self.ipfix),
+            kubernetes: self.kubernetes.clone(),
+            cluster_name: self.cluster_name.clone(),
+            metrics_pod_labels: self.metrics_pod_labels.then_some(true),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Shared {
     /// When the daemon's loop last passed, in ms since the Unix epoch (0: not yet); the
     /// liveness probe reads it (see [`crate::probes`], served by [`crate::http`]).
     pub loop_passed_at_ms: AtomicU64,
+    /// What the daemon knows from the Kubernetes API.
+    pub kubernetes: Arc<crate::kubernetes::Kubernetes>,
 }
 
 /// Builds one scrape's metrics; registration only fails on duplicate names, which
@@ -66,6 +68,58 @@ impl Scrape {
 
     fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+}
+
+/// The API's state, always; per-Pod series only when `metrics-pod-labels` is on (the
+/// daemon keeps no per-Pod counts otherwise), and only for Pods the directory still
+/// names, so a deleted Pod's series go with it.
+fn kubernetes_metrics(scrape: &Scrape, kubernetes: &crate::kubernetes::Kubernetes) {
+    let state = kubernetes.state();
+    scrape.gauge(
+        "visibility_kubernetes_synced",
+        "1 while this node's Pods are listed and watched (flow records name Pods)",
+        i64::from(state.synced),
+    );
+    scrape.gauge(
+        "visibility_kubernetes_pods",
+        "Pods of this node that hold an address, as the API says",
+        i64::try_from(state.pods).unwrap_or(i64::MAX),
+    );
+    let traffic = kubernetes.traffic();
+    if traffic.is_empty() {
+        return;
+    }
+    let labels = ["namespace", "pod", "workload_type", "workload", "direction"];
+    let packets = scrape.counter_vec(
+        "visibility_pod_flow_packets_total",
+        "Packets of recorded flows by Pod and direction (opt-in: metrics-pod-labels)",
+        &labels,
+    );
+    let bytes = scrape.counter_vec(
+        "visibility_pod_flow_bytes_total",
+        "Bytes of recorded flows by Pod and direction (opt-in: metrics-pod-labels)",
+        &labels,
+    );
+    for (pod, counts) in &traffic {
+        let (kind, workload) = pod
+            .workload
+            .as_ref()
+            .map_or(("", ""), |w| (w.kind.as_str(), w.name.as_str()));
+        for (direction, p, b) in [
+            ("sent", counts.sent_packets, counts.sent_bytes),
+            ("received", counts.received_packets, counts.received_bytes),
+        ] {
+            let values = [
+                pod.namespace.as_str(),
+                pod.name.as_str(),
+                kind,
+                workload,
+                direction,
+            ];
+            packets.with_label_values(&values).inc_by(p);
+            bytes.with_label_values(&values).inc_by(b);
+        }
     }
 }
 
@@ -209,6 +263,8 @@ pub fn render(maps: &Maps, shared: &Shared) -> String {
                 .set(i64::from(check.ok));
         }
     }
+
+    kubernetes_metrics(&scrape, &shared.kubernetes);
 
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&scrape.registry.gather(), &mut out);

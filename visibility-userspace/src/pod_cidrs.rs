@@ -26,14 +26,15 @@ use visibility_common::packet::Family;
 
 use crate::{net::family_of, node::NodeView};
 
-/// Where a Pod CIDR came from. A later `Kubernetes` source (`Node.spec.podCIDRs`)
-/// joins here, between the configuration and the CNI.
+/// Where a Pod CIDR came from, the most trusted first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CidrSource {
     /// `pod-cidr` in the configuration, or `visibility pod-cidr add`: an override, with
     /// which the daemon adds no learned CIDR.
     Configured,
+    /// The Node's `spec.podCIDRs`, read from the Kubernetes API.
+    Kubernetes,
     /// A `host-local` IPAM range in the CNI configuration.
     Cni,
     /// The node's routes to its Pod interfaces.
@@ -44,6 +45,7 @@ impl CidrSource {
     pub const fn name(self) -> &'static str {
         match self {
             CidrSource::Configured => "configured",
+            CidrSource::Kubernetes => "kubernetes",
             CidrSource::Cni => "cni",
             CidrSource::Routes => "routes",
         }
@@ -214,15 +216,21 @@ fn collect_host_local(json: &serde_json::Value, out: &mut Vec<IpNet>) {
     }
 }
 
-/// What the node says its Pod CIDRs are, each with its source: the CNI's ranges, and the
-/// Pod routes that none of them covers (merged).
-pub fn learn(cni: &[IpNet], routes: &[PodRoute]) -> BTreeMap<IpNet, CidrSource> {
+/// What the node says its Pod CIDRs are, each with its source: the Node's
+/// `spec.podCIDRs`, the CNI's ranges, and the Pod routes that none of them covers
+/// (merged).
+pub fn learn(
+    kubernetes: &[IpNet],
+    cni: &[IpNet],
+    routes: &[PodRoute],
+) -> BTreeMap<IpNet, CidrSource> {
     let mut learned: BTreeMap<IpNet, CidrSource> =
         cni.iter().map(|net| (*net, CidrSource::Cni)).collect();
+    learned.extend(kubernetes.iter().map(|net| (*net, CidrSource::Kubernetes)));
     let uncovered: Vec<IpNet> = routes
         .iter()
         .map(|r| r.destination)
-        .filter(|dest| !cni.iter().any(|net| net.contains(dest)))
+        .filter(|dest| !learned.keys().any(|net| net.contains(dest)))
         .collect();
     for net in aggregate(&uncovered, MAX_LEARNED_PER_FAMILY) {
         learned.entry(net).or_insert(CidrSource::Routes);
@@ -339,7 +347,7 @@ mod tests {
     #[test]
     fn cni_ranges_cover_the_routes_they_contain() {
         let routes = pod_routes(&view(), &[2], None);
-        let learned = learn(&nets(&["10.52.0.0/24"]), &routes);
+        let learned = learn(&[], &nets(&["10.52.0.0/24"]), &routes);
         let expected: BTreeMap<IpNet, CidrSource> = [
             ("10.52.0.0/24", CidrSource::Cni),
             ("10.244.1.0/24", CidrSource::Routes),
@@ -351,6 +359,25 @@ mod tests {
         assert_eq!(learned, expected);
         let outside = uncovered(&routes, &nets(&["10.52.0.0/24"]));
         assert_eq!(outside.len(), 2, "{outside:?}");
+    }
+
+    #[test]
+    fn the_nodes_pod_cidrs_come_first_and_cover_their_routes() {
+        let routes = pod_routes(&view(), &[2], None);
+        let learned = learn(
+            &nets(&["10.52.0.0/24", "fd00:52::/112"]),
+            &nets(&["10.52.0.0/24"]),
+            &routes,
+        );
+        let expected: BTreeMap<IpNet, CidrSource> = [
+            ("10.52.0.0/24", CidrSource::Kubernetes),
+            ("fd00:52::/112", CidrSource::Kubernetes),
+            ("10.244.1.0/24", CidrSource::Routes),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.parse().unwrap(), s))
+        .collect();
+        assert_eq!(learned, expected);
     }
 
     #[test]

@@ -122,6 +122,7 @@ mod tests {
             checks,
             records: RecordCounts::default(),
             ipfix_collectors: vec![],
+            kubernetes: Default::default(),
         }
     }
 

@@ -108,6 +108,9 @@ pub struct DaemonStatus {
     /// The IPFIX collectors records are exported to (`HOST:PORT`).
     #[serde(default)]
     pub ipfix_collectors: Vec<String>,
+    /// The Kubernetes API: whether records name Pods, and if not, why.
+    #[serde(default)]
+    pub kubernetes: crate::kubernetes::KubeState,
 }
 
 /// Where [`DaemonStatus::write`] writes before it renames the file into place.
@@ -124,24 +127,8 @@ impl DaemonStatus {
 
     /// Writes atomically (rename), readable by root only.
     pub fn write(&self, pin_dir: &Path) -> io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-        let dir = state_dir(pin_dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        let tmp = dir.join(STATUS_TMP);
-        {
-            use io::Write as _;
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
-        }
-        fs::rename(tmp, Self::path(pin_dir))
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        write_private(&Self::path(pin_dir), &bytes)
     }
 
     /// The status of a daemon that is running now; `None` when there is none.
@@ -158,8 +145,35 @@ impl DaemonStatus {
         let dir = state_dir(pin_dir);
         let _ = fs::remove_file(dir.join("status.json"));
         let _ = fs::remove_file(dir.join(STATUS_TMP));
+        let pods = dir.join(crate::kubernetes::PODS_FILE);
+        let _ = fs::remove_file(&pods);
+        let _ = fs::remove_file(pods.with_extension("json.tmp"));
         let _ = fs::remove_dir(dir);
     }
+}
+
+/// Writes a file of the state directory atomically (a temporary file renamed into
+/// place), readable by root only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    {
+        use io::Write as _;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+    }
+    fs::rename(tmp, path)
 }
 
 /// Whether a process with this pid exists and is not a zombie.

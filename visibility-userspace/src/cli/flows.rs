@@ -6,9 +6,10 @@ use crate::{
     cli::{CliError, open_maps, output},
     config::protocol_name,
     flows::{
-        record::FlowRecord,
+        record::{FlowRecord, GkeDetails},
         view::{Clock, Filter, SortKey, interface_names, read_all, record, select},
     },
+    kubernetes::PodNames,
     maps::Maps,
 };
 
@@ -20,7 +21,9 @@ pub struct FlowsQuery {
     pub node_name: String,
 }
 
-pub fn read(maps: &Maps, query: &FlowsQuery) -> Vec<FlowRecord> {
+/// The flows, each end named by the Pod that had its address at the flow's last
+/// packet (as the running daemon last saved its Pods).
+pub fn read(maps: &Maps, query: &FlowsQuery, pods: &PodNames) -> Vec<FlowRecord> {
     let clock = Clock::now();
     let names = interface_names();
     let name_of = |ifindex: u32| names.get(&ifindex).cloned();
@@ -29,7 +32,19 @@ pub fn read(maps: &Maps, query: &FlowsQuery) -> Vec<FlowRecord> {
         &query.filters,
         query.sort,
         query.limit,
-        |k, s| record(k, s, &clock, &query.node_name, &name_of),
+        |k, s| {
+            let mut record = record(k, s, &clock, &query.node_name, &name_of)?;
+            pods.name(&mut record, s.last_seen_ns);
+            Some(record)
+        },
+    )
+}
+
+/// `namespace/pod`, or `-` for an end no Pod is known to have.
+fn pod_column(details: Option<&GkeDetails>) -> String {
+    details.map_or_else(
+        || "-".to_owned(),
+        |d| format!("{}/{}", d.pod.pod_namespace, d.pod.pod_name),
     )
 }
 
@@ -40,7 +55,9 @@ fn render(records: &[FlowRecord]) -> String {
             let c = &r.connection;
             vec![
                 format!("{}:{}", c.src_ip, c.src_port),
+                pod_column(r.src_gke_details.as_ref()),
                 format!("{}:{}", c.dest_ip, c.dest_port),
+                pod_column(r.dest_gke_details.as_ref()),
                 protocol_name(c.protocol),
                 r.packets_sent.to_string(),
                 r.bytes_sent.to_string(),
@@ -55,7 +72,9 @@ fn render(records: &[FlowRecord]) -> String {
     output::table(
         &[
             "SOURCE",
+            "SOURCE POD",
             "DESTINATION",
+            "DESTINATION POD",
             "PROTO",
             "PACKETS",
             "BYTES",
@@ -77,7 +96,7 @@ pub fn flows(
 ) -> Result<(), CliError> {
     let maps = open_maps(pin_dir)?;
     let Some(interval) = watch else {
-        let records = read(&maps, query);
+        let records = read(&maps, query, &PodNames::saved(pin_dir));
         if json {
             return Ok(output::json(&records)?);
         }
@@ -90,7 +109,7 @@ pub fn flows(
     };
     // A live view for people at a terminal: redraw in place, like top.
     loop {
-        let records = read(&maps, query);
+        let records = read(&maps, query, &PodNames::saved(pin_dir));
         let mut out = std::io::stdout().lock();
         write!(out, "\x1b[H\x1b[2J")?;
         writeln!(

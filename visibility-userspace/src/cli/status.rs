@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::{
     cli::{CliError, open_maps, output},
     config::format_exemption,
+    kubernetes::KubeState,
     pod_cidrs::CidrSource,
     state::{Check, DaemonStatus},
 };
@@ -23,8 +24,8 @@ struct CounterRow {
 #[derive(Serialize)]
 struct PodCidrRow {
     cidr: String,
-    /// `configured`, `cni` or `routes` (as the daemon last said), or `learned` for one
-    /// the daemon learned when it is not running to say how.
+    /// `configured`, `kubernetes`, `cni` or `routes` (as the daemon last said), or
+    /// `learned` for one the daemon learned when it is not running to say how.
     source: String,
 }
 
@@ -157,6 +158,7 @@ fn print_text(status: &Status) {
                 r.ipfix_export_errors
             );
         }
+        println!("Kubernetes:     {}", kubernetes_line(&d.kubernetes));
         println!("\nPod interfaces ({}):", d.pod_interfaces.len());
         let rows: Vec<Vec<String>> = d
             .pod_interfaces
@@ -208,6 +210,31 @@ fn print_text(status: &Status) {
         for Check { name, ok, detail } in &d.checks {
             println!("  {} {name}: {detail}", if *ok { "ok  " } else { "FAIL" });
         }
+    }
+}
+
+/// Whether records name Pods, and if not, why.
+fn kubernetes_line(k: &KubeState) -> String {
+    let cidrs = if k.node_pod_cidrs.is_empty() {
+        String::new()
+    } else {
+        format!(", Node Pod CIDRs {}", k.node_pod_cidrs.join(", "))
+    };
+    match k.names_missing {
+        None if k.synced => format!(
+            "Pods named from the API ({}; {} Pods on this node{cidrs})",
+            k.access, k.pods
+        ),
+        None => format!("({})", k.access),
+        Some(why) => format!(
+            "records carry NO Pod names: {} ({}){}{cidrs}",
+            why.describe(),
+            k.access,
+            k.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
     }
 }
 

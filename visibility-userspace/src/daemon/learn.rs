@@ -1,8 +1,8 @@
 //! Keeps the datapath's learned Pod CIDRs in line with what the node says (its routes
-//! to Pod interfaces, its CNI's ranges), one change at a time, and says where each
+//! to Pod interfaces, its CNI's ranges, its Node object's `spec.podCIDRs`), one change at a time, and says where each
 //! Pod CIDR came from and which Pod addresses none covers.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use globset::GlobMatcher;
 use ipnet::IpNet;
@@ -12,6 +12,7 @@ use visibility_common::packet::Family;
 use crate::{
     discovery::PodInterface,
     health,
+    kubernetes::Kubernetes,
     maps::Maps,
     net::family_of,
     node::NodeView,
@@ -27,13 +28,16 @@ pub struct CidrLearner {
     learned: BTreeMap<IpNet, CidrSource>,
     /// The CNI files that did not parse at the last pass (logged once each).
     cni_problems: Vec<PathBuf>,
+    /// The Node's `spec.podCIDRs`, when the API answers.
+    kubernetes: Arc<Kubernetes>,
 }
 
 impl CidrLearner {
-    pub fn new(cni_conf_dir: PathBuf, overridden: bool) -> Self {
+    pub fn new(cni_conf_dir: PathBuf, overridden: bool, kubernetes: Arc<Kubernetes>) -> Self {
         Self {
             cni_conf_dir,
             overridden,
+            kubernetes,
             learned: BTreeMap::new(),
             cni_problems: Vec::new(),
         }
@@ -57,7 +61,7 @@ impl CidrLearner {
             }
         }
         self.cni_problems = problems.into_iter().map(|(path, _)| path).collect();
-        self.learned = pod_cidrs::learn(&cni, &routes);
+        self.learned = pod_cidrs::learn(&self.kubernetes.node_pod_cidrs(), &cni, &routes);
 
         let in_maps: Vec<IpNet> = maps
             .pod_cidrs_learned()

@@ -57,6 +57,11 @@ const LOG_FLUSH: Duration = Duration::from_millis(250);
 /// by at most half a millisecond a second, so flow times stay within 5 ms of it.
 const CLOCK_SYNC: Duration = Duration::from_secs(10);
 
+/// How long past a record interval a deleted Pod keeps naming its addresses: the
+/// interval's read may come late, and the watch may tell of a deletion before the
+/// Pod's last packets are read.
+const KUBERNETES_GRACE: Duration = Duration::from_secs(60);
+
 /// Runs until SIGTERM or SIGINT. The datapath stays loaded and attached after the
 /// daemon exits; a restarted daemon adopts it.
 pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError> {
@@ -97,13 +102,23 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     if !config.ipfix_collectors.is_empty() {
         info!(collectors = ?config.ipfix_collectors, "exporting flow records as IPFIX");
     }
+    let records_interval = Duration::from_secs(config.records_interval_secs);
+    crate::kubernetes::spawn(
+        &config.kubernetes,
+        &config.node_name,
+        shared.kubernetes.clone(),
+        &pin_dir,
+        // A deleted Pod names its addresses until its last records are out.
+        records_interval + KUBERNETES_GRACE,
+    );
     let reader = spawn_reader(
         datapath.pins().clone(),
-        Duration::from_secs(config.records_interval_secs),
+        records_interval,
         sink,
         exporters,
         shared.records.clone(),
         config.node_name.clone(),
+        shared.kubernetes.names(&config.kubernetes),
     )
     .map_err(DaemonError::Records)?;
 

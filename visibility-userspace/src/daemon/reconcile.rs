@@ -51,7 +51,11 @@ impl Reconciler {
             .as_deref()
             .and_then(|g| globset::Glob::new(g).ok())
             .map(|g| g.compile_matcher());
-        let learner = CidrLearner::new(config.cni_conf_dir.clone(), !config.pod_cidrs.is_empty());
+        let learner = CidrLearner::new(
+            config.cni_conf_dir.clone(),
+            !config.pod_cidrs.is_empty(),
+            shared.kubernetes.clone(),
+        );
         let masquerade = MasqueradeCheck::new(Duration::from_secs(config.reconcile_interval_secs));
         Self {
             pin_dir,
@@ -297,6 +301,7 @@ impl Reconciler {
             checks,
             records: self.shared.records.counts(),
             ipfix_collectors: self.config.ipfix_collectors.clone(),
+            kubernetes: self.shared.kubernetes.state(),
         }
     }
 

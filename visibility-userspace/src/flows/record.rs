@@ -19,16 +19,35 @@ pub struct Connection {
     pub protocol: u8,
 }
 
+/// A Pod's workload, as VPC flow logs' `*_gke_details.pod.pod_workload`: its
+/// controller's kind (`Deployment` for a ReplicaSet a Deployment owns) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodWorkload {
+    pub workload_name: String,
+    pub workload_type: String,
+}
+
 /// A Pod, as VPC flow logs' `*_gke_details.pod`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PodDetails {
     pub pod_name: String,
     pub pod_namespace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_workload: Option<PodWorkload>,
+}
+
+/// The cluster, as VPC flow logs' `*_gke_details.cluster` (its name from the
+/// configuration's `cluster-name`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterDetails {
+    pub cluster_name: String,
 }
 
 /// VPC flow logs' `src_gke_details` / `dest_gke_details`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GkeDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterDetails>,
     pub pod: PodDetails,
 }
 

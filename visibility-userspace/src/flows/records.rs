@@ -21,6 +21,7 @@ use super::{
     stats::RecordStats,
     view::{Clock, record},
 };
+use crate::kubernetes::PodNames;
 
 /// What a flow had at the previous read.
 #[derive(Clone, Copy, Debug)]
@@ -57,9 +58,10 @@ impl Aggregator {
         now_ns: u64,
         node_name: &str,
         interface_name: &impl Fn(u32) -> Option<String>,
+        pods: &PodNames,
     ) -> (Vec<FlowRecord>, u64) {
         let (deltas, evicted) = self.deltas(entries, now_ns);
-        let records = json_records(&deltas, clock, node_name, interface_name);
+        let records = json_records(&deltas, clock, node_name, interface_name, pods);
         (records, evicted)
     }
 
@@ -134,16 +136,22 @@ impl Aggregator {
     }
 }
 
-/// The JSON records of an interval's flows.
+/// The JSON records of an interval's flows, each end named by the Pod that had its
+/// address at the interval's last packet.
 fn json_records(
     deltas: &[(FlowKey, FlowStats)],
     clock: &Clock,
     node_name: &str,
     interface_name: &impl Fn(u32) -> Option<String>,
+    pods: &PodNames,
 ) -> Vec<FlowRecord> {
     deltas
         .iter()
-        .filter_map(|(key, stats)| record(key, stats, clock, node_name, interface_name))
+        .filter_map(|(key, stats)| {
+            let mut record = record(key, stats, clock, node_name, interface_name)?;
+            pods.name(&mut record, stats.last_seen_ns);
+            Some(record)
+        })
         .collect()
 }
 
@@ -172,6 +180,7 @@ struct Outputs {
     exporters: Exporters,
     stats: Arc<RecordStats>,
     node_name: String,
+    pods: PodNames,
 }
 
 impl Outputs {
@@ -200,7 +209,7 @@ impl Outputs {
             );
         }
         self.sink.send(
-            &json_records(&deltas, &clock, &self.node_name, &name_of),
+            &json_records(&deltas, &clock, &self.node_name, &name_of, &self.pods),
             deadline,
         );
         let stats = &self.stats;
@@ -215,7 +224,8 @@ impl Outputs {
 }
 
 /// Reads the map and emits records every `interval`, on its own thread: JSON lines to
-/// `sink`, and the same flows and counts as IPFIX to `exporters`.
+/// `sink`, and the same flows and counts as IPFIX to `exporters`; `pods` names their
+/// ends.
 pub fn spawn_reader(
     pins: crate::datapath::PinDir,
     interval: Duration,
@@ -223,6 +233,7 @@ pub fn spawn_reader(
     exporters: Exporters,
     stats: Arc<RecordStats>,
     node_name: String,
+    pods: PodNames,
 ) -> io::Result<Reader> {
     let (stop, stopped) = mpsc::channel();
     let outputs = Outputs {
@@ -230,6 +241,7 @@ pub fn spawn_reader(
         exporters,
         stats,
         node_name,
+        pods,
     };
     let thread = std::thread::Builder::new()
         .name("flow-reader".into())
@@ -275,6 +287,7 @@ mod tests {
                 i as u64 * 1000,
                 "n",
                 &names,
+                &PodNames::default(),
             );
             assert_eq!(evicted, 0);
             total += records.iter().map(|r| r.packets_sent).sum::<u64>();
@@ -291,13 +304,27 @@ mod tests {
         let clock = Clock::now();
         let mut aggregator = Aggregator::default();
         let names = |_: u32| None;
-        aggregator.interval(&[(key(1), stats(1, 100))], &clock, 1_000, "n", &names);
+        aggregator.interval(
+            &[(key(1), stats(1, 100))],
+            &clock,
+            1_000,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
         // One more packet, stamped at 990: before the read at 1000.
         let later = FlowStats {
             last_seen_ns: 990,
             ..stats(2, 100)
         };
-        let (records, _) = aggregator.interval(&[(key(1), later)], &clock, 2_000, "n", &names);
+        let (records, _) = aggregator.interval(
+            &[(key(1), later)],
+            &clock,
+            2_000,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
         assert_eq!(records.len(), 1);
         assert!(
             records[0].start_time <= records[0].end_time,
@@ -318,14 +345,27 @@ mod tests {
             0,
             "n",
             &names,
+            &PodNames::default(),
         );
-        let (records, evicted) =
-            aggregator.interval(&[(key(1), stats(2, 99))], &clock, 1, "n", &names);
+        let (records, evicted) = aggregator.interval(
+            &[(key(1), stats(2, 99))],
+            &clock,
+            1,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
         assert_eq!(evicted, 1);
         assert_eq!(records[0].packets_sent, 2);
         // The evicted flow is forgotten: back in the map, all its packets are new.
-        let (records, evicted) =
-            aggregator.interval(&[(key(2), stats(7, 1))], &clock, 2, "n", &names);
+        let (records, evicted) = aggregator.interval(
+            &[(key(2), stats(7, 1))],
+            &clock,
+            2,
+            "n",
+            &names,
+            &PodNames::default(),
+        );
         assert_eq!(evicted, 1, "key 1 went this time");
         assert_eq!(records[0].packets_sent, 7);
     }
@@ -336,9 +376,10 @@ mod tests {
         let mut aggregator = Aggregator::default();
         let names = |_: u32| None;
         let burst: Vec<_> = (0..50_000).map(|i| (key(i), stats(1, 1))).collect();
-        aggregator.interval(&burst, &clock, 0, "n", &names);
+        aggregator.interval(&burst, &clock, 0, "n", &names, &PodNames::default());
         assert!(aggregator.previous.capacity() >= 50_000);
-        let (_, evicted) = aggregator.interval(&burst[..10], &clock, 1, "n", &names);
+        let (_, evicted) =
+            aggregator.interval(&burst[..10], &clock, 1, "n", &names, &PodNames::default());
         assert_eq!(evicted, 49_990);
         assert!(
             aggregator.previous.capacity() <= 4 * MIN_KEPT_CAPACITY,
@@ -360,6 +401,7 @@ mod tests {
             0,
             "n",
             &names,
+            &PodNames::default(),
         );
         assert_eq!(evicted, 0);
         assert_eq!(records.len(), 1);

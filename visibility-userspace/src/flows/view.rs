@@ -38,6 +38,12 @@ impl Clock {
         self.wall_now_ns - (self.datapath_now_ns - i128::from(datapath_ns))
     }
 
+    /// The datapath's clock at a wall-clock time (nanoseconds since the Unix epoch),
+    /// such as a Kubernetes timestamp; 0 for a time before the clock started.
+    pub fn datapath_ns(&self, unix_ns: i128) -> u64 {
+        u64::try_from(self.datapath_now_ns - (self.wall_now_ns - unix_ns)).unwrap_or_default()
+    }
+
     /// Milliseconds since the Unix epoch (IPFIX's `flowStartMilliseconds`).
     pub fn unix_millis(&self, datapath_ns: u64) -> u64 {
         u64::try_from(self.wall_ns(datapath_ns) / 1_000_000).unwrap_or_default()
