@@ -22,25 +22,18 @@
 //! [--present N] [--new N]`. `--quick`: 20 present, 5 new.
 
 use std::{
-    collections::HashMap,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, OwnedFd},
     process::ExitCode,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, setsockopt,
-    socket, sockopt,
-};
 use serde_json::json;
 use visibility_tests::{
+    attach_watch::Watch,
+    bench_node::{BenchArgs, ensure_tcx, run_on_node},
     lab::{Lab, POD_CIDR_V4, POD_CIDR_V6, POD_GATEWAY_V4},
+    measure::{ms, percentile},
     node::Node,
 };
 
@@ -48,79 +41,37 @@ use visibility_tests::{
 const FILLER_CIDR: &str = "10.53.0.0/16";
 /// How many addresses of each /24 of [`FILLER_CIDR`] are used (.2 to .201).
 const FILLERS_PER_24: usize = 200;
-/// How long a single Pod may take to be attached before the bench fails.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many Pod interfaces are present, and how many Pods are added one at a time.
 struct Options {
     present: usize,
     new: usize,
-    json: bool,
-}
-
-impl Options {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Self> {
-        let args: Vec<String> = args.collect();
-        let quick = args.iter().any(|a| a == "--quick");
-        let mut options = Self {
-            present: if quick { 20 } else { 250 },
-            new: if quick { 5 } else { 40 },
-            json: false,
-        };
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            match arg.as_str() {
-                "--quick" | "--bench" => {}
-                "--json" => options.json = true,
-                "--present" => {
-                    options.present = iter.next().context("--present N")?.parse()?;
-                }
-                "--new" => options.new = iter.next().context("--new N")?.parse()?,
-                other => bail!(
-                    "unknown argument {other:?} (known: --quick, --json, --present N, --new N)"
-                ),
-            }
-        }
-        ensure!(
-            options.present >= 2,
-            "--present must be at least 2 (the lab's Pods)"
-        );
-        ensure!(options.new >= 1, "--new must be at least 1");
-        ensure!(
-            options.new + 2 <= visibility_tests::lab::MAX_PODS,
-            "at most {} new Pods",
-            visibility_tests::lab::MAX_PODS - 2
-        );
-        Ok(options)
-    }
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("attach_latency: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> Result<()> {
-    let options = Options::parse(std::env::args().skip(1))?;
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces, BPF)"
-    );
     let started = Instant::now();
-    let mut node = Node::new("attach", 2).context("building the lab")?;
-    node.capture_daemon_log();
-    let result = measure(&mut node, &options, started);
-    if result.is_err() {
-        node.print_daemon_log_tail(40);
-    }
-    result
+    run_on_node(
+        "attach_latency",
+        &[("present", 250, 20), ("new", 40, 5)],
+        |node, args| measure(node, args, started),
+    )
 }
 
-fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
+fn measure(node: &mut Node, args: &BenchArgs, started: Instant) -> Result<()> {
+    let options = Options {
+        present: args.size("present"),
+        new: args.size("new"),
+    };
+    ensure!(
+        options.present >= 2,
+        "--present must be at least 2 (the lab's Pods)"
+    );
+    ensure!(options.new >= 1, "--new must be at least 1");
+    ensure!(
+        options.new + 2 <= visibility_tests::lab::MAX_PODS,
+        "at most {} new Pods",
+        visibility_tests::lab::MAX_PODS - 2
+    );
     node.start_daemon(
         [
             "--pod-cidr",
@@ -134,12 +85,7 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
         .map(|s| s.to_string())
         .collect(),
     )?;
-    let status = node.status()?;
-    let mode = status["daemon"]["attach_mode"].as_str().unwrap_or_default();
-    ensure!(
-        mode == "tcx",
-        "the daemon attaches with {mode:?}; this bench watches TCX link pins (Linux 6.6+)"
-    );
+    let mode = ensure_tcx(node)?;
 
     let fillers = options.present - node.lab.pod_count();
     add_fillers(&node.lab, fillers)?;
@@ -165,27 +111,13 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
         let index = node.lab.add_pod()?;
         let addr = node.lab.pod_ipv4(index);
         let ifindex = node.lab.pod_host_ifindex(index);
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        let latency = loop {
-            if let Some(entry) = watch.entry(addr) {
-                ensure!(
-                    entry.ifindex == ifindex,
-                    "the route to {addr} points to ifindex {}, the Pod's veth is {ifindex}",
-                    entry.ifindex
-                );
-                if let (Some(first_at), Some(attached)) = (entry.first_at, entry.attached_at) {
-                    first.push(ms(first_at.saturating_duration_since(entry.route_at)));
-                    second.push(ms(attached.saturating_duration_since(first_at)));
-                    break attached.saturating_duration_since(entry.route_at);
-                }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "Pod {index} ({addr}, ifindex {ifindex}) not attached within {ATTACH_TIMEOUT:?} (route seen: {})",
-                watch.entry(addr).is_some()
-            );
-            std::thread::sleep(Duration::from_millis(1));
+        let entry = watch.wait_attached(addr, ifindex)?;
+        let (Some(first_at), Some(attached)) = (entry.first_at, entry.attached_at) else {
+            bail!("{addr}: attached without both pins seen");
         };
+        first.push(ms(first_at.saturating_duration_since(entry.route_at)));
+        second.push(ms(attached.saturating_duration_since(first_at)));
+        let latency = attached.saturating_duration_since(entry.route_at);
         samples.push(ms(latency));
         // One Pod at a time: let the daemon finish the pass (status file, etc.).
         std::thread::sleep(Duration::from_millis(100));
@@ -207,7 +139,7 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
     eprintln!(
         "attach_latency: p50 route -> first program attached {first_p50:.1} ms, first -> second {second_p50:.1} ms"
     );
-    if options.json {
+    if args.json {
         let document = json!({
             "present": present,
             "new": samples.len(),
@@ -226,18 +158,6 @@ fn measure(node: &mut Node, options: &Options, started: Instant) -> Result<()> {
         println!("{document}");
     }
     Ok(())
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentile.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// The address of filler `i` in [`FILLER_CIDR`].
@@ -274,202 +194,4 @@ fn add_fillers(lab: &Lab, count: usize) -> Result<()> {
     lab.node().ip_batch(&node_lines)?;
     holder.ip_batch(&holder_lines)?;
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Watching routes and pins
-// ---------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    ifindex: u32,
-    route_at: Instant,
-    /// When the first of the two link pins existed.
-    first_at: Option<Instant>,
-    /// When both existed.
-    attached_at: Option<Instant>,
-}
-
-/// A thread that notes new host routes (netlink) and when their interface's link pins
-/// appear, every millisecond.
-struct Watch {
-    entries: Arc<Mutex<HashMap<Ipv4Addr, Entry>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
-}
-
-impl Watch {
-    fn start(lab: &Lab, links: std::path::PathBuf) -> Result<Self> {
-        let socket = lab.node().try_in_ns(|| {
-            let fd = socket(
-                AddressFamily::Netlink,
-                SockType::Raw,
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                SockProtocol::NetlinkRoute,
-            )
-            .context("netlink socket")?;
-            setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20)).context("SO_RCVBUFFORCE")?;
-            bind(
-                fd.as_raw_fd(),
-                &NetlinkAddr::new(0, libc::RTMGRP_IPV4_ROUTE as u32),
-            )
-            .context("binding to RTMGRP_IPV4_ROUTE")?;
-            Ok(fd)
-        })?;
-        let entries = Arc::new(Mutex::new(HashMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (entries, stop) = (entries.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("route-watch".into())
-                .spawn(move || watch(socket, &links, &entries, &stop))?
-        };
-        Ok(Self {
-            entries,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn entry(&self, addr: Ipv4Addr) -> Option<Entry> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .copied()
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Err(error)) => eprintln!("attach_latency: watcher: {error:#}"),
-                Ok(Ok(())) => {}
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn watch(
-    socket: OwnedFd,
-    links: &std::path::Path,
-    entries: &Mutex<HashMap<Ipv4Addr, Entry>>,
-    stop: &AtomicBool,
-) -> Result<()> {
-    let mut buf = vec![0u8; 1 << 16];
-    while !stop.load(Ordering::Relaxed) {
-        loop {
-            match recv(socket.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Ok(n) => {
-                    let now = Instant::now();
-                    let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
-                    for (dst, ifindex) in new_host_routes(&buf[..n]) {
-                        entries.entry(dst).or_insert(Entry {
-                            ifindex,
-                            route_at: now,
-                            first_at: None,
-                            attached_at: None,
-                        });
-                    }
-                }
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::ENOBUFS) => {
-                    eprintln!("attach_latency: the netlink socket overran; events were lost");
-                }
-                Err(e) => return Err(e).context("reading route events"),
-            }
-        }
-        {
-            let now = Instant::now();
-            let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
-            for entry in entries.values_mut().filter(|e| e.attached_at.is_none()) {
-                let pinned = ["pod_ingress", "pod_egress"].map(|program| {
-                    links
-                        .join(format!("if{}_{program}", entry.ifindex))
-                        .exists()
-                });
-                if entry.first_at.is_none() && pinned.iter().any(|p| *p) {
-                    entry.first_at = Some(now);
-                }
-                if pinned.iter().all(|p| *p) {
-                    entry.attached_at = Some(now);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
-
-const NLMSG_HDRLEN: usize = 16;
-const RTMSG_LEN: usize = 12;
-const RTM_NEWROUTE: u16 = 24;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
-const RT_TABLE_MAIN: u32 = 254;
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// The IPv4 /32 routes of the main table that a netlink datagram announces: (destination,
-/// output interface).
-fn new_host_routes(buf: &[u8]) -> Vec<(Ipv4Addr, u32)> {
-    let mut found = Vec::new();
-    let mut at = 0;
-    while at + NLMSG_HDRLEN <= buf.len() {
-        let len = u32_at(buf, at) as usize;
-        if len < NLMSG_HDRLEN || at + len > buf.len() {
-            break;
-        }
-        let kind = u16_at(buf, at + 4);
-        let body = &buf[at + NLMSG_HDRLEN..at + len];
-        at += align4(len);
-        if kind != RTM_NEWROUTE || body.len() < RTMSG_LEN {
-            continue;
-        }
-        let (family, dst_len) = (body[0], body[1]);
-        if i32::from(family) != libc::AF_INET || dst_len != 32 {
-            continue;
-        }
-        let mut table = u32::from(body[4]);
-        let (mut dst, mut oif) = (None, None);
-        let mut a = RTMSG_LEN;
-        while a + 4 <= body.len() {
-            let alen = usize::from(u16_at(body, a));
-            let atype = u16_at(body, a + 2);
-            if alen < 4 || a + alen > body.len() {
-                break;
-            }
-            let data = &body[a + 4..a + alen];
-            match (atype, data.len()) {
-                (RTA_DST, 4) => dst = Some(Ipv4Addr::new(data[0], data[1], data[2], data[3])),
-                (RTA_OIF, 4) => oif = Some(u32_at(data, 0)),
-                (RTA_TABLE, 4) => table = u32_at(data, 0),
-                _ => {}
-            }
-            a += align4(alen);
-        }
-        if let (Some(dst), Some(oif), RT_TABLE_MAIN) = (dst, oif, table) {
-            found.push((dst, oif));
-        }
-    }
-    found
 }

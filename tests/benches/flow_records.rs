@@ -49,6 +49,7 @@ use visibility_common::{
     flow::{FlowKey, FlowStats, Path},
     map_names,
 };
+use visibility_tests::measure::{memory_mib, ms};
 
 /// Entries of the flow map: room for the largest size, so the LRU evicts nothing.
 const CAPACITY: u32 = 1_100_000;
@@ -120,24 +121,6 @@ fn flow(i: usize, now_ns: u64) -> (FlowKey, FlowStats) {
         ..FlowStats::default()
     };
     (key, stats)
-}
-
-/// `VmRSS` and `VmHWM` of this process, in MiB.
-fn memory_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -364,7 +347,7 @@ fn main() -> Result<()> {
         }
         let mut aggregator = kept.expect("at least one sample");
         let idle = idle_interval(&maps, &mut aggregator)?;
-        let (rss, hwm) = memory_mib();
+        let (rss, hwm) = memory_mib("self");
         let aggregate_emit: Vec<Duration> = aggregates
             .iter()
             .zip(&emits)

@@ -7,6 +7,12 @@
 //!   daemon does, and driven with `BPF_PROG_TEST_RUN`.
 //! * [`fuzz`]: the differential fuzz harness: the host's parser and verdict against the
 //!   kernel's programs, frame by frame (`cargo xtask fuzz`).
+//! * [`attach_watch`]: when new Pods' routes appear and when the daemon has attached
+//!   them, for the attach-latency and churn benchmarks.
+//! * [`bench_node`]: the arguments and the lab node the daemon's benchmarks share.
+//! * [`churn`]: Pod interfaces made and deleted in bursts, and what the daemon must have
+//!   cleaned up after them.
+//! * [`measure`]: percentiles, and a process's CPU time and memory, for the benchmarks.
 //! * [`node`]: a lab node running the real `visibility` daemon, and its CLI.
 //! * [`dashboard`]: the Grafana dashboard's queries against a real Prometheus server, and
 //!   its picture.
@@ -18,10 +24,14 @@
 //!
 //! Most tests in `tests/` need root (network namespaces, nftables, BPF).
 
+pub mod attach_watch;
+pub mod bench_node;
+pub mod churn;
 pub mod dashboard;
 pub mod datapath_harness;
 pub mod fuzz;
 pub mod lab;
+pub mod measure;
 pub mod netd;
 pub mod node;
 pub mod records;

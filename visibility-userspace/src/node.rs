@@ -1,6 +1,6 @@
 //! What the node looks like, from netlink: interfaces, routes, addresses and
-//! neighbours. The daemon takes a fresh snapshot whenever netlink says something
-//! changed, and compares it with what it wants.
+//! neighbours. The daemon takes a full snapshot at start and on its slow reconcile, and
+//! keeps it current in between from netlink's notifications (`daemon::events`).
 
 use std::{
     collections::BTreeMap,
@@ -11,9 +11,11 @@ use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState,
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
+        NeighbourState,
     },
     route::{RouteAddress, RouteAttribute, RouteMessage},
 };
@@ -112,7 +114,7 @@ fn mac(bytes: &[u8]) -> Option<[u8; 6]> {
     <[u8; 6]>::try_from(bytes).ok()
 }
 
-fn interface(message: &LinkMessage) -> Interface {
+pub(crate) fn interface(message: &LinkMessage) -> Interface {
     let mut iface = Interface {
         index: message.header.index,
         name: String::new(),
@@ -152,7 +154,7 @@ fn route_addr(addr: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn route(message: &RouteMessage, family: Family) -> Option<Route> {
+pub(crate) fn route(message: &RouteMessage, family: Family) -> Option<Route> {
     let mut table = u32::from(message.header.table);
     let mut destination = None;
     let mut gateway = None;
@@ -185,6 +187,46 @@ fn route(message: &RouteMessage, family: Family) -> Option<Route> {
     })
 }
 
+/// A neighbour entry from its netlink message; `None` without an address.
+pub(crate) fn neighbour(message: &NeighbourMessage) -> Option<Neighbour> {
+    let mut addr = None;
+    let mut lladdr = None;
+    let mut managed = false;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::ExtFlags(flags) => {
+                managed = flags.contains(NeighbourExtFlags::Managed)
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                addr = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                addr = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = mac(bytes),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ifindex: message.header.ifindex,
+        addr: addr?,
+        mac: lladdr,
+        state: message.header.state,
+        managed,
+    })
+}
+
+/// The addresses an address message carries, each with its interface.
+pub(crate) fn addresses_of(message: &AddressMessage) -> impl Iterator<Item = (u32, IpAddr)> + '_ {
+    message
+        .attributes
+        .iter()
+        .filter_map(|attribute| match attribute {
+            AddressAttribute::Address(addr) => Some((message.header.index, *addr)),
+            _ => None,
+        })
+}
+
 impl NodeView {
     /// Reads the current state through `handle`.
     pub async fn read(handle: &Handle) -> Result<Self, NodeError> {
@@ -209,11 +251,7 @@ impl NodeView {
             .await
             .map_err(request("listing addresses"))?
         {
-            for attribute in &message.attributes {
-                if let netlink_packet_route::address::AddressAttribute::Address(addr) = attribute {
-                    view.addresses.push((message.header.index, *addr));
-                }
-            }
+            view.addresses.extend(addresses_of(&message));
         }
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut neighbours = handle
@@ -226,33 +264,7 @@ impl NodeView {
                 .await
                 .map_err(request("listing neighbours"))?
             {
-                let mut addr = None;
-                let mut lladdr = None;
-                let mut managed = false;
-                for attribute in &message.attributes {
-                    match attribute {
-                        NeighbourAttribute::ExtFlags(flags) => {
-                            managed = flags.contains(NeighbourExtFlags::Managed)
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            addr = Some(IpAddr::V4(*v4))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                            addr = Some(IpAddr::V6(*v6))
-                        }
-                        NeighbourAttribute::LinkLayerAddress(bytes) => lladdr = mac(bytes),
-                        _ => {}
-                    }
-                }
-                if let Some(addr) = addr {
-                    view.neighbours.push(Neighbour {
-                        ifindex: message.header.ifindex,
-                        addr,
-                        mac: lladdr,
-                        state: message.header.state,
-                        managed,
-                    });
-                }
+                view.neighbours.extend(neighbour(&message));
             }
         }
         Ok(view)
@@ -351,40 +363,6 @@ pub fn connect() -> Result<Handle, NodeError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
     tokio::spawn(connection);
     Ok(handle)
-}
-
-/// A stream of "something changed" notices: links, addresses and routes of both
-/// families. The daemon re-reads the node on each (debounced).
-pub fn subscribe() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, NodeError> {
-    use futures::StreamExt as _;
-    use netlink_sys::AsyncSocket as _;
-    use rtnetlink::constants::{
-        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
-        RTMGRP_NEIGH,
-    };
-    let (mut connection, _, mut messages) =
-        rtnetlink::new_connection().map_err(NodeError::Connect)?;
-    let groups = RTMGRP_LINK
-        | RTMGRP_IPV4_IFADDR
-        | RTMGRP_IPV4_ROUTE
-        | RTMGRP_IPV6_IFADDR
-        | RTMGRP_IPV6_ROUTE
-        | RTMGRP_NEIGH;
-    connection
-        .socket_mut()
-        .socket_mut()
-        .bind(&netlink_sys::SocketAddr::new(0, groups))
-        .map_err(NodeError::Connect)?;
-    tokio::spawn(connection);
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while messages.next().await.is_some() {
-            if sender.send(()).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(receiver)
 }
 
 /// Builders of a [`NodeView`]'s parts, for the unit tests of what reads one.

@@ -9,11 +9,13 @@
 //!
 //! Run: `cargo build -p visibility-userspace && cargo test -p visibility-tests --test daemon`
 //!
-//! One file a topic: [`control`], [`pods`], [`teardown`], [`status`], [`flows`],
+//! One file a topic: [`control`], [`pods`], [`churn`] (bursts of Pods made and deleted),
+//! [`teardown`], [`status`], [`flows`],
 //! [`logs`], [`learned`] (Pod CIDRs learned from the node, and the probes) and
 //! [`two_nodes`] (two nodes behind one gateway, one configuration); [`common`] holds
 //! what they share.
 
+mod churn;
 mod common;
 mod control;
 mod flows;

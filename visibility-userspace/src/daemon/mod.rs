@@ -3,7 +3,9 @@
 //! the maps in line with the node, and reports health.
 
 mod changes;
+mod events;
 mod learn;
+mod masquerade;
 mod reconcile;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -11,6 +13,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use self::events::LiveView;
 pub use self::reconcile::Reconciler;
 use crate::{
     config::NodeConfig,
@@ -45,7 +48,7 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-/// How soon after a netlink event the node is re-read: events come in bursts (a new
+/// How soon after a netlink event the daemon reconciles: events come in bursts (a new
 /// Pod brings a link, addresses and routes), and one reconcile serves them all.
 const DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often the programs' log records are forwarded.
@@ -120,7 +123,9 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
     .map_err(DaemonError::Records)?;
 
     let handle = crate::node::connect()?;
-    let mut events = crate::node::subscribe()?;
+    // Subscribed before the first dump (the first tick), so that no change falls between.
+    let mut events = events::subscribe()?;
+    let mut node = LiveView::default();
     let mut reconciler = Reconciler::new(pin_dir.clone(), config.clone(), origin, shared.clone());
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -130,12 +135,21 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
 
     loop {
         tokio::select! {
-            _ = tick.tick() => reconciler.reconcile(&handle, &mut datapath, &mut maps).await,
-            Some(()) = events.recv() => {
-                // Let the rest of the burst arrive, then drain it.
+            _ = tick.tick() => {
+                if let Some(view) = node.read(&handle).await {
+                    reconciler.reconcile(&handle, view, &mut datapath, &mut maps).await;
+                }
+            }
+            Some(event) = events.recv() => {
+                // Let the rest of the burst arrive, then apply it all.
                 tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
-                reconciler.reconcile(&handle, &mut datapath, &mut maps).await;
+                node.apply(event);
+                while let Ok(event) = events.try_recv() {
+                    node.apply(event);
+                }
+                if let Some(view) = node.current(&handle).await {
+                    reconciler.reconcile(&handle, view, &mut datapath, &mut maps).await;
+                }
             }
             _ = log_flush.tick() => datapath.flush_logs(),
             _ = clock_sync.tick() => sync_clock(&datapath, &mut maps).await,

@@ -1,12 +1,12 @@
 //! One pass of "make the node as it should be": attachments, maps, status.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use rtnetlink::Handle;
 use tracing::{info, warn};
 use visibility_common::{config::Gateway, packet::Family};
 
-use super::{changes::Changes, learn::CidrLearner};
+use super::{changes::Changes, learn::CidrLearner, masquerade::MasqueradeCheck};
 use crate::{
     config::NodeConfig,
     datapath::{Datapath, Origin, ProgramKind},
@@ -34,6 +34,7 @@ pub struct Reconciler {
     last_checks: Vec<Check>,
     changes: Changes,
     learner: CidrLearner,
+    masquerade: MasqueradeCheck,
     shared: Arc<Shared>,
 }
 
@@ -55,6 +56,7 @@ impl Reconciler {
             !config.pod_cidrs.is_empty(),
             shared.kubernetes.clone(),
         );
+        let masquerade = MasqueradeCheck::new(Duration::from_secs(config.reconcile_interval_secs));
         Self {
             pin_dir,
             learner,
@@ -66,41 +68,39 @@ impl Reconciler {
             missing_uplinks: Vec::new(),
             last_checks: Vec::new(),
             changes: Changes::default(),
+            masquerade,
             shared,
         }
     }
 
-    /// Reads the node and brings attachments, maps and the status file in line.
-    /// Failures are logged and retried on the next pass; they never stop the daemon.
-    pub async fn reconcile(&mut self, handle: &Handle, datapath: &mut Datapath, maps: &mut Maps) {
-        let view = match NodeView::read(handle).await {
-            Ok(view) => view,
-            Err(error) => {
-                warn!(%error, "reading the node");
-                return;
-            }
-        };
-        let uplinks = self.sync_uplinks(&view, maps);
-        keep_gateways_resolved(handle, &view, &uplinks).await;
-        self.sync_node_addrs(&view, maps);
+    /// Brings attachments, maps and the status file in line with the node as `view`
+    /// has it. Failures are logged and retried on the next pass; they never stop the
+    /// daemon.
+    pub async fn reconcile(
+        &mut self,
+        handle: &Handle,
+        view: &NodeView,
+        datapath: &mut Datapath,
+        maps: &mut Maps,
+    ) {
+        let uplinks = self.sync_uplinks(view, maps);
+        keep_gateways_resolved(handle, view, &uplinks).await;
+        self.sync_node_addrs(view, maps);
         let uplink_indexes: Vec<u32> = uplinks.iter().map(|u| u.ifindex).collect();
         let pod_routes = {
             // A `pod-cidr add` taking over a learned entry must not be undone by the
             // learner's removal of what it no longer sees.
             let _lock = lock_or_warn(maps);
             self.learner
-                .sync(&view, &uplink_indexes, self.glob.as_ref(), maps)
+                .sync(view, &uplink_indexes, self.glob.as_ref(), maps)
         };
-        let pods = discovery::pod_interfaces(
-            &view,
-            &maps.pod_cidrs(),
-            self.glob.as_ref(),
-            &uplink_indexes,
-        );
-        self.sync_attachments(&view, datapath, &pods, &uplink_indexes);
-        self.changes.notice(&view, &uplinks, &self.shared);
+        let pods =
+            discovery::pod_interfaces(view, &maps.pod_cidrs(), self.glob.as_ref(), &uplink_indexes);
+        self.sync_attachments(view, datapath, &pods, &uplink_indexes);
+        self.changes.notice(view, &uplinks, &self.shared);
         sync_pod_ifaces(maps, &pods);
-        let status = self.status(&view, datapath, maps, &uplinks, &pods, &pod_routes);
+        self.masquerade.refresh(maps.pod_cidrs()).await;
+        let status = self.status(view, datapath, maps, &uplinks, &pods, &pod_routes);
         self.log_check_changes(&status.checks);
         if let Err(error) = status.write(&self.pin_dir) {
             warn!(%error, "writing the status file");
@@ -283,7 +283,7 @@ impl Reconciler {
         if let Some(v4) = uplink_states.iter().find(|u| u.family == "v4") {
             checks.push(health::rp_filter(&v4.uplink, v4.attached));
         }
-        checks.push(health::masquerade(&pod_cidrs));
+        checks.extend(self.masquerade.check());
         DaemonStatus {
             pid: std::process::id(),
             node_name: self.config.node_name.clone(),

@@ -5,15 +5,19 @@ use serde_json::Value;
 
 /// The microbenchmarks, run after the comparisons, and their arguments: each prints a
 /// JSON document with `--json`.
-pub(super) fn microbenches(quick: bool) -> [(&'static str, Vec<String>); 3] {
+pub(super) fn microbenches(quick: bool) -> [(&'static str, Vec<String>); 4] {
     let json = || vec!["--json".to_owned()];
-    let mut attach = json();
-    if quick {
-        // A smaller lab of Pod interfaces.
-        attach.push("--quick".to_owned());
-    }
+    // A smaller lab of Pod interfaces, and fewer of them churned.
+    let sized = || {
+        let mut args = json();
+        if quick {
+            args.push("--quick".to_owned());
+        }
+        args
+    };
     [
-        ("attach_latency", attach),
+        ("attach_latency", sized()),
+        ("churn", sized()),
         ("program_cost", json()),
         ("flow_records", json()),
     ]
@@ -62,6 +66,26 @@ pub(super) fn attach_line(attach: &Value) -> Option<String> {
         "attach latency: {} new Pods with {} Pod interfaces present: p50 {p50:.1} ms, p99 {p99:.1} ms (route appears -> both programs attached{parts})",
         attach["new"].as_f64().unwrap_or(0.0),
         attach["present"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// "churn: 500 Pod interfaces made and deleted in 10 bursts of 50: ..." from churn's
+/// JSON.
+pub(super) fn churn_line(churn: &Value) -> Option<String> {
+    Some(format!(
+        "churn: {} Pod interfaces made and deleted in {} bursts of {}, netlink events alone: attach p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, a burst {:.1} ms a Pod; the daemon used {:.2} s of CPU over {:.0} s, RSS {:.0} MiB (peak {:.0} MiB); {} left behind",
+        churn["interfaces"].as_u64()?,
+        churn["bursts"].as_u64()?,
+        churn["burst"].as_u64()?,
+        churn["p50_ms"].as_f64()?,
+        churn["p99_ms"].as_f64()?,
+        churn["max_ms"].as_f64()?,
+        churn["burst_ms_per_pod"].as_f64()?,
+        churn["daemon_cpu_seconds"].as_f64()?,
+        churn["seconds"].as_f64()?,
+        churn["daemon_rss_mib"].as_f64()?,
+        churn["daemon_peak_rss_mib"].as_f64()?,
+        churn["leftovers"].as_u64()?,
     ))
 }
 

@@ -7,6 +7,9 @@
 //! * `tests/benches/compare.rs` runs off, netd and visibility alternating in rounds, with
 //!   the client on CPU 0 and the server on CPU 1, and prints JSON;
 //! * `tests/benches/attach_latency.rs` times new Pods' attachment with 250 present;
+//! * `tests/benches/churn.rs` makes and deletes 500 Pod interfaces in bursts, times
+//!   their attachment, checks that nothing is left behind, and reports the daemon's CPU
+//!   time and memory;
 //! * `tests/benches/program_cost.rs` runs each program with `BPF_PROG_TEST_RUN`;
 //! * `tests/benches/flow_records.rs` times one flow-record interval and measures the
 //!   memory at 10k, 100k and 1M flows.
@@ -44,7 +47,7 @@ use serde_json::{Map, Value, json};
 use self::{
     breakdown::Breakdown,
     figures::GATEWAY_VARIANTS,
-    micro::{attach_line, flow_records_line, microbenches, program_cost_line},
+    micro::{attach_line, churn_line, flow_records_line, microbenches, program_cost_line},
     readme::update_readme,
     report::Report,
 };
@@ -55,7 +58,7 @@ use crate::{
 
 #[derive(clap::Args, Default)]
 pub struct BenchArgs {
-    /// A smoke run: one round, short durations, a small attach-latency lab.
+    /// A smoke run: one round, short durations, small attach-latency and churn labs.
     #[arg(long)]
     quick: bool,
     /// Where results.json, results.svg and the profiles go [default: target/bench].
@@ -68,7 +71,7 @@ pub struct BenchArgs {
     /// `<!-- bench:end -->`) with a table from this run.
     #[arg(long)]
     update_readme: bool,
-    /// Only the side-by-side comparison: skip attach_latency, program_cost and
+    /// Only the side-by-side comparison: skip attach_latency, churn, program_cost and
     /// flow_records.
     #[arg(long)]
     no_micro: bool,
@@ -193,6 +196,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let micro_lines: Vec<String> = [
         program_cost_line(&micro_of("program_cost")),
         attach_line(&micro_of("attach_latency")),
+        churn_line(&micro_of("churn")),
         flow_records_line(&micro_of("flow_records")),
     ]
     .into_iter()

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::{
     breakdown::Breakdown,
     figures::{GATEWAY_VARIANTS, round_ratios},
-    micro::{flow_records_line, program_cost_line},
+    micro::{churn_line, flow_records_line, program_cost_line},
     parse_json,
     readme::{README_END, README_START, replace_marked},
     report::{Report, Verdict},
@@ -214,6 +214,20 @@ fn flow_record_sizes_become_one_line() {
         "flow records, one interval in which every flow moved (read the flow map, build a record per flow, emit it as a JSON line): 10000 flows 21 ms (read 3 ms, emit 10 ms), RSS 18 MiB; 1000000 flows 2712 ms (read 401 ms, emit 1200 ms), RSS 912 MiB"
     );
     assert_eq!(flow_records_line(&json!({ "skipped": "needs root" })), None);
+}
+
+#[test]
+fn churn_figures_become_one_line() {
+    let json = json!({
+        "interfaces": 500, "bursts": 10, "burst": 50, "p50_ms": 21.04, "p99_ms": 80.0,
+        "max_ms": 95.5, "burst_ms_per_pod": 1.64, "daemon_cpu_seconds": 3.456, "seconds": 41.2,
+        "daemon_rss_mib": 20.4, "daemon_peak_rss_mib": 24.6, "leftovers": 0
+    });
+    assert_eq!(
+        churn_line(&json).unwrap(),
+        "churn: 500 Pod interfaces made and deleted in 10 bursts of 50, netlink events alone: attach p50 21.0 ms, p99 80.0 ms, max 95.5 ms, a burst 1.6 ms a Pod; the daemon used 3.46 s of CPU over 41 s, RSS 20 MiB (peak 25 MiB); 0 left behind"
+    );
+    assert_eq!(churn_line(&json!({ "failed": "no root" })), None);
 }
 
 #[test]
