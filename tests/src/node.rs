@@ -414,6 +414,50 @@ impl Node {
         })
     }
 
+    /// The programs attached to the node's interfaces: TCX attachments where the kernel
+    /// has TCX, else the clsact filters (`tc -j filter show`), as the daemon attaches
+    /// on older kernels.
+    pub fn attached_programs(&self) -> Result<Vec<TcxAttachment>> {
+        if matches!(
+            visibility::datapath::AttachMode::current(),
+            visibility::datapath::AttachMode::Tcx
+        ) {
+            return self.tcx_attachments();
+        }
+        let node = self.lab.node();
+        let mut found = Vec::new();
+        let interfaces = node.try_in_ns(|| {
+            Ok(nix::net::if_::if_nameindex()
+                .context("listing interfaces")?
+                .iter()
+                .map(|iface| iface.name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>())
+        })?;
+        for name in interfaces {
+            for direction in ["ingress", "egress"] {
+                let out = node.run(
+                    "tc",
+                    ["-j", "filter", "show", "dev", name.as_str(), direction],
+                )?;
+                let filters: serde_json::Value = serde_json::from_str(out.trim())
+                    .with_context(|| format!("tc filter show dev {name} {direction}: {out}"))?;
+                for filter in filters.as_array().into_iter().flatten() {
+                    let prog = &filter["options"]["prog"];
+                    // Each preference also has an entry of its own, without options.
+                    if let Some(id) = prog["id"].as_u64() {
+                        found.push(TcxAttachment {
+                            interface: name.clone(),
+                            direction,
+                            program_id: u32::try_from(id)?,
+                            program_name: prog["name"].as_str().unwrap_or_default().to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// `bpftool -j ARGS...` in the node's namespace, parsed.
     pub fn bpftool(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = vec!["-j"];

@@ -158,7 +158,7 @@ fn kill_9_and_sigterm_restarts_report_every_byte_once() {
 /// The programs attached in the node's namespace, as (interface, direction) → program id.
 fn attached_programs(node: &Node) -> Vec<(String, &'static str, u32)> {
     let mut found: Vec<_> = node
-        .tcx_attachments()
+        .attached_programs()
         .unwrap()
         .into_iter()
         .map(|a| (a.interface, a.direction, a.program_id))
