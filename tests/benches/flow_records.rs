@@ -278,6 +278,7 @@ fn main() -> Result<()> {
         &dir,
         &LoadOptions {
             flow_capacity: CAPACITY,
+            ..LoadOptions::default()
         },
     )
     .context("loading the datapath")?;

@@ -1,9 +1,9 @@
 //! Names no other test process uses, `<tag>-<pid>-<n>`, for namespaces, pin directories
-//! and files; and whether the process that made such a name is gone, so that what it
-//! left behind may be removed.
+//! and files (and a file under such a name, removed on drop); and whether the process
+//! that made such a name is gone, so that what it left behind may be removed.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
 };
 
@@ -27,6 +27,27 @@ pub fn name(tag: &str) -> String {
 /// left behind is nobody's.
 pub fn is_left_over(pid: u32) -> bool {
     pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A file of its own in the temporary directory, `vis-<name>`, removed on drop (also
+/// when the test fails).
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    /// A file holding `bytes`.
+    pub fn with_bytes(tag: &str, bytes: &[u8]) -> std::io::Result<Self> {
+        let path = std::env::temp_dir().join(format!("vis-{}", name(tag)));
+        std::fs::write(&path, bytes)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use visibility_tests::require_root;
 use visibility_tests::{
     lab::POD_CIDR_V4,
     node::{Node, binary, output_within, run_cli},
+    unique::TempFile,
 };
 
 /// A lab with two Pods whose daemon runs with an exemption, so that lists are not empty.
@@ -336,6 +337,45 @@ fn daemon_with_a_collector_that_is_not_host_and_port() {
     let output = output_within(cmd, Duration::from_secs(30)).unwrap();
     expect_error(&output, &["collector-without-port", "HOST:PORT"]);
     assert!(!fresh.exists(), "no pin directory may be created");
+}
+
+/// A daemon given an eBPF object file (`--ebpf-object`) that is missing, not ELF, or
+/// an eBPF object without the datapath's programs (the benchmarks') fails before it
+/// loads anything, and says what it needs: no pin directory on a fresh one, and a
+/// running daemon's datapath untouched.
+#[test]
+fn daemon_with_an_ebpf_object_it_cannot_load() {
+    let node = started("e-object");
+    let fresh = unused_bpffs_dir("object");
+    let not_elf = TempFile::with_bytes("not-elf", b"not an ELF file").unwrap();
+    let other_programs =
+        TempFile::with_bytes("bench", visibility::datapath::BENCH_EBPF_OBJECT).unwrap();
+    let missing = not_elf.path.with_extension("missing");
+    let cases = [
+        (&missing, "reading the eBPF object"),
+        (&not_elf.path, "is not a datapath object"),
+        (&other_programs.path, "it has no program pod_ingress"),
+    ];
+    for (object, hint) in cases {
+        for pin_dir in [&fresh, &node.pin_dir] {
+            let before = snapshot(&node);
+            let args = [
+                "--pin-dir",
+                pin_dir.to_str().unwrap(),
+                "daemon",
+                "--pod-cidr",
+                POD_CIDR_V4,
+                "--ebpf-object",
+                object.to_str().unwrap(),
+            ];
+            let output =
+                output_within(node.lab.node().cmd(binary(), args), Duration::from_secs(30))
+                    .unwrap();
+            expect_error(&output, &[object.to_str().unwrap(), hint, "--ebpf-object"]);
+            assert!(!fresh.exists(), "no pin directory may be created");
+            assert_eq!(snapshot(&node), before);
+        }
+    }
 }
 
 /// A pin directory that is not on bpffs: every command refuses it, and creates nothing.

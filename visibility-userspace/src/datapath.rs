@@ -19,12 +19,15 @@ use crate::{
 };
 
 #[cfg(feature = "bench-programs")]
-pub use crate::pins::BENCH_EBPF_OBJECT;
-pub use crate::pins::{
-    AttachMode, DEFAULT_PIN_DIR, EBPF_OBJECT, LoadOptions, Origin, PinDir, ProgramKind,
-    attachments, ensure_bpffs, is_bpffs, remove_pins,
-};
+pub use crate::ebpf_object::BENCH_EBPF_OBJECT;
 use crate::pins::{create_private_dir, detach_pinned, program_error};
+pub use crate::{
+    ebpf_object::{EBPF_OBJECT, EbpfObject},
+    pins::{
+        AttachMode, DEFAULT_PIN_DIR, LoadOptions, Origin, PinDir, ProgramKind, attachments,
+        ensure_bpffs, is_bpffs, remove_pins,
+    },
+};
 
 /// The loaded (or adopted) programs.
 pub struct Datapath {
@@ -42,12 +45,16 @@ pub struct Datapath {
 impl Datapath {
     /// Adopts the datapath pinned under `pin_dir`, or loads and pins a new one.
     pub fn open(pin_dir: &Path, options: &LoadOptions) -> Result<(Self, Origin), DatapathError> {
-        if EBPF_OBJECT.is_empty() {
+        let object = options.object.bytes();
+        if object.is_empty() {
             return Err(DatapathError::NoObject);
+        }
+        if let EbpfObject::File { path, .. } = &options.object {
+            tracing::info!(path = %path.display(), "the eBPF object is a file's (--ebpf-object), not this binary's own");
         }
         ensure_bpffs(pin_dir)?;
         let pins = PinDir::new(pin_dir);
-        let ours = ObjectInfo::of(EBPF_OBJECT);
+        let ours = ObjectInfo::of(object);
         let origin = if pins.is_pinned() {
             let pinned = object::pinned(&pins);
             match Change::between(pinned, ours) {

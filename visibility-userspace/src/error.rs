@@ -14,6 +14,26 @@ pub enum DatapathError {
         "this binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it with the nightly toolchain and bpf-linker installed (cargo xtask setup)"
     )]
     NoObject,
+    /// The object file given with `--ebpf-object` could not be read.
+    #[error(
+        "reading the eBPF object {path}: {source}; pass a readable file to --ebpf-object, or leave it out to load this binary's own"
+    )]
+    ObjectFileUnreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The object file given with `--ebpf-object` is not a datapath object this binary
+    /// can load in place of its own: not an eBPF ELF file, without one of the programs,
+    /// or with pinned maps laid out otherwise.
+    #[error(
+        "{path} is not a datapath object this daemon can load: {source}; pass a visibility-datapath built from visibility-ebpf with this binary's map layouts, or leave --ebpf-object out"
+    )]
+    ObjectFileInvalid {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The pin directory is not on a bpffs mount.
     #[error("{0} is not on a bpffs mount; {hint}", hint = MOUNT_BPFFS)]
     NotBpffs(PathBuf),

@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod discovery;
+pub mod ebpf_object;
 pub mod error;
 pub mod flows;
 pub mod health;

@@ -10,7 +10,7 @@ use visibility_common::{global_names, map_names, program_names};
 
 use crate::{
     error::DatapathError,
-    pins::{EBPF_OBJECT, LoadOptions, PinDir, ProgramKind, io_error},
+    pins::{LoadOptions, PinDir, ProgramKind, io_error},
     variant::Variant,
 };
 
@@ -115,7 +115,7 @@ fn load_programs(
             &variant.walk_packet_kinds_as_one(),
             true,
         )
-        .load(EBPF_OBJECT)
+        .load(options.object.bytes())
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
     let names = ProgramKind::ALL
         .map(ProgramKind::name)

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use visibility::{
     cli::{self, flows::FlowsQuery},
     config::{Layer, NodeConfig},
-    datapath::DEFAULT_PIN_DIR,
+    datapath::{DEFAULT_PIN_DIR, EbpfObject},
     flows::view::{Filter, SortKey},
 };
 
@@ -167,6 +167,14 @@ struct DaemonArgs {
     /// the Pods, so they are off by default.
     #[arg(long)]
     metrics_pod_labels: bool,
+    /// Load the datapath from this eBPF object file instead of the one built into this
+    /// binary: for tests (the upgrade test gives another build of the datapath) and
+    /// advanced use. It must be a visibility-datapath built from visibility-ebpf with
+    /// this binary's map layouts; it is checked before anything changes. A datapath
+    /// pinned from another object is replaced with it, as on an upgrade; `status` then
+    /// says the pinned object is not this binary's. Hidden from --help.
+    #[arg(long, value_name = "FILE", env = "VISIBILITY_EBPF_OBJECT", hide = true)]
+    ebpf_object: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -255,11 +263,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let env = Layer::from_env(std::env::vars())?;
             let config = NodeConfig::resolve(file.overridden_by(args.layer()).overridden_by(env))?;
+            let object = match &args.ebpf_object {
+                Some(path) => EbpfObject::read(path)?,
+                None => EbpfObject::BuiltIn,
+            };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting tokio")?;
-            runtime.block_on(visibility::daemon::run(pin_dir, config))?;
+            runtime.block_on(visibility::daemon::run(pin_dir, config, object))?;
         }
         Command::Status { json } => return Ok(cli::status::status(&pin_dir, json)?),
         Command::Enable => cli::control::set_enabled(&pin_dir, true)?,

@@ -24,7 +24,8 @@ pub struct ObjectInfo {
 unsafe impl aya::Pod for ObjectInfo {}
 
 impl ObjectInfo {
-    /// The identity of `object`, with this build's layout version.
+    /// The identity of `object`, with this build's layout version (which an object read
+    /// from a file has too: [`crate::ebpf_object::EbpfObject::read`] checks its maps).
     pub fn of(object: &[u8]) -> Self {
         Self {
             layout_version: LAYOUT_VERSION,

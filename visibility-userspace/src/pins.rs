@@ -1,5 +1,5 @@
 //! The datapath on bpffs, as loading, upgrading, attaching and the CLI all see it: the
-//! objects, the programs' kinds, the pin directory and its checks, and the attachments
+//! programs' kinds, the options of a load, the pin directory and its checks, and the attachments
 //! recorded under it.
 //!
 //! Layout under the pin directory (root-only):
@@ -30,18 +30,7 @@ use aya::{
 };
 use visibility_common::{map_names, program_names};
 
-use crate::error::DatapathError;
-
-/// The eBPF object, built by build.rs; empty when built with AYA_BUILD_SKIP.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-datapath"));
-
-/// The benchmarks' eBPF object (`bench_baseline`, `lab_router`), built by build.rs
-/// next to the datapath's; empty when built with AYA_BUILD_SKIP. Only the benches and
-/// their lab load it (feature `bench-programs`); the daemon never does.
-#[cfg(feature = "bench-programs")]
-pub static BENCH_EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/visibility-bench"));
+use crate::{ebpf_object::EbpfObject, error::DatapathError};
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/visibility";
@@ -188,17 +177,20 @@ impl PinDir {
     }
 }
 
-/// Options for a fresh load.
+/// Options for a load.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Entries of the flow map.
+    /// Entries of the flow map, when it is made.
     pub flow_capacity: u32,
+    /// The object whose programs run: this binary's own unless told otherwise.
+    pub object: EbpfObject,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_capacity: visibility_common::DEFAULT_FLOW_CAPACITY,
+            object: EbpfObject::BuiltIn,
         }
     }
 }

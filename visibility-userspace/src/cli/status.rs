@@ -36,8 +36,8 @@ struct PodCidrRow {
 struct ObjectRow {
     layout_version: u32,
     sha256: String,
-    /// Whether it is this binary's own object; when not, the next daemon start
-    /// replaces the programs.
+    /// Whether it is this binary's own (built-in) object; when not, this binary's
+    /// daemon, started (without `--ebpf-object`), replaces the programs.
     same_as_this_binary: bool,
 }
 
@@ -172,7 +172,7 @@ fn print_text(status: &Status) {
             if o.same_as_this_binary {
                 ""
             } else {
-                " (not this binary's: the next daemon start replaces it)"
+                " (not this binary's own: this binary's daemon, started, replaces it)"
             }
         ),
         None => println!("eBPF object:    unknown (pinned by an older daemon)"),

@@ -17,7 +17,7 @@ use self::events::LiveView;
 pub use self::reconcile::Reconciler;
 use crate::{
     config::NodeConfig,
-    datapath::{Datapath, LoadOptions, Origin},
+    datapath::{Datapath, EbpfObject, LoadOptions, Origin},
     error::{DatapathError, InputError, MapsError},
     flows::{ipfix::export::Exporters, records::spawn_reader, sink::Sink},
     maps::Maps,
@@ -62,9 +62,13 @@ const CLOCK_SYNC: Duration = Duration::from_secs(10);
 /// Pod's last packets are read.
 const KUBERNETES_GRACE: Duration = Duration::from_secs(60);
 
-/// Runs until SIGTERM or SIGINT. The datapath stays loaded and attached after the
-/// daemon exits; a restarted daemon adopts it.
-pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError> {
+/// Runs until SIGTERM or SIGINT, with the programs of `object`. The datapath stays
+/// loaded and attached after the daemon exits; a restarted daemon adopts it.
+pub async fn run(
+    pin_dir: PathBuf,
+    config: NodeConfig,
+    object: EbpfObject,
+) -> Result<(), DaemonError> {
     // Bad input fails before anything on the node changes.
     if let Some(uplink) = &config.uplink
         && nix::net::if_::if_nametoindex(uplink.as_str()).is_err()
@@ -75,6 +79,7 @@ pub async fn run(pin_dir: PathBuf, config: NodeConfig) -> Result<(), DaemonError
         &pin_dir,
         &LoadOptions {
             flow_capacity: config.flow_capacity,
+            object,
         },
     )?;
     let mut maps = Maps::open(datapath.pins())?;
