@@ -34,7 +34,8 @@ fn pod(uid: &str, name: &str, namespace: &str, ips: &[&str], owner: Option<(&str
     let owners: Vec<Value> = owner
         .into_iter()
         .map(|(kind, name)| {
-            json!({"apiVersion": "apps/v1", "kind": kind, "name": name,
+            let api_version = if kind == "Job" { "batch/v1" } else { "apps/v1" };
+            json!({"apiVersion": api_version, "kind": kind, "name": name,
                 "uid": format!("{name}-uid"), "controller": true})
         })
         .collect();
@@ -138,6 +139,21 @@ fn lab() -> Lab {
     }
 }
 
+/// The daemon's Kubernetes side, started as node [`NODE`] with `config`, and the names
+/// its records take.
+fn watch_pods(lab: &Lab, config: &KubeConfig) -> (Arc<Kubernetes>, PodNames) {
+    let kubernetes = Arc::new(Kubernetes::default());
+    visibility::kubernetes::spawn(
+        config,
+        NODE,
+        kubernetes.clone(),
+        &lab.pin_dir,
+        Duration::from_secs(3600),
+    );
+    let names = kubernetes.names(config);
+    (kubernetes, names)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -155,7 +171,7 @@ fn records_name_the_pod_that_had_the_address_through_reuse_relists_and_outages()
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
             "spec": {"podCIDR": "10.52.0.0/24", "podCIDRs": ["10.52.0.0/24", "fd00:52::/112"]}}),
         );
-        api.put_replica_set(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        api.put_controller(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
             "metadata": {"name": "web-7d9f", "namespace": "shop", "uid": "web-7d9f-uid",
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
                     "name": "web", "uid": "web-uid", "controller": true}]}}));
@@ -173,20 +189,14 @@ fn records_name_the_pod_that_had_the_address_through_reuse_relists_and_outages()
         api.put_pod(elsewhere);
         api.set_forbidden(true);
 
-        let kubernetes = Arc::new(Kubernetes::default());
-        let config = KubeConfig {
-            access: Access::Kubeconfig(api.kubeconfig.clone()),
-            cluster_name: Some("lab".into()),
-            pod_metric_labels: true,
-        };
-        visibility::kubernetes::spawn(
-            &config,
-            NODE,
-            kubernetes.clone(),
-            &lab.pin_dir,
-            Duration::from_secs(3600),
+        let (kubernetes, names) = watch_pods(
+            &lab,
+            &KubeConfig {
+                access: Access::Kubeconfig(api.kubeconfig.clone()),
+                cluster_name: Some("lab".into()),
+                pod_metric_labels: true,
+            },
         );
-        let names = kubernetes.names(&config);
 
         // Refused: status says so, with the error; nothing is named.
         until("forbidden", || {
@@ -236,12 +246,18 @@ fn records_name_the_pod_that_had_the_address_through_reuse_relists_and_outages()
                     && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
             "{requests:#?}"
         );
-        assert!(
-            requests.iter().any(|r| r.contains("watch=true")
-                && r.contains("allowWatchBookmarks=true")
-                && r.contains("resourceVersion=")),
-            "{requests:#?}"
-        );
+        // Synced means listed: the watch from the list's version starts after that.
+        until(
+            "a watch from the list's resourceVersion, with bookmarks",
+            || {
+                api.requests().iter().any(|r| {
+                    r.contains("watch=true")
+                        && r.contains("allowWatchBookmarks=true")
+                        && r.contains("resourceVersion=")
+                })
+            },
+        )
+        .await;
 
         // Deleted, and its address reused: each time names the Pod of that time.
         api.delete_pod("a");
@@ -360,6 +376,93 @@ fn records_name_the_pod_that_had_the_address_through_reuse_relists_and_outages()
 }
 
 #[test]
+fn workloads_are_named_as_the_controller_a_person_makes() {
+    let lab = lab();
+    runtime().block_on(async {
+        let api = StandIn::start(&lab.dir).await;
+        api.put_node(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+            "spec": {"podCIDRs": ["10.52.0.0/24"]}}),
+        );
+        let owned_by = |kind: &str, name: &str| {
+            json!([{"apiVersion": if kind == "CronJob" { "batch/v1" } else { "apps/v1" },
+                "kind": kind, "name": name, "uid": format!("{name}-uid"), "controller": true}])
+        };
+        api.put_controller(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "web-7d9f", "namespace": "shop", "uid": "web-7d9f-uid",
+                "ownerReferences": owned_by("Deployment", "web")}}));
+        api.put_controller(json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "backup-29170", "namespace": "ops", "uid": "backup-29170-uid",
+                "ownerReferences": owned_by("CronJob", "backup")}}));
+        api.put_controller(json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": "ops", "uid": "migrate-uid"}}));
+        // A Pod, its controller and the workload its records name (`kind/name`, or `-`
+        // for none). The orphan's ReplicaSet cannot be read (404): it names itself.
+        let cases = [
+            "web-7d9f-aaaaa      ReplicaSet/web-7d9f     Deployment/web",
+            "backup-29170-xxxxx  Job/backup-29170        CronJob/backup",
+            "migrate-yyyyy       Job/migrate             Job/migrate",
+            "db-0                StatefulSet/db          StatefulSet/db",
+            "orphan-5c4b-zzzzz   ReplicaSet/orphan-5c4b  ReplicaSet/orphan-5c4b",
+            "bare                -                       -",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let owner = |word: &'static str| word.split_once('/');
+            (
+                format!("10.52.0.{}", i + 2),
+                words[0],
+                owner(words[1]),
+                owner(words[2]),
+            )
+        })
+        .collect::<Vec<_>>();
+        for (ip, name, controller, _) in &cases {
+            let namespace = if name.starts_with("web") {
+                "shop"
+            } else {
+                "ops"
+            };
+            api.put_pod(pod(name, name, namespace, &[ip], *controller));
+        }
+        let (kubernetes, names) = watch_pods(
+            &lab,
+            &KubeConfig {
+                access: Access::Kubeconfig(api.kubeconfig.clone()),
+                cluster_name: Some("lab".into()),
+                pod_metric_labels: false,
+            },
+        );
+        until("synced", || kubernetes.state().synced).await;
+        for (ip, name, _, expected) in &cases {
+            until(name, || pod_at(&names, ip, now_ns()).is_some()).await;
+            let flow = record(&names, ip, "10.52.0.7", now_ns());
+            let named = &flow["src_gke_details"]["pod"];
+            assert_eq!(named["pod_name"], *name);
+            let workload =
+                expected.map(|(kind, name)| json!({"workload_name": name, "workload_type": kind}));
+            assert_eq!(named.get("pod_workload"), workload.as_ref(), "{name}");
+        }
+        // Each ReplicaSet and Job is read once, by its metadata.
+        let requests = api.requests();
+        for path in [
+            "/apis/apps/v1/namespaces/shop/replicasets/web-7d9f",
+            "/apis/batch/v1/namespaces/ops/jobs/backup-29170",
+            "/apis/batch/v1/namespaces/ops/jobs/migrate",
+        ] {
+            assert_eq!(
+                count(&requests, |r| r.starts_with(&format!("GET {path}?"))),
+                1,
+                "{requests:#?}"
+            );
+        }
+        api.stop().await;
+    });
+}
+
+#[test]
 fn without_the_api_the_daemon_says_why_records_carry_no_names() {
     let lab = lab();
     runtime().block_on(async {
@@ -381,17 +484,12 @@ fn without_the_api_the_daemon_says_why_records_carry_no_names() {
             .into_iter()
             .chain(in_cluster.then_some((Access::Auto, Unnamed::NoInClusterConfig)));
         for (access, why) in cases {
-            let kubernetes = Arc::new(Kubernetes::default());
-            let config = KubeConfig {
-                access: access.clone(),
-                ..Default::default()
-            };
-            visibility::kubernetes::spawn(
-                &config,
-                NODE,
-                kubernetes.clone(),
-                &lab.pin_dir,
-                Duration::from_secs(60),
+            let (kubernetes, names) = watch_pods(
+                &lab,
+                &KubeConfig {
+                    access: access.clone(),
+                    ..Default::default()
+                },
             );
             until(&format!("{access:?} says {why:?}"), || {
                 kubernetes.state().names_missing == Some(why)
@@ -405,7 +503,6 @@ fn without_the_api_the_daemon_says_why_records_carry_no_names() {
                 why != Unnamed::TurnedOff,
                 "{state:?}"
             );
-            let names = kubernetes.names(&config);
             assert_eq!(pod_at(&names, "10.52.0.2", now_ns()), None);
         }
     });

@@ -51,7 +51,8 @@ struct Cluster {
     pods: BTreeMap<String, Value>,
     history: Vec<Event>,
     nodes: BTreeMap<String, Value>,
-    replica_sets: BTreeMap<(String, String), Value>,
+    /// ReplicaSets and Jobs, by API group, resource, namespace and name.
+    controllers: BTreeMap<[String; 4], Value>,
     /// The requests served (`GET path?query`), for the test to read.
     requests: Vec<String>,
     forbidden: bool,
@@ -208,19 +209,21 @@ impl StandIn {
         self.cluster.lock().unwrap().nodes.insert(name, node);
     }
 
-    pub fn put_replica_set(&self, replica_set: Value) {
-        let key = (
-            replica_set["metadata"]["namespace"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-            replica_set["metadata"]["name"].as_str().unwrap().to_owned(),
-        );
-        self.cluster
-            .lock()
-            .unwrap()
-            .replica_sets
-            .insert(key, replica_set);
+    /// Adds a ReplicaSet (`apps/v1`) or a Job (`batch/v1`), which the daemon reads to
+    /// find the workload that made it.
+    pub fn put_controller(&self, object: Value) {
+        let text = |field: &Value| field.as_str().unwrap().to_owned();
+        let group = text(&object["apiVersion"])
+            .trim_end_matches("/v1")
+            .to_owned();
+        let resource = format!("{}s", text(&object["kind"]).to_lowercase());
+        let key = [
+            group,
+            resource,
+            text(&object["metadata"]["namespace"]),
+            text(&object["metadata"]["name"]),
+        ];
+        self.cluster.lock().unwrap().controllers.insert(key, object);
     }
 
     pub fn set_forbidden(&self, forbidden: bool) {
@@ -315,18 +318,10 @@ fn answer(
             .nodes
             .get(*name)
             .map_or_else(not_found, |node| json_response(200, node)),
-        [
-            "apis",
-            "apps",
-            "v1",
-            "namespaces",
-            namespace,
-            "replicasets",
-            name,
-        ] => cluster
-            .replica_sets
-            .get(&((*namespace).to_owned(), (*name).to_owned()))
-            .map_or_else(not_found, |rs| json_response(200, rs)),
+        ["apis", group, "v1", "namespaces", namespace, resource, name] => cluster
+            .controllers
+            .get(&[group, resource, namespace, name].map(|s| (*s).to_owned()))
+            .map_or_else(not_found, |object| json_response(200, object)),
         ["api", "v1", "pods"] => {
             let node = query
                 .get("fieldSelector")

@@ -1,22 +1,26 @@
 //! A Pod's workload from its owner references: its controller, except that a
-//! ReplicaSet a Deployment owns resolves to that Deployment (read once per ReplicaSet,
-//! which needs `get` on replicasets).
+//! controller another controller makes names that one instead: a ReplicaSet a
+//! Deployment owns names the Deployment, a Job a CronJob owns names the CronJob. Each
+//! such ReplicaSet or Job is read once (its metadata only), which needs `get` on
+//! replicasets and jobs.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Debug};
 
 use k8s_openapi::{
-    api::{apps::v1::ReplicaSet, core::v1::Pod},
+    NamespaceResourceScope,
+    api::{apps::v1::ReplicaSet, batch::v1::Job, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
 use tracing::debug;
 
 use super::directory::Workload;
 
-/// The owners of ReplicaSets already read, by namespace and name.
+/// The owners of ReplicaSets and Jobs already read, by kind, namespace and name.
 pub struct Owners {
     client: Client,
-    replica_sets: HashMap<(String, String), Workload>,
+    resolved: HashMap<(&'static str, String, String), Workload>,
 }
 
 fn controller(meta: &ObjectMeta) -> Option<&OwnerReference> {
@@ -33,45 +37,69 @@ fn workload(owner: &OwnerReference) -> Workload {
     }
 }
 
+/// The controller of the `K` named `name` in `namespace`, from its metadata.
+async fn controller_of<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> kube::Result<Option<OwnerReference>>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let object = api.get_metadata(name).await?;
+    Ok(controller(&object.metadata).cloned())
+}
+
 impl Owners {
     pub fn new(client: Client) -> Self {
         Self {
             client,
-            replica_sets: HashMap::new(),
+            resolved: HashMap::new(),
         }
     }
 
-    /// The Pod's workload; a bare Pod has none. A ReplicaSet that cannot be read (yet)
-    /// names itself, and is read again at the Pod's next event.
+    /// The Pod's workload; a bare Pod has none. A ReplicaSet or Job that cannot be read
+    /// (yet) names itself, and is read again at the Pod's next event.
     pub async fn workload_of(&mut self, pod: &Pod) -> Option<Workload> {
         let owner = controller(&pod.metadata)?;
-        if owner.kind != "ReplicaSet" {
-            return Some(workload(owner));
-        }
+        // The controller kind that makes this owner, when one may.
+        let (kind, maker): (&'static str, &str) = match owner.kind.as_str() {
+            "ReplicaSet" => ("ReplicaSet", "Deployment"),
+            "Job" => ("Job", "CronJob"),
+            _ => return Some(workload(owner)),
+        };
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let key = (namespace, owner.name.clone());
-        if let Some(known) = self.replica_sets.get(&key) {
+        let key = (kind, namespace, owner.name.clone());
+        if let Some(known) = self.resolved.get(&key) {
             return Some(known.clone());
         }
-        let api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), &key.0);
-        match api.get(&owner.name).await {
-            Ok(replica_set) => {
-                let resolved = controller(&replica_set.metadata)
-                    .filter(|o| o.kind == "Deployment")
-                    .map_or_else(|| workload(owner), workload);
-                self.replica_sets.insert(key, resolved.clone());
+        let read = match kind {
+            "ReplicaSet" => controller_of::<ReplicaSet>(&self.client, &key.1, &owner.name).await,
+            _ => controller_of::<Job>(&self.client, &key.1, &owner.name).await,
+        };
+        match read {
+            Ok(its_controller) => {
+                let resolved = its_controller
+                    .filter(|o| o.kind == maker)
+                    .map_or_else(|| workload(owner), |o| workload(&o));
+                self.resolved.insert(key, resolved.clone());
                 Some(resolved)
             }
             Err(error) => {
-                debug!(%error, replica_set = %owner.name, "reading a Pod's ReplicaSet");
+                debug!(%error, kind, name = %owner.name, "reading a Pod's controller");
                 Some(workload(owner))
             }
         }
     }
 
-    /// Forgets the ReplicaSets read, at each new list of the Pods: the cache then
-    /// follows the Pods (a Deployment's rollouts leave old ReplicaSets behind).
+    /// Forgets the ReplicaSets and Jobs read, at each new list of the Pods: the cache
+    /// then follows the Pods (a Deployment's rollouts leave old ReplicaSets behind, and a
+    /// CronJob makes a Job a run).
     pub fn forget(&mut self) {
-        self.replica_sets.clear();
+        self.resolved.clear();
     }
 }
