@@ -31,17 +31,23 @@ impl GatewayRoute {
     /// to it).
     #[inline(always)]
     fn is_fresh(&self, gateway: &Gateway, now: u64) -> bool {
-        now.wrapping_sub(self.checked_ns) < ROUTE_CACHE_TTL_NS
-            && gateway_words(&self.gateway)[..5] == gateway_words(gateway)[..5]
+        now.wrapping_sub(self.checked_ns) < ROUTE_CACHE_TTL_NS && {
+            let (cached, asked) = (gateway_words(&self.gateway), gateway_words(gateway));
+            (0..5).all(|word| cached[word] == asked[word])
+        }
     }
 }
 
-/// A gateway as words, so that comparing two takes a load per word, not per byte.
+const _: () = assert!(size_of::<Gateway>() == size_of::<[u32; 9]>());
+const _: () = assert!(align_of::<Gateway>() >= align_of::<[u32; 9]>());
+
+/// A gateway seen as words, in place, so that comparing two takes a load per word and
+/// no copy of either.
 #[inline(always)]
-fn gateway_words(gateway: &Gateway) -> [u32; 9] {
+fn gateway_words(gateway: &Gateway) -> &[u32; 9] {
     // SAFETY: `Gateway` is `repr(C)`, 36 bytes without padding (a u32 and twice 16
-    // bytes), and every bit pattern is a valid `[u32; 9]`.
-    unsafe { core::mem::transmute::<Gateway, [u32; 9]>(*gateway) }
+    // bytes) aligned to 4 as `[u32; 9]` is, and every bit pattern is a valid `[u32; 9]`.
+    unsafe { &*core::ptr::from_ref(gateway).cast::<[u32; 9]>() }
 }
 
 /// The way to the gateway: MACs and the uplink's MTU.

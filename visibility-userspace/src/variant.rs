@@ -11,12 +11,12 @@ use aya::util::KernelVersion;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     /// With the flow shortcuts: a flow judged own-Pod-to-Pod lately skips the
-    /// judgement's three lookups. Verified in about 530,000 instructions on Linux 6.12
-    /// and 640,000 on 6.18; more than Linux 6.1's verifier walks.
+    /// judgement's three lookups. Verified in about 515,000 instructions on Linux 6.12
+    /// and 620,000 on 6.18; more than Linux 6.1's verifier walks.
     FlowShortcuts,
     /// Every packet judged with every lookup, and the parsed packet copied through a
     /// per-CPU slot so that the verifier walks all kinds of packet as one (about 15 ns
-    /// a packet): what Linux 6.1 verifies (about 790,000 instructions).
+    /// a packet): what Linux 6.1 verifies (about 745,000 instructions).
     JudgeEveryPacket,
 }
 
