@@ -314,8 +314,8 @@ fn every_object_in_deploy_round_trips_through_its_kubernetes_type_without_losing
 }
 
 /// Read-only and least privilege: get/list/watch on pods, get on nodes, replicasets
-/// and jobs (to name a ReplicaSet's Deployment and a Job's CronJob), nothing else; bound to the
-/// ServiceAccount the DaemonSet runs as, and to nothing else.
+/// and jobs (to name a ReplicaSet's Deployment and a Job's CronJob), nothing else;
+/// bound to the ServiceAccount the DaemonSet runs as, and to nothing else.
 #[test]
 fn the_rbac_is_read_only_least_privilege_and_bound_to_the_daemonsets_service_account() {
     use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ServiceAccount, rbac::v1};

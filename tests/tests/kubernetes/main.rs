@@ -27,18 +27,26 @@ use visibility_common::flow::{FlowKey, FlowStats, Path as FlowPath};
 
 const NODE: &str = "node-a";
 
+/// An object's `ownerReferences`: its controller (kind, name), if it has one.
+fn owner_references(controller: Option<(&str, &str)>) -> Value {
+    let api_version = |kind| match kind {
+        "Job" | "CronJob" => "batch/v1",
+        _ => "apps/v1",
+    };
+    controller
+        .into_iter()
+        .map(|(kind, name)| {
+            json!({"apiVersion": api_version(kind), "kind": kind, "name": name,
+                "uid": format!("{name}-uid"), "controller": true})
+        })
+        .collect()
+}
+
 fn pod(uid: &str, name: &str, namespace: &str, ips: &[&str], owner: Option<(&str, &str)>) -> Value {
     let created = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
-    let owners: Vec<Value> = owner
-        .into_iter()
-        .map(|(kind, name)| {
-            let api_version = if kind == "Job" { "batch/v1" } else { "apps/v1" };
-            json!({"apiVersion": api_version, "kind": kind, "name": name,
-                "uid": format!("{name}-uid"), "controller": true})
-        })
-        .collect();
+    let owners = owner_references(owner);
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "uid": uid,
@@ -173,8 +181,7 @@ fn records_name_the_pod_that_had_the_address_through_reuse_relists_and_outages()
         );
         api.put_controller(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
             "metadata": {"name": "web-7d9f", "namespace": "shop", "uid": "web-7d9f-uid",
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
-                    "name": "web", "uid": "web-uid", "controller": true}]}}));
+                "ownerReferences": owner_references(Some(("Deployment", "web")))}}));
         let web = Some(("ReplicaSet", "web-7d9f"));
         api.put_pod(pod(
             "a",
@@ -384,16 +391,12 @@ fn workloads_are_named_as_the_controller_a_person_makes() {
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
             "spec": {"podCIDRs": ["10.52.0.0/24"]}}),
         );
-        let owned_by = |kind: &str, name: &str| {
-            json!([{"apiVersion": if kind == "CronJob" { "batch/v1" } else { "apps/v1" },
-                "kind": kind, "name": name, "uid": format!("{name}-uid"), "controller": true}])
-        };
         api.put_controller(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
             "metadata": {"name": "web-7d9f", "namespace": "shop", "uid": "web-7d9f-uid",
-                "ownerReferences": owned_by("Deployment", "web")}}));
+                "ownerReferences": owner_references(Some(("Deployment", "web")))}}));
         api.put_controller(json!({"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": "backup-29170", "namespace": "ops", "uid": "backup-29170-uid",
-                "ownerReferences": owned_by("CronJob", "backup")}}));
+                "ownerReferences": owner_references(Some(("CronJob", "backup")))}}));
         api.put_controller(json!({"apiVersion": "batch/v1", "kind": "Job",
             "metadata": {"name": "migrate", "namespace": "ops", "uid": "migrate-uid"}}));
         // A Pod, its controller and the workload its records name (`kind/name`, or `-`

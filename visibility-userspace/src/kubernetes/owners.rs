@@ -20,7 +20,7 @@ use super::directory::Workload;
 /// The owners of ReplicaSets and Jobs already read, by kind, namespace and name.
 pub struct Owners {
     client: Client,
-    resolved: HashMap<(&'static str, String, String), Workload>,
+    resolved: HashMap<(Made, String, String), Workload>,
 }
 
 fn controller(meta: &ObjectMeta) -> Option<&OwnerReference> {
@@ -34,6 +34,48 @@ fn workload(owner: &OwnerReference) -> Workload {
     Workload {
         kind: owner.kind.clone(),
         name: owner.name.clone(),
+    }
+}
+
+/// A kind of controller that another controller makes, so that the maker, when there
+/// is one, names the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Made {
+    /// A Deployment's (`apps/v1`).
+    ReplicaSet,
+    /// A CronJob's (`batch/v1`).
+    Job,
+}
+
+impl Made {
+    fn of(kind: &str) -> Option<Self> {
+        match kind {
+            "ReplicaSet" => Some(Self::ReplicaSet),
+            "Job" => Some(Self::Job),
+            _ => None,
+        }
+    }
+
+    /// The kind of controller that makes this one.
+    fn maker(self) -> &'static str {
+        match self {
+            Self::ReplicaSet => "Deployment",
+            Self::Job => "CronJob",
+        }
+    }
+
+    /// The controller of the object of this kind named `name` in `namespace`, from its
+    /// metadata.
+    async fn controller(
+        self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+    ) -> kube::Result<Option<OwnerReference>> {
+        match self {
+            Self::ReplicaSet => controller_of::<ReplicaSet>(client, namespace, name).await,
+            Self::Job => controller_of::<Job>(client, namespace, name).await,
+        }
     }
 }
 
@@ -66,31 +108,24 @@ impl Owners {
     /// (yet) names itself, and is read again at the Pod's next event.
     pub async fn workload_of(&mut self, pod: &Pod) -> Option<Workload> {
         let owner = controller(&pod.metadata)?;
-        // The controller kind that makes this owner, when one may.
-        let (kind, maker): (&'static str, &str) = match owner.kind.as_str() {
-            "ReplicaSet" => ("ReplicaSet", "Deployment"),
-            "Job" => ("Job", "CronJob"),
-            _ => return Some(workload(owner)),
+        let Some(made) = Made::of(&owner.kind) else {
+            return Some(workload(owner));
         };
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let key = (kind, namespace, owner.name.clone());
+        let key = (made, namespace, owner.name.clone());
         if let Some(known) = self.resolved.get(&key) {
             return Some(known.clone());
         }
-        let read = match kind {
-            "ReplicaSet" => controller_of::<ReplicaSet>(&self.client, &key.1, &owner.name).await,
-            _ => controller_of::<Job>(&self.client, &key.1, &owner.name).await,
-        };
-        match read {
+        match made.controller(&self.client, &key.1, &owner.name).await {
             Ok(its_controller) => {
                 let resolved = its_controller
-                    .filter(|o| o.kind == maker)
+                    .filter(|o| o.kind == made.maker())
                     .map_or_else(|| workload(owner), |o| workload(&o));
                 self.resolved.insert(key, resolved.clone());
                 Some(resolved)
             }
             Err(error) => {
-                debug!(%error, kind, name = %owner.name, "reading a Pod's controller");
+                debug!(%error, kind = ?made, name = %owner.name, "reading a Pod's controller");
                 Some(workload(owner))
             }
         }
